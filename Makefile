@@ -1,0 +1,28 @@
+# `make demo` and `make test` set everything up on first use (a .venv with the CPU torch).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+OUT    ?= results/demo
+
+.PHONY: demo test test-fast venv clean
+venv: $(VENV)/.installed
+
+# torch first, pinned, so pip never resolves a multi-GB CUDA build; then the package.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
+	@! $(BIN)/pip show torchvision >/dev/null 2>&1 || (echo "torchvision got installed; it breaks diffusers here" && exit 1)
+	touch $@
+
+demo: venv
+	$(BIN)/splitcontrol compare --out $(OUT)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) *.egg-info

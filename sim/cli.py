@@ -1,0 +1,98 @@
+"""The ``splitcontrol`` command line.
+
+Sub-commands
+------------
+compare        train a ControlNet under each scheme on the same data, seed and budget
+pretrain-base  train the tiny frozen base model (text -> image) on Fill50K-style data
+eval-base      generate images with the base model and measure prompt-colour accuracy
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _setup_env() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _cmd_pretrain(a: argparse.Namespace) -> int:
+    from .pretrain import PretrainConfig, pretrain_base
+
+    cfg = PretrainConfig(out=a.out, steps=a.steps, minutes=a.minutes, batch_size=a.batch_size, lr=a.lr,
+                         seed=a.seed, threads=a.threads, num_samples=a.num_samples)
+    print(json.dumps(pretrain_base(cfg)))
+    return 0
+
+
+def _cmd_eval_base(a: argparse.Namespace) -> int:
+    from .pretrain import eval_base
+
+    res = eval_base(folder=a.model, n=a.n, steps=a.steps, guidance=a.guidance, seed=a.seed, save_grid=a.grid)
+    if a.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k:>18}: {v}")
+    return 0
+
+
+def _cmd_compare(a: argparse.Namespace) -> int:
+    from .compare import run_compare
+    from .config import load_config
+
+    cfg = load_config(a.preset, a.set or [])
+    summary = run_compare(cfg, a.out)
+    if a.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="splitcontrol", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compare", help="train under fedavg, vanilla and nograd side by side")
+    c.add_argument("--preset", default="default", help="experiment preset (default, smoke)")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    c.add_argument("--out", default="results/compare", help="output directory")
+    c.add_argument("--json", action="store_true", help="print summary.json to stdout")
+    c.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("pretrain-base", help="train the tiny base diffusion model")
+    p.add_argument("--out", required=True, help="output folder (diffusers format + logs)")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--minutes", type=float, default=None, help="stop after this wall time")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--num-samples", type=int, default=20000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_pretrain)
+
+    e = sub.add_parser("eval-base", help="measure the base model's prompt-colour accuracy")
+    e.add_argument("--model", default=None, help="base model folder (default: the committed one)")
+    e.add_argument("--n", type=int, default=64)
+    e.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    e.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--grid", default=None, help="save a PNG grid of the samples here")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_cmd_eval_base)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_env()
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

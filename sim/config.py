@@ -1,0 +1,142 @@
+"""One frozen, typed experiment config: TOML presets plus ``--set key=value`` overrides.
+
+Keys are flat and kebab-case (``num-clients``, ``local-steps``), as in Flower's run
+config; underscores are accepted too. Unknown keys and bad values fail before any work
+starts, naming the key and what is allowed. The resolved config is saved with every
+result (``config.toml``), so a run can be repeated exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything a ``compare`` run depends on (see the README's config table)."""
+
+    experiment: str = "compare"
+    model: str = "tiny"                      # model preset: tiny | sd15
+    base_model: str = ""                     # folder of base weights ("" = the committed tiny base)
+    schemes: tuple[str, ...] = ("fedavg", "vanilla", "nograd")
+    dataset: str = "fill50k"                 # fill50k | faces
+    num_samples: int = 2000                  # private training samples, split over the clients
+    data_seed: int = 1                       # client data (the base model was pretrained on seed 1000)
+    num_clients: int = 2
+    partition: str = "iid"                   # iid | dirichlet
+    dirichlet_alpha: float = 0.5
+    steps: int = 600                         # training batches per scheme, all clients together
+    batch_size: int = 8
+    lr: float = 1e-3                         # AdamW learning rate of the ControlNet
+    local_steps: int = 10                    # fedavg: local steps per round; split: steps per client turn
+    eval_samples: int = 32
+    ddim_steps: int = 20
+    guidance: float = 5.0
+    seed: int = 0
+    threads: int = 2                         # torch threads (results are deterministic per value)
+
+    # ---------------------------------------------------------------- validation
+    def __post_init__(self) -> None:
+        from sim.cuts import SCHEMES
+
+        choices = {"model": ("tiny", "sd15"), "dataset": ("fill50k", "faces"), "partition": ("iid", "dirichlet")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{_kebab(key)}={getattr(self, key)!r} is not allowed; choose one of {list(allowed)}")
+        bad = [s for s in self.schemes if s not in SCHEMES]
+        if bad or not self.schemes:
+            raise ValueError(f"schemes={list(self.schemes)} is not allowed; choose a non-empty subset of {list(SCHEMES)}")
+        for key in ("num_samples", "num_clients", "steps", "batch_size", "local_steps", "eval_samples",
+                    "ddim_steps", "threads"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{_kebab(key)} must be >= 1, got {getattr(self, key)}")
+        for key in ("lr", "dirichlet_alpha", "guidance"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{_kebab(key)} must be > 0, got {getattr(self, key)}")
+        if self.num_clients > self.num_samples:
+            raise ValueError(f"num-clients={self.num_clients} is larger than num-samples={self.num_samples}")
+
+    def to_toml(self) -> str:
+        lines = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            lines.append(f"{_kebab(f.name)} = {_toml_value(v)}")
+        return "\n".join(lines) + "\n"
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+_TYPES = typing.get_type_hints(ExperimentConfig)
+
+
+def _coerce(key: str, value):
+    """Turn a TOML value or a ``--set`` string into the field's type, or fail naming the key."""
+    typ = _TYPES[key]
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if typ in (int, float, str):
+            if typ is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            if typ is int and isinstance(value, str):
+                return int(value)
+            return typ(value)
+        # tuple[str, ...]
+        if isinstance(value, str):
+            value = tomllib.loads(f"v = {value}")["v"] if value.strip().startswith("[") else value.split(",")
+        return tuple(str(x).strip() for x in value)
+    except (TypeError, ValueError, tomllib.TOMLDecodeError):
+        raise ValueError(f"bad value {value!r} for key {_kebab(key)!r}: expected {typ}") from None
+
+
+def _field_name(key: str) -> str:
+    name = key.strip().replace("-", "_")
+    if name not in _FIELDS:
+        raise ValueError(f"unknown config key {key!r}; known keys: {sorted(_kebab(k) for k in _FIELDS)}")
+    return name
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_config(preset: str = "default", overrides: typing.Iterable[str] = ()) -> ExperimentConfig:
+    """Load ``preset`` (a name in sim/presets or a path to a TOML file), then apply ``key=value`` overrides."""
+    path = Path(preset)
+    if not path.suffix == ".toml":
+        path = PRESET_DIR / f"{preset}.toml"
+    if not path.exists():
+        raise ValueError(f"unknown preset {preset!r}; choose one of {list_presets()} or give a .toml path")
+    values = {}
+    for key, value in tomllib.loads(path.read_text()).items():
+        name = _field_name(key)
+        values[name] = _coerce(name, value)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        name = _field_name(key)
+        values[name] = _coerce(name, value.strip())
+    return ExperimentConfig(**values)

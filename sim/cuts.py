@@ -1,0 +1,212 @@
+"""Cut points: the client and server halves of each scheme, on diffusers module names.
+
+The forward passes below re-assemble diffusers' ``UNet2DConditionModel.forward`` and
+``ControlNetModel.forward`` from the models' own sub-modules (``conv_in``,
+``time_proj``, ``time_embedding``, ``add_embedding``, ``down_blocks``, ``mid_block``,
+``up_blocks``, ``conv_norm_out``/``conv_act``/``conv_out``; ``controlnet_cond_embedding``,
+``controlnet_down_blocks``, ``controlnet_mid_block``), so any prefix can run on one
+machine and the rest on another. Tests check every split forward against diffusers'
+whole forward (max abs diff <= 1e-6) for the tiny preset and the SD1.5 block layout.
+
+Who holds what (``CUTS``), following the paper (Yao, arXiv 2409.08503) and its Plato code:
+
+* ``fedavg``: the client holds everything and trains its ControlNet copy.
+* ``vanilla``: the client holds the autoencoder, the text encoder, the frozen UNet
+  ``conv_in`` and the trainable ControlNet head (``controlnet_cond_embedding`` +
+  ``conv_in``); it sends the head's output, the UNet first-conv output, t, the noise
+  target and the text context; the server returns the gradient of the head's output.
+* ``nograd``: the client holds frozen parts only (autoencoder, text encoder, UNet
+  ``conv_in``) and sends ``h = E(hint) + x_t`` (E = the autoencoder's encoder), the UNet
+  first-conv output, t, the noise target and the context; the server trains the whole
+  ControlNet from its ``conv_in`` on (its ``controlnet_cond_embedding`` is unused) and
+  sends nothing back.
+
+The time embedding never crosses the wire: the server recomputes it from t (and the
+context, for models with a text-conditioned time embedding).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SCHEMES = ("fedavg", "vanilla", "nograd")
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Declarative description of a scheme's split, by module name.
+
+    Names are ``<model>.<child>`` with model in {autoencoder, text_encoder, unet,
+    controlnet}; ``<model>`` alone means all of it. ``up``/``down`` name the tensors
+    that cross the wire each training step (client -> server, server -> client).
+    """
+
+    scheme: str
+    client: tuple[str, ...]
+    client_trainable: tuple[str, ...]
+    server: tuple[str, ...]
+    server_trainable: tuple[str, ...]
+    unused: tuple[str, ...]
+    up: tuple[str, ...]
+    down: tuple[str, ...]
+
+
+_UNET_REST = ("unet.time_proj", "unet.time_embedding", "unet.add_embedding", "unet.down_blocks",
+              "unet.mid_block", "unet.up_blocks", "unet.conv_norm_out", "unet.conv_act", "unet.conv_out")
+_CN_REST = ("controlnet.time_proj", "controlnet.time_embedding", "controlnet.add_embedding",
+            "controlnet.down_blocks", "controlnet.mid_block", "controlnet.controlnet_down_blocks",
+            "controlnet.controlnet_mid_block")
+
+CUTS: dict[str, Cut] = {
+    "fedavg": Cut(
+        scheme="fedavg",
+        client=("autoencoder", "text_encoder", "unet", "controlnet"),
+        client_trainable=("controlnet",),
+        server=(), server_trainable=(), unused=(),
+        up=(), down=(),  # weights cross once per round, not per step
+    ),
+    "vanilla": Cut(
+        scheme="vanilla",
+        client=("autoencoder", "text_encoder", "unet.conv_in",
+                "controlnet.controlnet_cond_embedding", "controlnet.conv_in"),
+        client_trainable=("controlnet.controlnet_cond_embedding", "controlnet.conv_in"),
+        server=_UNET_REST + _CN_REST,
+        server_trainable=_CN_REST,
+        unused=(),
+        up=("control_features", "unet_features", "t", "noise", "context"),
+        down=("control_features_grad",),
+    ),
+    "nograd": Cut(
+        scheme="nograd",
+        client=("autoencoder", "text_encoder", "unet.conv_in"),
+        client_trainable=(),
+        server=_UNET_REST + ("controlnet.conv_in",) + _CN_REST,
+        server_trainable=("controlnet.conv_in",) + _CN_REST,
+        unused=("controlnet.controlnet_cond_embedding",),
+        up=("control_input", "unet_features", "t", "noise", "context"),
+        down=(),
+    ),
+}
+
+
+def get_cut(scheme: str) -> Cut:
+    if scheme not in CUTS:
+        raise ValueError(f"unknown scheme {scheme!r}; choose one of {list(CUTS)}")
+    return CUTS[scheme]
+
+
+# --------------------------------------------------------------------------- pieces
+def time_embedding(model: nn.Module, t: torch.Tensor, context: torch.Tensor | None,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """``time_proj`` -> ``time_embedding`` (+ ``add_embedding`` of the context), as diffusers does."""
+    if getattr(model, "class_embedding", None) is not None:
+        raise NotImplementedError("class-conditioned models are not supported")
+    emb = model.time_embedding(model.time_proj(t).to(dtype))
+    kind = model.config.addition_embed_type
+    if kind == "text":
+        emb = emb + model.add_embedding(context)
+    elif kind is not None:
+        raise NotImplementedError(f"addition_embed_type={kind!r} is not supported")
+    act = getattr(model, "time_embed_act", None)  # UNet only; None in every preset
+    return act(emb) if act is not None else emb
+
+
+def _down(model, h, emb, context):
+    residuals = (h,)
+    for block in model.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            h, res = block(hidden_states=h, temb=emb, encoder_hidden_states=context)
+        else:
+            h, res = block(hidden_states=h, temb=emb)
+        residuals += res
+    return h, residuals
+
+
+def _mid(model, h, emb, context):
+    if getattr(model.mid_block, "has_cross_attention", False):
+        return model.mid_block(h, emb, encoder_hidden_states=context)
+    return model.mid_block(h, emb)
+
+
+def _batch_t(t: torch.Tensor | int, batch: int) -> torch.Tensor:
+    t = torch.as_tensor(t, dtype=torch.int64)
+    return t.expand(batch) if t.ndim == 0 else t
+
+
+# --------------------------------------------------------------------------- UNet halves
+def unet_first_conv(unet: nn.Module, x_t: torch.Tensor) -> torch.Tensor:
+    """Client side of the UNet in both split schemes: ``unet.conv_in(x_t)``."""
+    return unet.conv_in(x_t)
+
+
+def unet_rest(unet: nn.Module, features: torch.Tensor, t, context: torch.Tensor,
+              down_residuals: list[torch.Tensor] | None = None,
+              mid_residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Server side of the UNet: everything after ``conv_in``, with optional ControlNet residuals."""
+    t = _batch_t(t, features.shape[0])
+    emb = time_embedding(unet, t, context, features.dtype)
+    h, skips = _down(unet, features, emb, context)
+    if down_residuals is not None:
+        skips = tuple(s + r for s, r in zip(skips, down_residuals, strict=True))
+    h = _mid(unet, h, emb, context)
+    if mid_residual is not None:
+        h = h + mid_residual
+    up_factor = 2 ** unet.num_upsamplers
+    forward_size = any(s % up_factor for s in features.shape[-2:])  # input size is conv_in's
+    for i, block in enumerate(unet.up_blocks):
+        n = len(block.resnets)
+        res, skips = skips[-n:], skips[:-n]
+        size = skips[-1].shape[2:] if (forward_size and i < len(unet.up_blocks) - 1) else None
+        if getattr(block, "has_cross_attention", False):
+            h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res,
+                      encoder_hidden_states=context, upsample_size=size)
+        else:
+            h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res, upsample_size=size)
+    if unet.conv_norm_out is not None:
+        h = unet.conv_act(unet.conv_norm_out(h))
+    return unet.conv_out(h)
+
+
+# --------------------------------------------------------------------------- ControlNet halves
+def control_head(controlnet: nn.Module, x_t: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
+    """Vanilla client head: ``conv_in(x_t) + controlnet_cond_embedding(hint)`` (hint in [0, 1])."""
+    return controlnet.conv_in(x_t) + controlnet.controlnet_cond_embedding(hint)
+
+
+def nograd_control_input(autoencoder: nn.Module, x_t: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
+    """No-gradient-return client: ``h = E(hint) + x_t`` with the frozen encoder (hint in [0, 1])."""
+    return autoencoder.encode(hint * 2 - 1) + x_t
+
+
+def control_rest(controlnet: nn.Module, features: torch.Tensor, t, context: torch.Tensor
+                 ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Server side of the ControlNet from its first-conv features: residuals for the UNet."""
+    t = _batch_t(t, features.shape[0])
+    emb = time_embedding(controlnet, t, context, features.dtype)
+    h, skips = _down(controlnet, features, emb, context)
+    h = _mid(controlnet, h, emb, context)
+    down = [block(s) for s, block in zip(skips, controlnet.controlnet_down_blocks, strict=True)]
+    return down, controlnet.controlnet_mid_block(h)
+
+
+def control_features(scheme: str, controlnet: nn.Module, autoencoder: nn.Module,
+                     x_t: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
+    """The ControlNet's first-conv features under ``scheme`` (composed centrally, for evaluation)."""
+    if scheme == "nograd":
+        return controlnet.conv_in(nograd_control_input(autoencoder, x_t, hint))
+    return control_head(controlnet, x_t, hint)
+
+
+def controlled_eps(scheme: str, unet: nn.Module, controlnet: nn.Module | None, autoencoder: nn.Module,
+                   x_t: torch.Tensor, t, context: torch.Tensor, hint: torch.Tensor | None) -> torch.Tensor:
+    """The whole model of a scheme composed in one place: noise prediction with control.
+
+    ``controlnet=None`` gives the base model without control.
+    """
+    feats = unet_first_conv(unet, x_t)
+    if controlnet is None:
+        return unet_rest(unet, feats, t, context)
+    down, mid = control_rest(controlnet, control_features(scheme, controlnet, autoencoder, x_t, hint), t, context)
+    return unet_rest(unet, feats, t, context, down, mid)

@@ -1,0 +1,80 @@
+"""Diffusion maths shared by pretraining, every scheme and evaluation.
+
+Forward noising ``x_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps`` (the scheduler's own
+``add_noise``), min-SNR loss weights, and a DDIM sampler with classifier-free guidance
+that takes any epsilon-predicting callable (base UNet alone, or UNet + ControlNet).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def alphas_cumprod(scheduler) -> torch.Tensor:
+    """The scheduler's real cumulative product abar_t, shape (T,)."""
+    return scheduler.alphas_cumprod
+
+
+def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator,
+                     t_start: int = 0) -> torch.Tensor:
+    """t ~ U{t_start, ..., T-1} as int64 (t_start > 0 is the paper's timestep policy)."""
+    return torch.randint(t_start, num_train_timesteps, (batch,), generator=generator, dtype=torch.int64)
+
+
+def noisy_latents(scheduler, z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return scheduler.add_noise(z0, eps, t)
+
+
+def min_snr_weights(scheduler, t: torch.Tensor, gamma: float | None) -> torch.Tensor:
+    """Per-sample loss weights min(SNR_t, gamma) / SNR_t for epsilon prediction (1 if gamma is None)."""
+    if gamma is None:
+        return torch.ones(t.shape[0])
+    abar = alphas_cumprod(scheduler)[t].float()
+    snr = abar / (1 - abar)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def weighted_mse(eps_hat: torch.Tensor, eps: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    per_sample = ((eps_hat.float() - eps.float()) ** 2).mean(dim=tuple(range(1, eps.ndim)))
+    if weights is None:
+        return per_sample.mean()
+    return (per_sample * weights.to(per_sample)).mean()
+
+
+@torch.no_grad()
+def ddim_sample(eps_fn: EpsFn, scheduler, shape: tuple[int, ...], context: torch.Tensor,
+                null_context: torch.Tensor, steps: int = 25, guidance: float = 5.0,
+                generator: torch.Generator | None = None, progress: bool = False,
+                desc: str = "sampling") -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) with classifier-free guidance.
+
+    ``eps_fn(x, t, context)`` predicts noise for a batch; with guidance != 1 it is called
+    once per step on the doubled batch ``[x, x]`` with ``[context, null_context]``, so a
+    closure that also needs a hint must tile it to ``x.shape[0]``. Returns latents.
+    """
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=True)
+    sched.set_timesteps(steps)
+    x = torch.randn(shape, generator=generator)
+    b = shape[0]
+    null = null_context.expand(b, *null_context.shape[1:]) if null_context.shape[0] == 1 else null_context
+    for t in tqdm(sched.timesteps, desc=desc, disable=not progress, leave=False):
+        tt = torch.full((b,), int(t), dtype=torch.int64)
+        if guidance == 1.0:
+            eps = eps_fn(x, tt, context)
+        else:
+            both = eps_fn(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([context, null]))
+            cond, uncond = both.chunk(2)
+            eps = uncond + guidance * (cond - uncond)
+        x = sched.step(eps, t, x).prev_sample
+    return x
+
+
+def to_uint8(images: torch.Tensor) -> "numpy.ndarray":  # noqa: F821
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()

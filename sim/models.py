@@ -1,0 +1,276 @@
+"""Model presets and builders: one code path from a laptop CPU to Stable Diffusion 1.5.
+
+Every preset is built from diffusers' own classes: ``UNet2DConditionModel`` (the frozen
+base model), ``ControlNetModel.from_unet`` (the trainable branch, initialised from the
+UNet encoder as in the ControlNet paper), DDPM/DDIM schedulers and an autoencoder slot
+(see :mod:`sim.autoencoder`). Presets differ only in numbers:
+
+``tiny`` (default)
+    32x32 pixel-space UNet (identity autoencoder), 4 resolutions, attention at 8x8 and
+    4x4 only, MiniLM token states (384-d) as cross-attention context plus an attention-
+    pooled text embedding added to the time embedding (diffusers' ``addition_embed_type=
+    "text"``), cosine noise schedule. Pretrained weights are committed under
+    ``sim/assets/tiny-base`` (see its MODEL_CARD.md).
+``sd15``
+    The SD1.5 configuration (latent 4x64x64 for 512 px, channels 320/640/1280/1280, CLIP
+    text 77x768, scaled-linear schedule). Loads a local diffusers folder when the user
+    has one; otherwise random weights, or meta-device weights for cost accounting.
+``sd15-mini``
+    The SD1.5 block structure at CPU size (same block types, 4 latent channels, 8x
+    hint downsampling): used by tests to show the cut points hold for SD1.5's layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .autoencoder import IdentityAutoencoder, KLAutoencoder
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TINY_BASE_DIR = ASSETS / "tiny-base"
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """The numbers that define a base model; everything else is shared code."""
+
+    name: str
+    image_size: int
+    latent_channels: int
+    block_out_channels: tuple[int, ...]
+    down_block_types: tuple[str, ...]
+    up_block_types: tuple[str, ...]
+    layers_per_block: int
+    cross_attention_dim: int
+    attention_head_dim: int
+    norm_num_groups: int
+    conditioning_embedding_out_channels: tuple[int, ...]
+    autoencoder: str  # "identity" or "kl"
+    text_encoder: str  # "minilm", "clip" or "none" (tests feed random context)
+    max_tokens: int
+    beta_schedule: str
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    num_train_timesteps: int = 1000
+    addition_embed_type: str | None = None
+    addition_embed_type_num_heads: int = 64
+    extra_unet_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // (8 if self.autoencoder == "kl" else 1)
+
+    def replace(self, **changes) -> "ModelPreset":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown model preset field(s) {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, ModelPreset] = {
+    "tiny": ModelPreset(
+        name="tiny",
+        image_size=32,
+        latent_channels=3,
+        block_out_channels=(32, 64, 64, 64),
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=384,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        conditioning_embedding_out_channels=(16,),
+        autoencoder="identity",
+        text_encoder="minilm",
+        max_tokens=16,
+        beta_schedule="squaredcos_cap_v2",
+        addition_embed_type="text",
+        addition_embed_type_num_heads=8,
+    ),
+    "sd15": ModelPreset(
+        name="sd15",
+        image_size=512,
+        latent_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        conditioning_embedding_out_channels=(16, 32, 96, 256),
+        autoencoder="kl",
+        text_encoder="clip",
+        max_tokens=77,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+    ),
+}
+PRESETS["sd15-mini"] = PRESETS["sd15"].replace(
+    name="sd15-mini",
+    image_size=64,
+    block_out_channels=(32, 32, 64, 64),
+    cross_attention_dim=32,
+    attention_head_dim=4,
+    norm_num_groups=8,
+    conditioning_embedding_out_channels=(8, 8, 16, 16),
+    text_encoder="none",
+    max_tokens=8,
+    extra_unet_kwargs={"vae_block_out_channels": (8, 8, 16, 16)},
+)
+
+
+def get_preset(name: str) -> ModelPreset:
+    """Return the preset called ``name``; unknown names fail listing the known ones."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def unet_config(p: ModelPreset) -> dict:
+    """The ``UNet2DConditionModel`` config of a preset."""
+    cfg = dict(
+        sample_size=p.latent_size,
+        in_channels=p.latent_channels,
+        out_channels=p.latent_channels,
+        block_out_channels=p.block_out_channels,
+        down_block_types=p.down_block_types,
+        up_block_types=p.up_block_types,
+        layers_per_block=p.layers_per_block,
+        cross_attention_dim=p.cross_attention_dim,
+        attention_head_dim=p.attention_head_dim,
+        norm_num_groups=p.norm_num_groups,
+    )
+    if p.addition_embed_type is not None:
+        cfg.update(addition_embed_type=p.addition_embed_type,
+                   addition_embed_type_num_heads=p.addition_embed_type_num_heads)
+    return cfg
+
+
+def build_unet(p: ModelPreset, seed: int = 0, device: str = "cpu"):
+    """A randomly initialised (seeded) UNet of preset ``p``; ``device="meta"`` allocates nothing."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return UNet2DConditionModel(**unet_config(p))
+
+
+def build_controlnet(unet, p: ModelPreset):
+    """ControlNet initialised from the UNet's encoder (diffusers' ``from_unet``), zero convs at 0."""
+    from diffusers import ControlNetModel
+
+    on_meta = next(unet.parameters()).is_meta
+    with torch.device("meta" if on_meta else "cpu"):
+        return ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=p.conditioning_embedding_out_channels,
+            load_weights_from_unet=not on_meta,
+        ).to(next(unet.parameters()).device)
+
+
+def build_autoencoder(p: ModelPreset, folder: str | None = None, device: str = "cpu") -> nn.Module:
+    """The autoencoder slot: identity for pixel presets, AutoencoderKL for SD presets."""
+    if p.autoencoder == "identity":
+        return IdentityAutoencoder()
+    from diffusers import AutoencoderKL
+
+    if folder is not None:
+        return KLAutoencoder(AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True))
+    channels = p.extra_unet_kwargs.get("vae_block_out_channels", (128, 256, 512, 512))
+    with torch.device(device):
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=p.latent_channels,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=channels, layers_per_block=2,
+            norm_num_groups=min(32, channels[0]), sample_size=p.image_size, scaling_factor=0.18215,
+        )
+    return KLAutoencoder(vae)
+
+
+def build_text_encoder(p: ModelPreset, folder: str | None = None, device: str = "cpu"):
+    """The frozen text encoder of a preset (None for test presets fed random context)."""
+    from .text import CLIPTextEncoder, MiniLMTextEncoder
+
+    if p.text_encoder == "minilm":
+        return MiniLMTextEncoder(max_tokens=p.max_tokens)
+    if p.text_encoder == "clip":
+        return CLIPTextEncoder(folder=folder, max_tokens=p.max_tokens, device=device)
+    return None
+
+
+def scheduler_config(p: ModelPreset) -> dict:
+    """Noise schedule shared by the DDPM (training) and DDIM (sampling) schedulers."""
+    return dict(num_train_timesteps=p.num_train_timesteps, beta_schedule=p.beta_schedule,
+                beta_start=p.beta_start, beta_end=p.beta_end, prediction_type="epsilon",
+                clip_sample=False)
+
+
+def ddpm_scheduler(p: ModelPreset):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**scheduler_config(p))
+
+
+def ddim_scheduler(p: ModelPreset):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**scheduler_config(p), set_alpha_to_one=True)
+
+
+@dataclass
+class BaseModel:
+    """The frozen, public, pretrained parts every scheme starts from."""
+
+    preset: ModelPreset
+    unet: nn.Module
+    autoencoder: nn.Module
+    text_encoder: nn.Module | None
+
+    def freeze(self) -> "BaseModel":
+        for m in (self.unet, self.autoencoder, self.text_encoder):
+            if m is not None:
+                m.eval().requires_grad_(False)
+        return self
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        return self.text_encoder(list(prompts))
+
+
+def load_base(preset: str = "tiny", folder: str | Path | None = None, device: str = "cpu",
+              seed: int = 0) -> BaseModel:
+    """Load the frozen base model of a preset.
+
+    ``tiny`` loads the committed checkpoint (``folder`` overrides its location; a
+    missing checkpoint is an error telling how to make it). ``sd15`` loads a local
+    diffusers folder (subfolders unet/, vae/, text_encoder/, tokenizer/) when given,
+    otherwise builds random weights (``device="meta"`` for accounting without memory).
+    Nothing is ever downloaded.
+    """
+    from diffusers import UNet2DConditionModel
+
+    p = get_preset(preset)
+    if p.name == "tiny":
+        path = Path(folder) if folder is not None else TINY_BASE_DIR
+        if not (path / "unet" / "config.json").exists():
+            raise FileNotFoundError(
+                f"no tiny base model at {path}; make one with `splitcontrol pretrain-base --out {path}`")
+        unet = UNet2DConditionModel.from_pretrained(path / "unet").to(device)
+        return BaseModel(p, unet, build_autoencoder(p), build_text_encoder(p)).freeze()
+    if folder is not None:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True).to(device)
+    else:
+        unet = build_unet(p, seed=seed, device=device)
+    return BaseModel(p, unet, build_autoencoder(p, folder, device),
+                     build_text_encoder(p, folder, device)).freeze()
+
+
+def count_params(module: nn.Module | None, trainable_only: bool = False) -> int:
+    if module is None:
+        return 0
+    return sum(q.numel() for q in module.parameters() if q.requires_grad or not trainable_only)

@@ -1,0 +1,93 @@
+"""Federated averaging (McMahan et al. 2017): every client trains its own ControlNet copy.
+
+Client: holds everything (autoencoder, text encoder, frozen UNet, a ControlNet copy)
+and, per round, loads the global ControlNet, trains ``local_steps`` batches with a fresh
+AdamW and returns its weights and sample count. Server: the example-weighted average of
+the returned weights. Nothing crosses per step; the whole ControlNet crosses each way
+per round, and the device must hold and train the full model (the paper's objection at
+SD1.5 scale: >1 B parameters, ~1.4 GB upload per round).
+
+Threat model: the server sees model updates only; gradient-inversion attacks (a later
+issue) work on those.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import nn
+
+from sim.cuts import controlled_eps
+
+from .base import (InProcessTransport, Payload, SchemeClient, SchemeResult, diffusion_loss, payload_to_state,
+                   state_to_payload, turn_schedule)
+
+
+class FedAvgClient(SchemeClient):
+    def __init__(self, *args, controlnet: nn.Module, lr: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.controlnet = copy.deepcopy(controlnet).train()
+        self.lr = lr
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.controlnet.parameters() if p.requires_grad)
+
+    def on_fit(self, payload: Payload) -> Payload:
+        self.controlnet.load_state_dict(payload_to_state(payload, "controlnet"))
+        opt = torch.optim.AdamW(self.controlnet.parameters(), lr=self.lr)
+        losses = []
+        for _ in range(int(payload["local_steps"])):
+            b = self.next_batch()
+            eps_hat = controlled_eps("fedavg", self.base.unet, self.controlnet, self.base.autoencoder,
+                                     b.x_t, b.t, b.context, b.hint)
+            loss = diffusion_loss(eps_hat, b.noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return {**state_to_payload(self.controlnet, "controlnet"), "num_examples": len(self.data),
+                "losses": torch.tensor(losses)}
+
+
+def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """FedAvg aggregation: sum_i w_i * state_i / sum_i w_i, key by key."""
+    total = float(sum(weights))
+    return {k: sum(s[k].float() * (w / total) for s, w in zip(states, weights)).to(states[0][k].dtype)
+            for k in states[0]}
+
+
+class FedAvgStrategy:
+    """Server side: broadcast the global ControlNet, collect local updates, average."""
+
+    name = "fedavg"
+    client_class = FedAvgClient
+
+    def __init__(self, base, controlnet, lr: float, steps: int, local_steps: int):
+        self.base = base
+        self.controlnet = copy.deepcopy(controlnet)
+        self.steps, self.local_steps, self.lr = steps, local_steps, lr
+        self.initial = controlnet
+
+    def build_client(self, cid, data, scheduler, batch_size: int, seed: int) -> FedAvgClient:
+        return FedAvgClient(cid, self.base, scheduler, data, batch_size, seed, controlnet=self.initial, lr=self.lr)
+
+    def start(self, transport: InProcessTransport) -> SchemeResult:
+        t0 = time.perf_counter()
+        server_s, losses, rounds = 0.0, [], 0
+        turns = turn_schedule(self.steps, len(transport.clients), self.local_steps)
+        n = len(transport.clients)
+        for r in range(0, len(turns), n):  # a round: every client once, from the same global model
+            global_state = state_to_payload(self.controlnet, "controlnet")
+            replies = [(transport.call(cid, "fit", {**global_state, "local_steps": k})) for cid, k in turns[r:r + n]]
+            s0 = time.perf_counter()
+            states = [payload_to_state(rep, "controlnet") for rep in replies]
+            self.controlnet.load_state_dict(weighted_average(states, [rep["num_examples"] for rep in replies]))
+            server_s += time.perf_counter() - s0
+            for rep in replies:  # per-step losses in the order the turn schedule ran them
+                losses.extend(rep["losses"].tolist())
+            rounds += 1
+        trainable = transport.clients[0].trainable_parameters()
+        return SchemeResult(self.name, self.controlnet.eval(), losses, len(losses), time.perf_counter() - t0,
+                            server_s, transport.stats, client_trainable_params=trainable,
+                            server_trainable_params=0, extra={"rounds": rounds})

@@ -1,0 +1,80 @@
+"""No-gradient-return split learning (the paper's scheme; Yao, arXiv 2409.08503).
+
+Client: holds only frozen, public, pretrained parts (autoencoder encoder, text encoder,
+UNet ``conv_in``); it has 0 trainable parameters and no optimizer. Per batch it sends
+``control_input = E(hint) + x_t``, ``unet_features = unet.conv_in(x_t)``, t, the noise
+target and the text context. Server: trains the whole ControlNet from its ``conv_in`` on
+(the hint block is unused) on top of the frozen UNet. Nothing flows back, so a client
+can stream a whole turn of batches in one message.
+
+Threat model: the server is honest-but-curious and sees every sent tensor, including
+the noise target and t; this is the reference design, whose leak (solve the public
+first conv for x_t, subtract the noise) later issues measure and defend against.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from sim.cuts import control_rest, nograd_control_input, unet_first_conv, unet_rest
+
+from .base import InProcessTransport, Payload, SchemeClient, SchemeResult, diffusion_loss, turn_schedule
+
+
+class NoGradClient(SchemeClient):
+    """Frozen feature producer: answers ``features`` with ``k`` batches of what the server needs."""
+
+    @torch.no_grad()
+    def on_features(self, payload: Payload) -> Payload:
+        parts = []
+        for _ in range(int(payload["k"])):
+            b = self.next_batch()
+            parts.append(dict(
+                control_input=nograd_control_input(self.base.autoencoder, b.x_t, b.hint),
+                unet_features=unet_first_conv(self.base.unet, b.x_t),
+                t=b.t, noise=b.noise, context=b.context,
+            ))
+        return {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
+
+
+class NoGradStrategy:
+    """Server side: trains the ControlNet on the features clients stream, sends nothing back."""
+
+    name = "nograd"
+    client_class = NoGradClient
+
+    def __init__(self, base, controlnet, lr: float, steps: int, local_steps: int):
+        self.base = base
+        self.controlnet = copy.deepcopy(controlnet).train()
+        self.controlnet.controlnet_cond_embedding.requires_grad_(False)  # unused in this scheme
+        params = [p for p in self.controlnet.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=lr)
+        self.steps, self.local_steps = steps, local_steps
+
+    def build_client(self, cid, data, scheduler, batch_size: int, seed: int) -> NoGradClient:
+        return NoGradClient(cid, self.base, scheduler, data, batch_size, seed)
+
+    def train_step(self, control_input, unet_features, t, noise, context) -> float:
+        down, mid = control_rest(self.controlnet, self.controlnet.conv_in(control_input), t, context)
+        loss = diffusion_loss(unet_rest(self.base.unet, unet_features, t, context, down, mid), noise)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.item()
+
+    def start(self, transport: InProcessTransport) -> SchemeResult:
+        t0 = time.perf_counter()
+        server_s, losses = 0.0, []
+        for cid, k in turn_schedule(self.steps, len(transport.clients), self.local_steps):
+            reply = transport.call(cid, "features", {"k": k})
+            s0 = time.perf_counter()
+            for i in range(k):
+                losses.append(self.train_step(*(reply[n][i] for n in
+                                                 ("control_input", "unet_features", "t", "noise", "context"))))
+            server_s += time.perf_counter() - s0
+        trainable = sum(p.numel() for p in self.controlnet.parameters() if p.requires_grad)
+        return SchemeResult(self.name, self.controlnet.eval(), losses, len(losses), time.perf_counter() - t0,
+                            server_s, transport.stats, client_trainable_params=0,
+                            server_trainable_params=trainable)
