@@ -19,6 +19,9 @@ def _setup_env() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+
+    datasets.disable_progress_bars()  # our own progress bars cover the long loops
 
 
 def _cmd_pretrain(a: argparse.Namespace) -> int:
@@ -54,7 +57,8 @@ def _cmd_compare(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="splitcontrol", description=__doc__.split("\n")[0],
+    ap = argparse.ArgumentParser(prog="splitcontrol", description="Split learning vs federated learning of ControlNet: cost, utility, leakage.",
+                                 epilog=__doc__.split("------------", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -90,8 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _setup_env()
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:  # bad input: say what, no traceback
+        parser.exit(2, f"splitcontrol {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,44 @@
+"""Config: presets load, overrides are typed, bad keys and values fail naming the key."""
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from sim.config import ExperimentConfig, list_presets, load_config
+
+
+def test_presets_load_and_round_trip_through_toml(tmp_path):
+    assert {"default", "smoke"} <= set(list_presets())
+    cfg = load_config("smoke", ["num-clients=3", "schemes=vanilla,nograd", "lr=0.01"])
+    assert cfg.num_clients == 3 and cfg.schemes == ("vanilla", "nograd") and cfg.lr == 0.01
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    assert load_config(str(path)) == cfg
+    assert tomllib.loads(cfg.to_toml())["num-clients"] == 3
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("no-such-key=1", "no-such-key"),
+    ("steps=many", "steps"),
+    ("steps=0", "steps"),
+    ("partition=random", "partition"),
+    ("schemes=fedavg,splitfed", "schemes"),
+    ("dataset=cifar", "dataset"),
+    ("num-clients=5000", "num-clients"),
+    ("dirichlet-alpha=0", "dirichlet-alpha"),
+    ("steps", "key=value"),
+])
+def test_bad_overrides_fail_naming_the_key(override, needle):
+    with pytest.raises(ValueError, match=needle):
+        load_config("default", [override])
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ValueError, match="smoke"):
+        load_config("nonexistent")
+
+
+def test_config_is_frozen():
+    with pytest.raises(Exception):
+        ExperimentConfig().steps = 3

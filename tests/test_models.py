@@ -1,0 +1,40 @@
+"""Presets: the tiny default, the SD1.5 configuration on the meta device, clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sim.models import build_controlnet, count_params, get_preset, load_base
+
+
+def test_sd15_preset_has_sd15_sizes_without_any_download():
+    base = load_base("sd15", device="meta")
+    unet_m = count_params(base.unet) / 1e6
+    cn = build_controlnet(base.unet, base.preset)
+    assert 855 < unet_m < 865  # SD1.5 UNet: 859.5 M parameters
+    assert 355 < count_params(cn) / 1e6 < 365  # SD1.5 ControlNet: ~361 M
+    assert 80 < count_params(base.autoencoder) / 1e6 < 90  # SD VAE: 83.7 M
+    assert base.unet.conv_in.weight.shape == (320, 4, 3, 3)
+    assert base.preset.latent_size == 64
+    assert all(not p.requires_grad for p in base.unet.parameters())
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match="tiny"):
+        get_preset("sdxl")
+
+
+def test_missing_tiny_checkpoint_says_how_to_make_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pretrain-base"):
+        load_base("tiny", folder=tmp_path)
+
+
+def test_minilm_text_encoder_gives_token_states_and_zero_padding():
+    from sim.text import MiniLMTextEncoder
+
+    enc = MiniLMTextEncoder(max_tokens=16)
+    a, b = enc(["a red circle on a blue background", "a blue circle on a red background"])
+    assert a.shape == (16, 384)
+    assert (a[12:] == 0).all()  # padding positions are zeroed
+    assert not torch.allclose(a, b)  # word order matters in the token states
+    assert all(not p.requires_grad for p in enc.parameters())

@@ -1,0 +1,109 @@
+"""The three schemes in process: what trains, what stays frozen, what crosses, determinism."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import make_base
+from sim.compare import fingerprint
+from sim.cuts import control_head, controlled_eps
+from sim.models import build_controlnet, ddpm_scheduler
+from strategies import InProcessTransport, get_strategy
+from strategies.base import ClientData, client_generator, sample_batch, turn_schedule
+from strategies.fedavg import weighted_average
+
+
+def _clients(base, n_clients=2, n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = base.preset.image_size
+    out = []
+    for c in range(n_clients):
+        out.append(ClientData(torch.rand(n, 3, s, s, generator=g) * 2 - 1, torch.rand(n, 3, s, s, generator=g),
+                              [f"a red circle on a {c} background"] * n))
+    return out
+
+
+def _run(scheme, base, controlnet, steps=4, local_steps=2, batch=2, lr=1e-3, seed=0):
+    strategy = get_strategy(scheme)(base, controlnet, lr=lr, steps=steps, local_steps=local_steps)
+    sched = ddpm_scheduler(base.preset)
+    clients = [strategy.build_client(c, d, sched, batch, seed) for c, d in enumerate(_clients(base))]
+    return strategy.start(InProcessTransport(clients)), clients
+
+
+@pytest.fixture(scope="module")
+def base():
+    return make_base("tiny", seed=3)
+
+
+@pytest.fixture(scope="module")
+def controlnet(base):
+    torch.manual_seed(0)
+    return build_controlnet(base.unet, base.preset)
+
+
+@pytest.mark.parametrize("scheme", ["fedavg", "vanilla", "nograd"])
+def test_frozen_parts_stay_bit_identical_and_controlnet_trains(scheme, base, controlnet):
+    before = fingerprint(base.unet, base.autoencoder, base.text_encoder)
+    cn_before = fingerprint(controlnet)
+    res, _ = _run(scheme, base, controlnet)
+    assert fingerprint(base.unet, base.autoencoder, base.text_encoder) == before
+    assert fingerprint(controlnet) == cn_before  # the shared initial copy is untouched
+    assert fingerprint(res.controlnet) != cn_before  # the trained one moved
+    assert res.steps == 4 and len(res.losses) == 4 and all(l > 0 for l in res.losses)
+
+
+def test_nograd_client_has_nothing_to_train_and_gets_nothing_back(base, controlnet):
+    res, clients = _run("nograd", base, controlnet)
+    for c in clients:
+        assert c.trainable_parameters() == 0
+        assert not any(isinstance(v, torch.optim.Optimizer) for v in vars(c).values())
+    assert res.client_trainable_params == 0
+    # server -> client carries only the request ({"k": n}): 8 bytes per message, no tensor
+    assert res.wire.bytes_down == 8 * res.wire.messages
+    assert res.wire.bytes_up > 1000 * res.wire.bytes_down
+
+
+def test_vanilla_applies_the_gradient_to_the_activation_the_server_used(base, controlnet):
+    """One vanilla step == one centralised step of the head on the same batch, t and noise."""
+    res, clients = _run("vanilla", base, controlnet, steps=1, local_steps=1, lr=1e-2)
+    # recompute centrally: the same client generator gives the same batch, t and noise
+    central = copy.deepcopy(controlnet).train()
+    b = sample_batch(base, ddpm_scheduler(base.preset), _clients(base)[0], 2, client_generator(0, 0))
+    eps_hat = controlled_eps("vanilla", base.unet, central, base.autoencoder, b.x_t, b.t, b.context, b.hint)
+    ((eps_hat - b.noise) ** 2).mean().backward()
+    opt = torch.optim.AdamW(list(central.controlnet_cond_embedding.parameters()) + list(central.conv_in.parameters()),
+                            lr=1e-2)
+    opt.step()
+    trained = res.controlnet
+    for name in ("controlnet_cond_embedding", "conv_in"):
+        for (n, pc), (_, pt) in zip(getattr(central, name).named_parameters(), getattr(trained, name).named_parameters()):
+            assert (pc - pt).abs().max() <= 1e-5, f"{name}.{n}"
+    moved = sum((p0 - p1).abs().sum() for p0, p1 in zip(controlnet.conv_in.parameters(), trained.conv_in.parameters()))
+    assert moved > 0
+    assert res.wire.bytes_down > 0 and res.client_trainable_params > 0
+
+
+def test_fedavg_weighted_average():
+    a = {"w": torch.tensor([0.0, 2.0])}
+    b = {"w": torch.tensor([4.0, 6.0])}
+    out = weighted_average([a, b], [1, 3])
+    assert torch.allclose(out["w"], torch.tensor([3.0, 5.0]))
+
+
+def test_same_seed_same_losses_and_same_batches_across_schemes(base, controlnet):
+    r1, _ = _run("nograd", base, controlnet)
+    r2, _ = _run("nograd", base, controlnet)
+    assert r1.losses == r2.losses
+    d = _clients(base)[1]
+    s = ddpm_scheduler(base.preset)
+    b1 = sample_batch(base, s, d, 2, client_generator(0, 1))
+    b2 = sample_batch(base, s, d, 2, client_generator(0, 1))
+    assert torch.equal(b1.x_t, b2.x_t) and torch.equal(b1.t, b2.t)
+
+
+def test_turn_schedule_covers_the_budget():
+    turns = turn_schedule(7, 3, 2)
+    assert turns == [(0, 2), (1, 2), (2, 2), (0, 1)]
+    assert sum(k for _, k in turns) == 7
