@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:  # bad input: say what, no traceback
+        if os.environ.get("SPLITCONTROL_DEBUG"):
+            raise
         parser.exit(2, f"splitcontrol {args.command}: error: {e}\n")
 
 

@@ -5,7 +5,7 @@ client partitions, the same per-client batch/timestep/noise streams and the same
 budget (``steps`` batches of ``batch-size``, all clients together). Output in ``--out``:
 ``config.toml`` (resolved config), ``summary.json`` (a row per scheme plus the base
 model without control), ``losses.jsonl`` (per-step loss per scheme) and
-``samples_<scheme>.png`` (condition | generated | target).
+``samples_<scheme>.png`` (condition | generated | target) and ``summary.md`` (the table).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import data as data_mod
@@ -37,33 +38,50 @@ def fingerprint(*modules) -> str:
 
 
 def client_datasets(cfg: ExperimentConfig, image_size: int):
-    """The private training data, partitioned over the clients, and the held-out eval set."""
+    """The private training data, partitioned over the clients, and the held-out eval set.
+
+    fill50k draws its eval set from another seed (a fresh procedural stream); faces has
+    only 100 images, so a seeded permutation splits them into disjoint train/eval parts.
+    """
     from strategies.base import ClientData
 
-    ds = data_mod.load_dataset(cfg.dataset, n=cfg.num_samples, size=image_size, seed=cfg.data_seed)
+    if cfg.dataset == "faces":
+        full = data_mod.load_dataset("faces", size=image_size)
+        order = np.random.default_rng(cfg.data_seed).permutation(len(full))
+        ds = full.select(order[:cfg.num_samples].tolist())
+        ev = full.select(order[cfg.num_samples:cfg.num_samples + cfg.eval_samples].tolist())
+    else:
+        ds = data_mod.load_dataset(cfg.dataset, n=cfg.num_samples, size=image_size, seed=cfg.data_seed)
+        ev = data_mod.load_dataset(cfg.dataset, n=cfg.eval_samples, size=image_size,
+                                   seed=cfg.data_seed + EVAL_SEED_OFFSET)
     tensors = data_mod.to_tensors(ds)
-    labels = list(ds["fg"]) if "fg" in ds.column_names else None
+    labels = list(ds["fg"][:]) if "fg" in ds.column_names else None
     parts = data_mod.partition(labels if labels is not None else len(ds), cfg.num_clients, cfg.partition,
                                cfg.dirichlet_alpha, seed=cfg.data_seed)
     clients = [ClientData(tensors["target"][idx], tensors["condition"][idx],
                           [tensors["prompt"][i] for i in idx]) for idx in parts]
-    ev = data_mod.load_dataset(cfg.dataset, n=cfg.eval_samples, size=image_size,
-                               seed=cfg.data_seed + EVAL_SEED_OFFSET)
     eval_set = data_mod.to_tensors(ev)
     if "fg" in ev.column_names:
-        eval_set.update(fg=list(ev["fg"]), bg=list(ev["bg"]))
+        eval_set.update(fg=list(ev["fg"][:]), bg=list(ev["bg"][:]))
     return clients, eval_set
 
 
 def train_scheme(scheme: str, cfg: ExperimentConfig, base, controlnet, clients):
-    """Run one scheme in process; returns its :class:`strategies.base.SchemeResult`."""
+    """Run one scheme in process; returns its :class:`strategies.base.SchemeResult`.
+
+    The strategy (server) gets the frozen UNet, the public initial ControlNet and the
+    config; the clients are built here, by the simulation harness, with their private data.
+    """
     from strategies import InProcessTransport, get_strategy
 
-    strategy = get_strategy(scheme)(base, controlnet, lr=cfg.lr, steps=cfg.steps, local_steps=cfg.local_steps)
+    cls = get_strategy(scheme)
+    strategy = cls(base.unet, controlnet, lr=cfg.lr, steps=cfg.steps, local_steps=cfg.local_steps)
     sched = ddpm_scheduler(base.preset)
-    transport = InProcessTransport([strategy.build_client(cid, d, sched, cfg.batch_size, cfg.seed)
-                                    for cid, d in enumerate(clients)])
-    return strategy.start(transport)
+    scheme_clients = [cls.client_class(cid, base, sched, d, cfg.batch_size, cfg.seed, **strategy.client_kwargs())
+                      for cid, d in enumerate(clients)]
+    result = strategy.start(InProcessTransport(scheme_clients))
+    result.client_trainable_params = max(c.trainable_parameters() for c in scheme_clients)
+    return result
 
 
 def summary_row(res, metrics: dict) -> dict:
@@ -79,16 +97,28 @@ def summary_row(res, metrics: dict) -> dict:
     }
 
 
+TABLE_COLUMNS = ["scheme", "outline_iou", "colour_acc", "final_loss", "client_trainable_params",
+                 "bytes_up_per_step", "bytes_down_per_step", "messages_per_step", "wall_s"]
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict], columns: list[str] = TABLE_COLUMNS) -> str:
+    """The summary as a Markdown table (what the README shows); missing cells stay empty."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def print_table(rows: list[dict]) -> None:
-    cols = ["scheme", "outline_iou", "colour_acc", "final_loss", "client_trainable_params",
-            "bytes_up_per_step", "bytes_down_per_step", "wall_s"]
-    print(" | ".join(f"{c:>14}" for c in cols))
+    widths = [max(len(c), *(len(_cell(r.get(c, ""))) for r in rows)) for c in TABLE_COLUMNS]
+    print("  ".join(c.rjust(w) for c, w in zip(TABLE_COLUMNS, widths)))
     for r in rows:
-        cells = []
-        for c in cols:
-            v = r.get(c, "")
-            cells.append(f"{v:>14.4g}" if isinstance(v, float) else f"{str(v):>14}")
-        print(" | ".join(cells))
+        print("  ".join(_cell(r.get(c, "")).rjust(w) for c, w in zip(TABLE_COLUMNS, widths)))
 
 
 def run_compare(cfg: ExperimentConfig, out: str | Path) -> dict:
@@ -130,6 +160,7 @@ def run_compare(cfg: ExperimentConfig, out: str | Path) -> dict:
         "total_wall_s": round(time.time() - t_start, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(markdown_table(rows) + "\n")
     print_table(rows)
     print(f"frozen base unchanged: {summary['frozen_base_unchanged']}; wrote {out}")
     return summary

@@ -58,6 +58,16 @@ class ExperimentConfig:
         for key in ("lr", "dirichlet_alpha", "guidance"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{_kebab(key)} must be > 0, got {getattr(self, key)}")
+        if self.dataset == "faces":
+            from sim.data import NUM_LFW_FACES
+
+            if self.num_samples + self.eval_samples > NUM_LFW_FACES:
+                raise ValueError(f"dataset='faces' has {NUM_LFW_FACES} images, split disjointly into training and "
+                                 f"evaluation: num-samples={self.num_samples} + eval-samples={self.eval_samples} "
+                                 f"must be <= {NUM_LFW_FACES}")
+            if self.partition == "dirichlet":
+                raise ValueError("partition='dirichlet' needs colour labels, which dataset='faces' does not have; "
+                                 "use partition='iid'")
         if self.num_clients > self.num_samples:
             raise ValueError(f"num-clients={self.num_clients} is larger than num-samples={self.num_samples}")
 

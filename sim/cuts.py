@@ -101,8 +101,6 @@ def get_cut(scheme: str) -> Cut:
 def time_embedding(model: nn.Module, t: torch.Tensor, context: torch.Tensor | None,
                    dtype: torch.dtype) -> torch.Tensor:
     """``time_proj`` -> ``time_embedding`` (+ ``add_embedding`` of the context), as diffusers does."""
-    if getattr(model, "class_embedding", None) is not None:
-        raise NotImplementedError("class-conditioned models are not supported")
     emb = model.time_embedding(model.time_proj(t).to(dtype))
     kind = model.config.addition_embed_type
     if kind == "text":
@@ -130,9 +128,29 @@ def _mid(model, h, emb, context):
     return model.mid_block(h, emb)
 
 
-def _batch_t(t: torch.Tensor | int, batch: int) -> torch.Tensor:
-    t = torch.as_tensor(t, dtype=torch.int64)
-    return t.expand(batch) if t.ndim == 0 else t
+def _batch_t(t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(t, dtype=torch.int64, device=like.device)
+    return t.expand(like.shape[0]) if t.ndim == 0 else t
+
+
+def check_supported(model: nn.Module) -> None:
+    """Fail loudly on diffusers options these hand-assembled forwards do not reproduce."""
+    cfg = model.config
+    problems = []
+    if getattr(model, "encoder_hid_proj", None) is not None:
+        problems.append("encoder_hid_proj")
+    if cfg.get("center_input_sample", False):
+        problems.append("center_input_sample")
+    if getattr(model, "mid_block", None) is None:
+        problems.append("mid_block=None")
+    if getattr(model, "class_embedding", None) is not None:
+        problems.append("class_embedding")
+    if cfg.get("controlnet_conditioning_channel_order", "rgb") != "rgb":
+        problems.append("controlnet_conditioning_channel_order")
+    if cfg.get("global_pool_conditions", False):
+        problems.append("global_pool_conditions")
+    if problems:
+        raise NotImplementedError(f"{type(model).__name__} uses {problems}, which the split forwards do not support")
 
 
 # --------------------------------------------------------------------------- UNet halves
@@ -145,7 +163,7 @@ def unet_rest(unet: nn.Module, features: torch.Tensor, t, context: torch.Tensor,
               down_residuals: list[torch.Tensor] | None = None,
               mid_residual: torch.Tensor | None = None) -> torch.Tensor:
     """Server side of the UNet: everything after ``conv_in``, with optional ControlNet residuals."""
-    t = _batch_t(t, features.shape[0])
+    t = _batch_t(t, features)
     emb = time_embedding(unet, t, context, features.dtype)
     h, skips = _down(unet, features, emb, context)
     if down_residuals is not None:
@@ -183,7 +201,7 @@ def nograd_control_input(autoencoder: nn.Module, x_t: torch.Tensor, hint: torch.
 def control_rest(controlnet: nn.Module, features: torch.Tensor, t, context: torch.Tensor
                  ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Server side of the ControlNet from its first-conv features: residuals for the UNet."""
-    t = _batch_t(t, features.shape[0])
+    t = _batch_t(t, features)
     emb = time_embedding(controlnet, t, context, features.dtype)
     h, skips = _down(controlnet, features, emb, context)
     h = _mid(controlnet, h, emb, context)

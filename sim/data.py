@@ -49,6 +49,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 
 DATASET_NAMES = ("fill50k", "faces")
+DATA_VERSION = 1  # part of the cache folder name: bump it when a generator changes its output
 DEFAULT_N = {"fill50k": 2000, "faces": 100}
 PARTITION_SCHEMES = ("iid", "dirichlet")
 MIN_SIZE = 8
@@ -319,7 +320,7 @@ def load_dataset(
     _check_n(n, upper=NUM_LFW_FACES if name == "faces" else None)
     _check_size(size)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = root / "datasets" / f"{name}-n{n}-s{size}-seed{seed}"
+    path = root / "datasets" / f"{name}-v{DATA_VERSION}-n{n}-s{size}-seed{seed}"
     if not path.exists():
         _save_atomically(_generate(name, n, size, seed), size, path)
     dataset = datasets.load_from_disk(str(path))

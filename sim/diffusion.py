@@ -49,16 +49,21 @@ def weighted_mse(eps_hat: torch.Tensor, eps: torch.Tensor, weights: torch.Tensor
 def ddim_sample(eps_fn: EpsFn, scheduler, shape: tuple[int, ...], context: torch.Tensor,
                 null_context: torch.Tensor, steps: int = 25, guidance: float = 5.0,
                 generator: torch.Generator | None = None, progress: bool = False,
-                desc: str = "sampling") -> torch.Tensor:
+                desc: str = "sampling", spacing: str = "leading") -> torch.Tensor:
     """Deterministic DDIM (eta = 0) with classifier-free guidance.
 
     ``eps_fn(x, t, context)`` predicts noise for a batch; with guidance != 1 it is called
     once per step on the doubled batch ``[x, x]`` with ``[context, null_context]``, so a
     closure that also needs a hint must tile it to ``x.shape[0]``. Returns latents.
+    ``spacing`` is diffusers' ``timestep_spacing``. We keep its default "leading" (the
+    first step is at T - T/steps): "trailing" starts at t = T-1 where the cosine
+    schedule's abar is ~0, and an epsilon-predicting model's x0 estimate there divides
+    by ~0; measured on the tiny base at 1000 steps it cut colour accuracy from
+    0.375/0.36 (fg/bg) to 0.14/0.34.
     """
     from diffusers import DDIMScheduler
 
-    sched = DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=True)
+    sched = DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=True, timestep_spacing=spacing)
     sched.set_timesteps(steps)
     x = torch.randn(shape, generator=generator)
     b = shape[0]

@@ -156,21 +156,37 @@ def build_unet(p: ModelPreset, seed: int = 0, device: str = "cpu"):
     """A randomly initialised (seeded) UNet of preset ``p``; ``device="meta"`` allocates nothing."""
     from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    with torch.device(device):
-        return UNet2DConditionModel(**unet_config(p))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            return UNet2DConditionModel(**unet_config(p))
 
 
 def build_controlnet(unet, p: ModelPreset):
-    """ControlNet initialised from the UNet's encoder (diffusers' ``from_unet``), zero convs at 0."""
+    """ControlNet initialised from the UNet's encoder, as diffusers' ``from_unet`` does, zero convs at 0.
+
+    ``from_unet`` forgets ``addition_embed_type_num_heads``, so its text-pooling
+    ``add_embedding`` would compute a different function from the UNet's with the same
+    weights; we take its config, restore that field, and copy the encoder weights.
+    """
     from diffusers import ControlNetModel
 
-    on_meta = next(unet.parameters()).is_meta
-    with torch.device("meta" if on_meta else "cpu"):
-        return ControlNetModel.from_unet(
-            unet, conditioning_embedding_out_channels=p.conditioning_embedding_out_channels,
-            load_weights_from_unet=not on_meta,
-        ).to(next(unet.parameters()).device)
+    with torch.device("meta"):
+        template = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=p.conditioning_embedding_out_channels,
+                                             load_weights_from_unet=False)
+    config = {k: v for k, v in template.config.items() if not k.startswith("_")}  # "_use_default_values" would win
+    config["addition_embed_type_num_heads"] = unet.config.addition_embed_type_num_heads
+    device = next(unet.parameters()).device
+    with torch.device(device):
+        controlnet = ControlNetModel.from_config(config)
+    from .cuts import check_supported
+
+    check_supported(controlnet)
+    if device.type != "meta":
+        for name in ("conv_in", "time_proj", "time_embedding", "add_embedding", "down_blocks", "mid_block"):
+            if getattr(controlnet, name, None) is not None:
+                getattr(controlnet, name).load_state_dict(getattr(unet, name).state_dict())
+    return controlnet
 
 
 def build_autoencoder(p: ModelPreset, folder: str | None = None, device: str = "cpu") -> nn.Module:
@@ -216,12 +232,6 @@ def ddpm_scheduler(p: ModelPreset):
     return DDPMScheduler(**scheduler_config(p))
 
 
-def ddim_scheduler(p: ModelPreset):
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(**scheduler_config(p), set_alpha_to_one=True)
-
-
 @dataclass
 class BaseModel:
     """The frozen, public, pretrained parts every scheme starts from."""
@@ -254,6 +264,8 @@ def load_base(preset: str = "tiny", folder: str | Path | None = None, device: st
     """
     from diffusers import UNet2DConditionModel
 
+    from .cuts import check_supported
+
     p = get_preset(preset)
     if p.name == "tiny":
         path = Path(folder) if folder is not None else TINY_BASE_DIR
@@ -261,11 +273,13 @@ def load_base(preset: str = "tiny", folder: str | Path | None = None, device: st
             raise FileNotFoundError(
                 f"no tiny base model at {path}; make one with `splitcontrol pretrain-base --out {path}`")
         unet = UNet2DConditionModel.from_pretrained(path / "unet").to(device)
+        check_supported(unet)
         return BaseModel(p, unet, build_autoencoder(p), build_text_encoder(p)).freeze()
     if folder is not None:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True).to(device)
     else:
         unet = build_unet(p, seed=seed, device=device)
+    check_supported(unet)
     return BaseModel(p, unet, build_autoencoder(p, folder, device),
                      build_text_encoder(p, folder, device)).freeze()
 

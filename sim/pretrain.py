@@ -2,11 +2,13 @@
 
 ``splitcontrol pretrain-base`` trains the ``tiny`` preset's UNet on Fill50K-style
 circles (text -> image, no control) and writes a diffusers folder with the EMA
-weights, a JSON-lines training log and a model card. ``splitcontrol eval-base``
+weights (``unet/``), a JSON-lines training log and ``train_state.json`` (last step,
+loss, wall time and the config). The committed model card (sim/assets/tiny-base/
+MODEL_CARD.md) records the command, these numbers and ``eval-base``'s metrics. ``splitcontrol eval-base``
 generates images with DDIM + classifier-free guidance and measures whether the
 generated circle and background have the colours the prompt names.
 
-Recipe (chosen from the measurements in shared/OFFLINE.md): epsilon prediction, cosine
+Recipe (chosen from the team's offline measurements; see the model card): epsilon prediction, cosine
 schedule, min-SNR-5 loss weighting (colour is decided at high noise, which plain
 epsilon MSE under-weights), AdamW 1e-3 with warm-up, EMA of the weights, 10% prompt
 dropout to the empty prompt for classifier-free guidance.

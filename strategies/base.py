@@ -7,8 +7,11 @@ A scheme is a *strategy* (server side, drives training through ``transport.call`
 dicts of tensors and numbers. ``InProcessTransport`` calls the client directly and is
 the default (deterministic, used by tests); the Flower engine (sim/, next issue) will
 carry the same payloads in Flower records. Every payload is copied and detached when it
-crosses, so no autograd graph or shared memory links the two sides: the server can only
-use what it was sent, which is the threat model.
+crosses, so no autograd graph links the two sides, and a strategy gets neither the
+clients nor their data: only the frozen UNet, the public initial ControlNet, the config
+and the replies. (In one process the frozen modules are the same Python objects on both
+sides; the simulation assumes an honest-but-curious server that does not tamper with
+them. The attack interface of a later issue will read only the transcript.)
 
 Identical data and seeds
 ------------------------
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from sim.diffusion import noisy_latents, sample_timesteps, weighted_mse
 
@@ -81,6 +85,11 @@ def turn_schedule(steps: int, num_clients: int, local_steps: int) -> list[tuple[
     return turns
 
 
+def progress(steps: int, scheme: str) -> tqdm:
+    """The training progress bar every strategy shows (one tick per training batch)."""
+    return tqdm(total=steps, desc=f"training {scheme}", unit="step", mininterval=2, leave=False)
+
+
 def diffusion_loss(eps_hat: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return weighted_mse(eps_hat, noise)
 
@@ -125,14 +134,18 @@ class InProcessTransport:
     """Calls each client's ``handle`` directly, copying payloads both ways and counting bytes."""
 
     def __init__(self, clients: list):
-        self.clients = clients
+        self._clients = clients  # private: strategies talk to clients only through call()
         self.stats = WireStats()
+
+    @property
+    def num_clients(self) -> int:
+        return len(self._clients)
 
     def call(self, cid: int, method: str, payload: Payload | None = None) -> Payload:
         down = to_wire(payload)
         self.stats.bytes_down += nbytes(down)
         t0 = time.perf_counter()
-        reply = self.clients[cid].handle(method, down)
+        reply = self._clients[cid].handle(method, down)
         self.stats.client_s += time.perf_counter() - t0
         up = to_wire(reply)
         self.stats.bytes_up += nbytes(up)
@@ -160,8 +173,13 @@ class SchemeClient:
             raise ValueError(f"{type(self).__name__} has no handler for message {method!r}")
         return fn(payload)
 
+    def held_modules(self) -> list[nn.Module]:
+        """The modules this client holds and runs (frozen ones included)."""
+        return [m for m in (self.base.autoencoder, self.base.text_encoder, self.base.unet.conv_in) if m is not None]
+
     def trainable_parameters(self) -> int:
-        return 0
+        """Parameters this client trains: requires_grad over the modules it holds."""
+        return sum(p.numel() for m in self.held_modules() for p in m.parameters() if p.requires_grad)
 
 
 @dataclass
@@ -175,8 +193,8 @@ class SchemeResult:
     wall_s: float
     server_s: float
     wire: WireStats
-    client_trainable_params: int
     server_trainable_params: int
+    client_trainable_params: int = 0  # filled in by the simulation harness, which can see clients
     extra: dict = field(default_factory=dict)
 
     @property

@@ -21,7 +21,7 @@ from torch import nn
 from sim.cuts import controlled_eps
 
 from .base import (InProcessTransport, Payload, SchemeClient, SchemeResult, diffusion_loss, payload_to_state,
-                   state_to_payload, turn_schedule)
+                   progress, state_to_payload, turn_schedule)
 
 
 class FedAvgClient(SchemeClient):
@@ -30,8 +30,8 @@ class FedAvgClient(SchemeClient):
         self.controlnet = copy.deepcopy(controlnet).train()
         self.lr = lr
 
-    def trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.controlnet.parameters() if p.requires_grad)
+    def held_modules(self) -> list[nn.Module]:
+        return super().held_modules() + [self.base.unet, self.controlnet]
 
     def on_fit(self, payload: Payload) -> Payload:
         self.controlnet.load_state_dict(payload_to_state(payload, "controlnet"))
@@ -63,20 +63,22 @@ class FedAvgStrategy:
     name = "fedavg"
     client_class = FedAvgClient
 
-    def __init__(self, base, controlnet, lr: float, steps: int, local_steps: int):
-        self.base = base
+    def __init__(self, unet, controlnet, lr: float, steps: int, local_steps: int):
+        self.unet = unet  # the server's frozen UNet (fedavg: unused)
         self.controlnet = copy.deepcopy(controlnet)
         self.steps, self.local_steps, self.lr = steps, local_steps, lr
         self.initial = controlnet
 
-    def build_client(self, cid, data, scheduler, batch_size: int, seed: int) -> FedAvgClient:
-        return FedAvgClient(cid, self.base, scheduler, data, batch_size, seed, controlnet=self.initial, lr=self.lr)
+    def client_kwargs(self) -> dict:
+        """What a client needs from the server at start-up: the public initial ControlNet and the lr."""
+        return {"controlnet": self.initial, "lr": self.lr}
 
     def start(self, transport: InProcessTransport) -> SchemeResult:
         t0 = time.perf_counter()
         server_s, losses, rounds = 0.0, [], 0
-        turns = turn_schedule(self.steps, len(transport.clients), self.local_steps)
-        n = len(transport.clients)
+        turns = turn_schedule(self.steps, transport.num_clients, self.local_steps)
+        n = transport.num_clients
+        bar = progress(self.steps, self.name)
         for r in range(0, len(turns), n):  # a round: every client once, from the same global model
             global_state = state_to_payload(self.controlnet, "controlnet")
             replies = [(transport.call(cid, "fit", {**global_state, "local_steps": k})) for cid, k in turns[r:r + n]]
@@ -87,7 +89,8 @@ class FedAvgStrategy:
             for rep in replies:  # per-step losses in the order the turn schedule ran them
                 losses.extend(rep["losses"].tolist())
             rounds += 1
-        trainable = transport.clients[0].trainable_parameters()
+            bar.update(sum(k for _, k in turns[r:r + n]))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", round=rounds)
+        bar.close()
         return SchemeResult(self.name, self.controlnet.eval(), losses, len(losses), time.perf_counter() - t0,
-                            server_s, transport.stats, client_trainable_params=trainable,
-                            server_trainable_params=0, extra={"rounds": rounds})
+                            server_s, transport.stats, server_trainable_params=0, extra={"rounds": rounds})

@@ -20,7 +20,7 @@ import torch
 
 from sim.cuts import control_rest, nograd_control_input, unet_first_conv, unet_rest
 
-from .base import InProcessTransport, Payload, SchemeClient, SchemeResult, diffusion_loss, turn_schedule
+from .base import InProcessTransport, Payload, SchemeClient, SchemeResult, diffusion_loss, progress, turn_schedule
 
 
 class NoGradClient(SchemeClient):
@@ -45,20 +45,21 @@ class NoGradStrategy:
     name = "nograd"
     client_class = NoGradClient
 
-    def __init__(self, base, controlnet, lr: float, steps: int, local_steps: int):
-        self.base = base
+    def __init__(self, unet, controlnet, lr: float, steps: int, local_steps: int):
+        self.unet = unet  # the server's frozen UNet
         self.controlnet = copy.deepcopy(controlnet).train()
         self.controlnet.controlnet_cond_embedding.requires_grad_(False)  # unused in this scheme
         params = [p for p in self.controlnet.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=lr)
         self.steps, self.local_steps = steps, local_steps
 
-    def build_client(self, cid, data, scheduler, batch_size: int, seed: int) -> NoGradClient:
-        return NoGradClient(cid, self.base, scheduler, data, batch_size, seed)
+    def client_kwargs(self) -> dict:
+        """What a client needs from the server at start-up: nothing (frozen public parts only)."""
+        return {}
 
     def train_step(self, control_input, unet_features, t, noise, context) -> float:
         down, mid = control_rest(self.controlnet, self.controlnet.conv_in(control_input), t, context)
-        loss = diffusion_loss(unet_rest(self.base.unet, unet_features, t, context, down, mid), noise)
+        loss = diffusion_loss(unet_rest(self.unet, unet_features, t, context, down, mid), noise)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -67,14 +68,17 @@ class NoGradStrategy:
     def start(self, transport: InProcessTransport) -> SchemeResult:
         t0 = time.perf_counter()
         server_s, losses = 0.0, []
-        for cid, k in turn_schedule(self.steps, len(transport.clients), self.local_steps):
+        bar = progress(self.steps, self.name)
+        for cid, k in turn_schedule(self.steps, transport.num_clients, self.local_steps):
             reply = transport.call(cid, "features", {"k": k})
             s0 = time.perf_counter()
             for i in range(k):
                 losses.append(self.train_step(*(reply[n][i] for n in
                                                  ("control_input", "unet_features", "t", "noise", "context"))))
+                bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
             server_s += time.perf_counter() - s0
+        bar.close()
         trainable = sum(p.numel() for p in self.controlnet.parameters() if p.requires_grad)
         return SchemeResult(self.name, self.controlnet.eval(), losses, len(losses), time.perf_counter() - t0,
-                            server_s, transport.stats, client_trainable_params=0,
-                            server_trainable_params=trainable)
+                            server_s, transport.stats, server_trainable_params=trainable)

@@ -28,7 +28,7 @@ from torch import nn
 from sim.cuts import control_head, control_rest, unet_first_conv, unet_rest
 
 from .base import (InProcessTransport, Payload, SchemeClient, SchemeResult, diffusion_loss, payload_to_state,
-                   state_to_payload, turn_schedule)
+                   progress, state_to_payload, turn_schedule)
 
 
 class ControlHead(nn.Module):
@@ -51,8 +51,8 @@ class VanillaClient(SchemeClient):
         self.opt = None
         self.pending: torch.Tensor | None = None  # the activation the server is working on
 
-    def trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.head.parameters() if p.requires_grad)
+    def held_modules(self) -> list[nn.Module]:
+        return super().held_modules() + [self.head]
 
     def on_step(self, payload: Payload) -> Payload:
         """Optionally load the relayed head, apply the previous gradient, then send the next batch."""
@@ -82,8 +82,8 @@ class VanillaStrategy:
     name = "vanilla"
     client_class = VanillaClient
 
-    def __init__(self, base, controlnet, lr: float, steps: int, local_steps: int):
-        self.base = base
+    def __init__(self, unet, controlnet, lr: float, steps: int, local_steps: int):
+        self.unet = unet  # the server's frozen UNet
         self.controlnet = copy.deepcopy(controlnet).train()
         self.head_state = state_to_payload(ControlHead(controlnet), "head")
         for m in (self.controlnet.controlnet_cond_embedding, self.controlnet.conv_in):
@@ -92,13 +92,14 @@ class VanillaStrategy:
         self.steps, self.local_steps, self.lr = steps, local_steps, lr
         self.initial = controlnet
 
-    def build_client(self, cid, data, scheduler, batch_size: int, seed: int) -> VanillaClient:
-        return VanillaClient(cid, self.base, scheduler, data, batch_size, seed, controlnet=self.initial, lr=self.lr)
+    def client_kwargs(self) -> dict:
+        """What a client needs from the server at start-up: the public initial ControlNet and the lr."""
+        return {"controlnet": self.initial, "lr": self.lr}
 
     def train_step(self, control_features, unet_features, t, noise, context) -> tuple[float, torch.Tensor]:
         control_features = control_features.requires_grad_(True)
         down, mid = control_rest(self.controlnet, control_features, t, context)
-        loss = diffusion_loss(unet_rest(self.base.unet, unet_features, t, context, down, mid), noise)
+        loss = diffusion_loss(unet_rest(self.unet, unet_features, t, context, down, mid), noise)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -107,7 +108,8 @@ class VanillaStrategy:
     def start(self, transport: InProcessTransport) -> SchemeResult:
         t0 = time.perf_counter()
         server_s, losses = 0.0, []
-        for cid, k in turn_schedule(self.steps, len(transport.clients), self.local_steps):
+        bar = progress(self.steps, self.name)
+        for cid, k in turn_schedule(self.steps, transport.num_clients, self.local_steps):
             request: Payload = dict(self.head_state)
             for _ in range(k):
                 reply = transport.call(cid, "step", request)
@@ -116,7 +118,10 @@ class VanillaStrategy:
                 server_s += time.perf_counter() - s0
                 losses.append(loss)
                 request = {"control_features_grad": grad}
+                bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
             self.head_state = transport.call(cid, "step", {**request, "want_batch": False})
+        bar.close()
         head = ControlHead(self.controlnet)
         head.load_state_dict(payload_to_state(self.head_state, "head"))
         final = copy.deepcopy(self.controlnet)
@@ -124,5 +129,4 @@ class VanillaStrategy:
         final.conv_in.load_state_dict(head.conv_in.state_dict())
         trainable = sum(p.numel() for p in self.controlnet.parameters() if p.requires_grad)
         return SchemeResult(self.name, final.eval(), losses, len(losses), time.perf_counter() - t0, server_s,
-                            transport.stats, client_trainable_params=transport.clients[0].trainable_parameters(),
-                            server_trainable_params=trainable)
+                            transport.stats, server_trainable_params=trainable)

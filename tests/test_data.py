@@ -161,7 +161,7 @@ def test_cache_round_trip_is_bit_identical(tmp_path):
     ds = data.load_dataset("fill50k", n=50, size=16, seed=4, cache_dir=tmp_path)
     ref = data.make_fill50k(50, size=16, seed=4)
     assert isinstance(ds, datasets.Dataset) and len(ds) == 50
-    assert (tmp_path / "datasets" / "fill50k-n50-s16-seed4").is_dir()
+    assert (tmp_path / "datasets" / f"fill50k-v{data.DATA_VERSION}-n50-s16-seed4").is_dir()
     for key in ("target", "condition"):
         got = ds[key][:]
         assert got.dtype == np.uint8 and got.shape == (50, 16, 16, 3)
@@ -192,7 +192,7 @@ def test_cache_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SPLITCONTROL_CACHE", str(tmp_path / "env"))
     assert data.default_cache_dir() == tmp_path / "env"
     data.load_dataset("faces", n=5, size=8)
-    assert (tmp_path / "env" / "datasets" / "faces-n5-s8-seed0").is_dir()
+    assert (tmp_path / "env" / "datasets" / f"faces-v{data.DATA_VERSION}-n5-s8-seed0").is_dir()
 
 
 def test_crash_while_saving_leaves_no_cache(tmp_path, monkeypatch):

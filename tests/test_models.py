@@ -38,3 +38,26 @@ def test_minilm_text_encoder_gives_token_states_and_zero_padding():
     assert (a[12:] == 0).all()  # padding positions are zeroed
     assert not torch.allclose(a, b)  # word order matters in the token states
     assert all(not p.requires_grad for p in enc.parameters())
+
+
+@pytest.mark.parametrize("preset", ["tiny", "sd15-mini"])
+def test_controlnet_encoder_computes_the_unets_encoder_function(preset):
+    """from_unet copies weights; we also restore the config it forgets (text-pooling heads)."""
+    from sim.cuts import _down, time_embedding
+    from sim.models import build_unet
+
+    p = get_preset(preset)
+    unet = build_unet(p, seed=1)
+    cn = build_controlnet(unet, p)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(2, p.block_out_channels[0], p.latent_size, p.latent_size, generator=g)
+    t = torch.tensor([7, 640])
+    ctx = torch.randn(2, p.max_tokens, p.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        emb_u, emb_c = time_embedding(unet, t, ctx, feats.dtype), time_embedding(cn, t, ctx, feats.dtype)
+        assert torch.equal(emb_u, emb_c)
+        hu, _ = _down(unet, feats, emb_u, ctx)
+        hc, _ = _down(cn, feats, emb_c, ctx)
+    assert torch.equal(hu, hc)
+    # the zero convs really start at zero
+    assert all((q == 0).all() for q in cn.controlnet_mid_block.parameters())
