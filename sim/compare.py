@@ -51,9 +51,10 @@ def client_datasets(cfg: ExperimentConfig, image_size: int):
         ds = full.select(order[:cfg.num_samples].tolist())
         ev = full.select(order[cfg.num_samples:cfg.num_samples + cfg.eval_samples].tolist())
     else:
-        ds = data_mod.load_dataset(cfg.dataset, n=cfg.num_samples, size=image_size, seed=cfg.data_seed)
+        ds = data_mod.load_dataset(cfg.dataset, n=cfg.num_samples, size=image_size, seed=cfg.data_seed,
+                                   max_radius=cfg.max_radius)
         ev = data_mod.load_dataset(cfg.dataset, n=cfg.eval_samples, size=image_size,
-                                   seed=cfg.data_seed + EVAL_SEED_OFFSET)
+                                   seed=cfg.data_seed + EVAL_SEED_OFFSET, max_radius=cfg.max_radius)
     tensors = data_mod.to_tensors(ds)
     labels = list(ds["fg"][:]) if "fg" in ds.column_names else None
     parts = data_mod.partition(labels if labels is not None else len(ds), cfg.num_clients, cfg.partition,
@@ -73,10 +74,13 @@ def train_scheme(scheme: str, cfg: ExperimentConfig, base, controlnet, clients):
     config; the clients are built here, by the simulation harness, with their private data.
     """
     from strategies import InProcessTransport, get_strategy
+    from strategies.base import TrainSettings
 
     cls = get_strategy(scheme)
-    strategy = cls(base.unet, controlnet, lr=cfg.lr, steps=cfg.steps, local_steps=cfg.local_steps)
     sched = ddpm_scheduler(base.preset)
+    settings = TrainSettings(lr=cfg.lr, steps=cfg.steps, local_steps=cfg.local_steps,
+                             high_noise_weight=cfg.high_noise_weight)
+    strategy = cls(base.unet, controlnet, sched, settings)
     scheme_clients = [cls.client_class(cid, base, sched, d, cfg.batch_size, cfg.seed, **strategy.client_kwargs())
                       for cid, d in enumerate(clients)]
     result = strategy.start(InProcessTransport(scheme_clients))

@@ -26,6 +26,7 @@ class ExperimentConfig:
     schemes: tuple[str, ...] = ("fedavg", "vanilla", "nograd")
     dataset: str = "fill50k"                 # fill50k | faces
     num_samples: int = 2000                  # private training samples, split over the clients
+    max_radius: float = 0.25                 # fill50k: largest circle radius / image size (base: 0.35)
     data_seed: int = 1                       # client data (the base model was pretrained on seed 1000)
     num_clients: int = 2
     partition: str = "iid"                   # iid | dirichlet
@@ -33,6 +34,7 @@ class ExperimentConfig:
     steps: int = 600                         # training batches per scheme, all clients together
     batch_size: int = 8
     lr: float = 1e-3                         # AdamW learning rate of the ControlNet
+    high_noise_weight: float = 20.0          # loss weight clamp(1/SNR_t, 1, this) at high noise; 1 = plain MSE
     local_steps: int = 10                    # fedavg: local steps per round; split: steps per client turn
     eval_samples: int = 32
     ddim_steps: int = 20
@@ -55,6 +57,10 @@ class ExperimentConfig:
                     "ddim_steps", "threads"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{_kebab(key)} must be >= 1, got {getattr(self, key)}")
+        if not 0.15 < self.max_radius <= 0.5:
+            raise ValueError(f"max-radius must be in (0.15, 0.5], got {self.max_radius}")
+        if self.high_noise_weight < 1:
+            raise ValueError(f"high-noise-weight must be >= 1 (1 = plain epsilon loss), got {self.high_noise_weight}")
         for key in ("lr", "dirichlet_alpha", "guidance"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{_kebab(key)} must be > 0, got {getattr(self, key)}")

@@ -97,6 +97,14 @@ def get_cut(scheme: str) -> Cut:
     return CUTS[scheme]
 
 
+def resolve(name: str, **models: nn.Module) -> nn.Module:
+    """The module a cut entry names, e.g. ``resolve("controlnet.conv_in", controlnet=cn)``."""
+    model, _, child = name.partition(".")
+    if model not in models:
+        raise KeyError(f"cut entry {name!r} names model {model!r}; given {sorted(models)}")
+    return getattr(models[model], child) if child else models[model]
+
+
 # --------------------------------------------------------------------------- pieces
 def time_embedding(model: nn.Module, t: torch.Tensor, context: torch.Tensor | None,
                    dtype: torch.dtype) -> torch.Tensor:

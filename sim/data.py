@@ -53,6 +53,7 @@ DATA_VERSION = 1  # part of the cache folder name: bump it when a generator chan
 DEFAULT_N = {"fill50k": 2000, "faces": 100}
 PARTITION_SCHEMES = ("iid", "dirichlet")
 MIN_SIZE = 8
+MIN_RADIUS = 0.15  # smallest circle radius, as a fraction of the image size
 NUM_LFW_FACES = 100  # lfw_subset(): images 0-99 are faces, 100-199 are not
 FACE_PROMPT = "a photo of a face"
 IMAGE_COLUMNS = ("target", "condition")
@@ -81,7 +82,8 @@ def _draw_colour_pairs(rng: np.random.Generator, n: int) -> tuple[list[str], lis
     return [pairs[k][0] for k in chosen], [pairs[k][1] for k in chosen]
 
 
-def _draw_circles(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _draw_circles(rng: np.random.Generator, n: int, size: int,
+                  max_radius: float = 0.35) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw centres and radii (pixels) of ``n`` circles lying inside the image.
 
     Pixel ``(x, y)`` has its centre at integer coordinates ``x, y`` in
@@ -89,8 +91,8 @@ def _draw_circles(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarr
     to the border.
     """
     margin = _circle_margin(size)
-    r_max = min(0.35 * size, (size - 1) / 2 - margin)
-    r = rng.uniform(0.15 * size, r_max, size=n)
+    r_max = min(max_radius * size, (size - 1) / 2 - margin)
+    r = rng.uniform(MIN_RADIUS * size, r_max, size=n)
     cx = rng.uniform(margin + r, size - 1 - margin - r)
     cy = rng.uniform(margin + r, size - 1 - margin - r)
     return cx, cy, r
@@ -123,7 +125,7 @@ def _paint(masks: np.ndarray, inside: np.ndarray, outside: np.ndarray) -> np.nda
     return np.where(masks[..., None], inside, outside)
 
 
-def make_fill50k(n: int, size: int = 32, seed: int = 0) -> dict:
+def make_fill50k(n: int, size: int = 32, seed: int = 0, max_radius: float = 0.35) -> dict:
     """Make ``n`` Fill50K-style samples: circle outline -> filled coloured circle.
 
     Parameters
@@ -134,6 +136,10 @@ def make_fill50k(n: int, size: int = 32, seed: int = 0) -> dict:
         Image side in pixels, at least 8.
     seed : int, default 0
         Seed of :func:`numpy.random.default_rng`; equal seeds give equal bytes.
+    max_radius : float, default 0.35
+        Largest radius as a fraction of ``size`` (radii are uniform from
+        ``MIN_RADIUS * size``). Smaller circles overlap less by chance: two random
+        circles have mean IoU ~0.36 at 0.35 and ~0.21 at 0.25 (32 px).
 
     Returns
     -------
@@ -153,7 +159,8 @@ def make_fill50k(n: int, size: int = 32, seed: int = 0) -> dict:
     _check_size(size)
     rng = np.random.default_rng(seed)
     fgs, bgs = _draw_colour_pairs(rng, n)
-    cx, cy, r = _draw_circles(rng, n, size)
+    _check_max_radius(max_radius)
+    cx, cy, r = _draw_circles(rng, n, size, max_radius)
     discs = disc_masks(cx, cy, r, size)
     outlines = outline_masks(discs, outline_thickness(size))
     white, black = np.full((n, 3), 255), np.zeros((n, 3))
@@ -257,10 +264,10 @@ def _features(columns: Mapping, size: int) -> datasets.Features:
     return datasets.Features({name: spec[name] for name in columns})
 
 
-def _generate(name: str, n: int, size: int, seed: int) -> dict:
+def _generate(name: str, n: int, size: int, seed: int, max_radius: float = 0.35) -> dict:
     """Columns of dataset ``name`` (the generators behind :func:`load_dataset`)."""
     if name == "fill50k":
-        return make_fill50k(n, size=size, seed=seed)
+        return make_fill50k(n, size=size, seed=seed, max_radius=max_radius)
     return make_faces(size=size, seed=seed, n=n)
 
 
@@ -290,6 +297,7 @@ def load_dataset(
     size: int = 32,
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
+    max_radius: float = 0.35,
 ) -> datasets.Dataset:
     """Load dataset ``name`` from the disk cache, generating it on first use.
 
@@ -305,7 +313,9 @@ def load_dataset(
         Generator seed (for faces: which faces are kept when n < 100).
     cache_dir : path, optional
         Cache root; default :func:`default_cache_dir`. The dataset lives in
-        ``<cache_dir>/datasets/<name>-n<n>-s<size>-seed<seed>``.
+        ``<cache_dir>/datasets/<name>-v<version>-n<n>-s<size>-seed<seed>[-r<max_radius>]``.
+    max_radius : float, default 0.35
+        fill50k only: largest circle radius as a fraction of ``size``.
 
     Returns
     -------
@@ -320,9 +330,10 @@ def load_dataset(
     _check_n(n, upper=NUM_LFW_FACES if name == "faces" else None)
     _check_size(size)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = root / "datasets" / f"{name}-v{DATA_VERSION}-n{n}-s{size}-seed{seed}"
+    suffix = f"-r{max_radius}" if name == "fill50k" and max_radius != 0.35 else ""
+    path = root / "datasets" / f"{name}-v{DATA_VERSION}-n{n}-s{size}-seed{seed}{suffix}"
     if not path.exists():
-        _save_atomically(_generate(name, n, size, seed), size, path)
+        _save_atomically(_generate(name, n, size, seed, max_radius), size, path)
     dataset = datasets.load_from_disk(str(path))
     image_columns = [c for c in IMAGE_COLUMNS if c in dataset.column_names]
     return dataset.with_format("numpy", columns=image_columns, output_all_columns=True, dtype=np.uint8)
@@ -458,6 +469,11 @@ def _check_n(n: int, upper: int | None = None) -> None:
     if not isinstance(n, (int, np.integer)) or n < 1 or (upper is not None and n > upper):
         allowed = ">= 1" if upper is None else f"from 1 to {upper}"
         raise ValueError(f"n must be an int {allowed}, got {n!r}")
+
+
+def _check_max_radius(max_radius: float) -> None:
+    if not MIN_RADIUS < max_radius <= 0.5:
+        raise ValueError(f"max_radius must be in ({MIN_RADIUS}, 0.5], got {max_radius}")
 
 
 def _check_size(size: int) -> None:

@@ -38,6 +38,21 @@ def min_snr_weights(scheduler, t: torch.Tensor, gamma: float | None) -> torch.Te
     return torch.clamp(snr, max=gamma) / snr
 
 
+def high_noise_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights clamp(1 / SNR_t, 1, gamma) that up-weight high-noise timesteps.
+
+    The epsilon loss equals SNR_t times the error of the implied clean image, so at high
+    noise, where a sample's layout (where the circle goes) is decided, it barely sees
+    the layout being wrong. Weighting by 1/SNR_t there (capped at ``gamma``) makes it an
+    x0-space loss at high noise and leaves low-noise steps alone. ``gamma=1`` is the
+    plain epsilon loss.
+    """
+    if gamma <= 1:
+        return torch.ones(t.shape[0])
+    abar = alphas_cumprod(scheduler)[t.cpu()].float()
+    return torch.clamp((1 - abar) / abar, min=1.0, max=gamma)
+
+
 def weighted_mse(eps_hat: torch.Tensor, eps: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     per_sample = ((eps_hat.float() - eps.float()) ** 2).mean(dim=tuple(range(1, eps.ndim)))
     if weights is None:

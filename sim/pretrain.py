@@ -31,6 +31,7 @@ from .diffusion import ddim_sample, min_snr_weights, noisy_latents, sample_times
 from .models import build_text_encoder, build_unet, ddpm_scheduler, get_preset, load_base
 
 PRETRAIN_DATA_SEED = 1000  # base-model data; client data use other seeds
+PRETRAIN_MAX_RADIUS = 0.35  # the base learns the full size range; client data use its lower part
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ def pretrain_base(cfg: PretrainConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     preset = get_preset("tiny")
-    ds = data_mod.load_dataset("fill50k", n=cfg.num_samples, size=preset.image_size, seed=PRETRAIN_DATA_SEED)
+    ds = data_mod.load_dataset("fill50k", n=cfg.num_samples, size=preset.image_size, seed=PRETRAIN_DATA_SEED,
+                               max_radius=PRETRAIN_MAX_RADIUS)
     tensors = data_mod.to_tensors(ds)
     images, prompts = tensors["target"], tensors["prompt"]
     text = build_text_encoder(preset)

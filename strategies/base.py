@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sim.diffusion import noisy_latents, sample_timesteps, weighted_mse
+from sim.diffusion import high_noise_weights, noisy_latents, sample_timesteps, weighted_mse
 
 Payload = dict[str, object]
 
@@ -90,8 +90,20 @@ def progress(steps: int, scheme: str) -> tqdm:
     return tqdm(total=steps, desc=f"training {scheme}", unit="step", mininterval=2, leave=False)
 
 
-def diffusion_loss(eps_hat: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    return weighted_mse(eps_hat, noise)
+@dataclass(frozen=True)
+class TrainSettings:
+    """The public training recipe every scheme shares (server and clients alike)."""
+
+    lr: float
+    steps: int
+    local_steps: int
+    high_noise_weight: float = 1.0  # see sim.diffusion.high_noise_weights; 1 = plain epsilon MSE
+
+
+def diffusion_loss(eps_hat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler,
+                   settings: TrainSettings) -> torch.Tensor:
+    """The ControlNet objective: epsilon MSE, optionally up-weighted at high noise."""
+    return weighted_mse(eps_hat, noise, high_noise_weights(scheduler, t, settings.high_noise_weight))
 
 
 # ----------------------------------------------------------------------------- wire

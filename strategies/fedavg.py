@@ -20,28 +20,28 @@ from torch import nn
 
 from sim.cuts import controlled_eps
 
-from .base import (InProcessTransport, Payload, SchemeClient, SchemeResult, diffusion_loss, payload_to_state,
-                   progress, state_to_payload, turn_schedule)
+from .base import (InProcessTransport, Payload, SchemeClient, SchemeResult, TrainSettings, diffusion_loss,
+                   payload_to_state, progress, state_to_payload, turn_schedule)
 
 
 class FedAvgClient(SchemeClient):
-    def __init__(self, *args, controlnet: nn.Module, lr: float, **kwargs):
+    def __init__(self, *args, controlnet: nn.Module, settings: TrainSettings, **kwargs):
         super().__init__(*args, **kwargs)
         self.controlnet = copy.deepcopy(controlnet).train()
-        self.lr = lr
+        self.settings = settings
 
     def held_modules(self) -> list[nn.Module]:
         return super().held_modules() + [self.base.unet, self.controlnet]
 
     def on_fit(self, payload: Payload) -> Payload:
         self.controlnet.load_state_dict(payload_to_state(payload, "controlnet"))
-        opt = torch.optim.AdamW(self.controlnet.parameters(), lr=self.lr)
+        opt = torch.optim.AdamW(self.controlnet.parameters(), lr=self.settings.lr)
         losses = []
         for _ in range(int(payload["local_steps"])):
             b = self.next_batch()
             eps_hat = controlled_eps("fedavg", self.base.unet, self.controlnet, self.base.autoencoder,
                                      b.x_t, b.t, b.context, b.hint)
-            loss = diffusion_loss(eps_hat, b.noise)
+            loss = diffusion_loss(eps_hat, b.noise, b.t, self.scheduler, self.settings)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -63,22 +63,22 @@ class FedAvgStrategy:
     name = "fedavg"
     client_class = FedAvgClient
 
-    def __init__(self, unet, controlnet, lr: float, steps: int, local_steps: int):
+    def __init__(self, unet, controlnet, scheduler, settings: TrainSettings):
         self.unet = unet  # the server's frozen UNet (fedavg: unused)
         self.controlnet = copy.deepcopy(controlnet)
-        self.steps, self.local_steps, self.lr = steps, local_steps, lr
+        self.settings = settings
         self.initial = controlnet
 
     def client_kwargs(self) -> dict:
         """What a client needs from the server at start-up: the public initial ControlNet and the lr."""
-        return {"controlnet": self.initial, "lr": self.lr}
+        return {"controlnet": self.initial, "settings": self.settings}
 
     def start(self, transport: InProcessTransport) -> SchemeResult:
         t0 = time.perf_counter()
         server_s, losses, rounds = 0.0, [], 0
-        turns = turn_schedule(self.steps, transport.num_clients, self.local_steps)
+        turns = turn_schedule(self.settings.steps, transport.num_clients, self.settings.local_steps)
         n = transport.num_clients
-        bar = progress(self.steps, self.name)
+        bar = progress(self.settings.steps, self.name)
         for r in range(0, len(turns), n):  # a round: every client once, from the same global model
             global_state = state_to_payload(self.controlnet, "controlnet")
             replies = [(transport.call(cid, "fit", {**global_state, "local_steps": k})) for cid, k in turns[r:r + n]]

@@ -18,9 +18,10 @@ import time
 
 import torch
 
-from sim.cuts import control_rest, nograd_control_input, unet_first_conv, unet_rest
+from sim.cuts import CUTS, control_rest, nograd_control_input, resolve, unet_first_conv, unet_rest
 
-from .base import InProcessTransport, Payload, SchemeClient, SchemeResult, diffusion_loss, progress, turn_schedule
+from .base import (InProcessTransport, Payload, SchemeClient, SchemeResult, TrainSettings, diffusion_loss, progress,
+                   turn_schedule)
 
 
 class NoGradClient(SchemeClient):
@@ -45,13 +46,14 @@ class NoGradStrategy:
     name = "nograd"
     client_class = NoGradClient
 
-    def __init__(self, unet, controlnet, lr: float, steps: int, local_steps: int):
+    def __init__(self, unet, controlnet, scheduler, settings: TrainSettings):
         self.unet = unet  # the server's frozen UNet
+        self.scheduler, self.settings = scheduler, settings
         self.controlnet = copy.deepcopy(controlnet).train()
-        self.controlnet.controlnet_cond_embedding.requires_grad_(False)  # unused in this scheme
+        for name in CUTS["nograd"].unused:  # the hint block: unused in this scheme
+            resolve(name, controlnet=self.controlnet).requires_grad_(False)
         params = [p for p in self.controlnet.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=lr)
-        self.steps, self.local_steps = steps, local_steps
+        self.opt = torch.optim.AdamW(params, lr=settings.lr)
 
     def client_kwargs(self) -> dict:
         """What a client needs from the server at start-up: nothing (frozen public parts only)."""
@@ -59,7 +61,8 @@ class NoGradStrategy:
 
     def train_step(self, control_input, unet_features, t, noise, context) -> float:
         down, mid = control_rest(self.controlnet, self.controlnet.conv_in(control_input), t, context)
-        loss = diffusion_loss(unet_rest(self.unet, unet_features, t, context, down, mid), noise)
+        loss = diffusion_loss(unet_rest(self.unet, unet_features, t, context, down, mid), noise, t,
+                              self.scheduler, self.settings)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -68,8 +71,8 @@ class NoGradStrategy:
     def start(self, transport: InProcessTransport) -> SchemeResult:
         t0 = time.perf_counter()
         server_s, losses = 0.0, []
-        bar = progress(self.steps, self.name)
-        for cid, k in turn_schedule(self.steps, transport.num_clients, self.local_steps):
+        bar = progress(self.settings.steps, self.name)
+        for cid, k in turn_schedule(self.settings.steps, transport.num_clients, self.settings.local_steps):
             reply = transport.call(cid, "features", {"k": k})
             s0 = time.perf_counter()
             for i in range(k):

@@ -25,19 +25,22 @@ import time
 import torch
 from torch import nn
 
-from sim.cuts import control_head, control_rest, unet_first_conv, unet_rest
+from sim.cuts import CUTS, control_head, control_rest, resolve, unet_first_conv, unet_rest
 
-from .base import (InProcessTransport, Payload, SchemeClient, SchemeResult, diffusion_loss, payload_to_state,
-                   progress, state_to_payload, turn_schedule)
+from .base import (InProcessTransport, Payload, SchemeClient, SchemeResult, TrainSettings, diffusion_loss,
+                   payload_to_state, progress, state_to_payload, turn_schedule)
+
+CUT = CUTS["vanilla"]
 
 
 class ControlHead(nn.Module):
-    """The client-side ControlNet head: the hint block and the first conv, on their diffusers names."""
+    """The client-side ControlNet head: copies of the modules ``CUTS["vanilla"].client_trainable``
+    names (the hint block and the first conv), under their diffusers names."""
 
     def __init__(self, controlnet: nn.Module):
         super().__init__()
-        self.controlnet_cond_embedding = copy.deepcopy(controlnet.controlnet_cond_embedding)
-        self.conv_in = copy.deepcopy(controlnet.conv_in)
+        for name in CUT.client_trainable:
+            setattr(self, name.partition(".")[2], copy.deepcopy(resolve(name, controlnet=controlnet)))
 
     def forward(self, x_t: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
         return control_head(self, x_t, hint)
@@ -82,24 +85,25 @@ class VanillaStrategy:
     name = "vanilla"
     client_class = VanillaClient
 
-    def __init__(self, unet, controlnet, lr: float, steps: int, local_steps: int):
+    def __init__(self, unet, controlnet, scheduler, settings: TrainSettings):
         self.unet = unet  # the server's frozen UNet
+        self.scheduler, self.settings = scheduler, settings
         self.controlnet = copy.deepcopy(controlnet).train()
         self.head_state = state_to_payload(ControlHead(controlnet), "head")
-        for m in (self.controlnet.controlnet_cond_embedding, self.controlnet.conv_in):
-            m.requires_grad_(False)  # these live on the client
-        self.opt = torch.optim.AdamW([p for p in self.controlnet.parameters() if p.requires_grad], lr=lr)
-        self.steps, self.local_steps, self.lr = steps, local_steps, lr
+        for name in CUT.client_trainable:  # these live on the client
+            resolve(name, controlnet=self.controlnet).requires_grad_(False)
+        self.opt = torch.optim.AdamW([p for p in self.controlnet.parameters() if p.requires_grad], lr=settings.lr)
         self.initial = controlnet
 
     def client_kwargs(self) -> dict:
         """What a client needs from the server at start-up: the public initial ControlNet and the lr."""
-        return {"controlnet": self.initial, "lr": self.lr}
+        return {"controlnet": self.initial, "lr": self.settings.lr}
 
     def train_step(self, control_features, unet_features, t, noise, context) -> tuple[float, torch.Tensor]:
         control_features = control_features.requires_grad_(True)
         down, mid = control_rest(self.controlnet, control_features, t, context)
-        loss = diffusion_loss(unet_rest(self.unet, unet_features, t, context, down, mid), noise)
+        loss = diffusion_loss(unet_rest(self.unet, unet_features, t, context, down, mid), noise, t,
+                              self.scheduler, self.settings)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -108,8 +112,8 @@ class VanillaStrategy:
     def start(self, transport: InProcessTransport) -> SchemeResult:
         t0 = time.perf_counter()
         server_s, losses = 0.0, []
-        bar = progress(self.steps, self.name)
-        for cid, k in turn_schedule(self.steps, transport.num_clients, self.local_steps):
+        bar = progress(self.settings.steps, self.name)
+        for cid, k in turn_schedule(self.settings.steps, transport.num_clients, self.settings.local_steps):
             request: Payload = dict(self.head_state)
             for _ in range(k):
                 reply = transport.call(cid, "step", request)
@@ -125,8 +129,8 @@ class VanillaStrategy:
         head = ControlHead(self.controlnet)
         head.load_state_dict(payload_to_state(self.head_state, "head"))
         final = copy.deepcopy(self.controlnet)
-        final.controlnet_cond_embedding.load_state_dict(head.controlnet_cond_embedding.state_dict())
-        final.conv_in.load_state_dict(head.conv_in.state_dict())
+        for name in CUT.client_trainable:
+            resolve(name, controlnet=final).load_state_dict(resolve(name, controlnet=head).state_dict())
         trainable = sum(p.numel() for p in self.controlnet.parameters() if p.requires_grad)
         return SchemeResult(self.name, final.eval(), losses, len(losses), time.perf_counter() - t0, server_s,
                             transport.stats, server_trainable_params=trainable)

@@ -28,6 +28,9 @@ def test_presets_load_and_round_trip_through_toml(tmp_path):
     ("num-clients=5000", "num-clients"),
     ("dirichlet-alpha=0", "dirichlet-alpha"),
     ("steps", "key=value"),
+    ("max-radius=0.1", "max-radius"),
+    ("high-noise-weight=0.5", "high-noise-weight"),
+    ("dataset=faces", "num-samples"),
 ])
 def test_bad_overrides_fail_naming_the_key(override, needle):
     with pytest.raises(ValueError, match=needle):

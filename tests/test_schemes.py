@@ -11,7 +11,7 @@ from sim.compare import fingerprint
 from sim.cuts import control_head, controlled_eps
 from sim.models import build_controlnet, ddpm_scheduler
 from strategies import InProcessTransport, get_strategy
-from strategies.base import ClientData, client_generator, sample_batch, turn_schedule
+from strategies.base import ClientData, TrainSettings, client_generator, sample_batch, turn_schedule
 from strategies.fedavg import weighted_average
 
 
@@ -25,10 +25,11 @@ def _clients(base, n_clients=2, n=12, seed=0):
     return out
 
 
-def _run(scheme, base, controlnet, steps=4, local_steps=2, batch=2, lr=1e-3, seed=0):
+def _run(scheme, base, controlnet, steps=4, local_steps=2, batch=2, lr=1e-3, seed=0, weight=1.0):
     cls = get_strategy(scheme)
-    strategy = cls(base.unet, controlnet, lr=lr, steps=steps, local_steps=local_steps)
     sched = ddpm_scheduler(base.preset)
+    strategy = cls(base.unet, controlnet, sched, TrainSettings(lr=lr, steps=steps, local_steps=local_steps,
+                                                                high_noise_weight=weight))
     clients = [cls.client_class(c, base, sched, d, batch, seed, **strategy.client_kwargs())
                for c, d in enumerate(_clients(base))]
     return strategy.start(InProcessTransport(clients)), clients
@@ -49,7 +50,7 @@ def controlnet(base):
 def test_frozen_parts_stay_bit_identical_and_controlnet_trains(scheme, base, controlnet):
     before = fingerprint(base.unet, base.autoencoder, base.text_encoder)
     cn_before = fingerprint(controlnet)
-    res, _ = _run(scheme, base, controlnet)
+    res, _ = _run(scheme, base, controlnet, weight=20.0)
     assert fingerprint(base.unet, base.autoencoder, base.text_encoder) == before
     assert fingerprint(controlnet) == cn_before  # the shared initial copy is untouched
     assert fingerprint(res.controlnet) != cn_before  # the trained one moved
@@ -116,3 +117,13 @@ def test_turn_schedule_covers_the_budget():
     turns = turn_schedule(7, 3, 2)
     assert turns == [(0, 2), (1, 2), (2, 2), (0, 1)]
     assert sum(k for _, k in turns) == 7
+
+
+def test_high_noise_weights_are_one_at_low_noise_and_capped_at_high_noise(base):
+    from sim.diffusion import high_noise_weights
+
+    s = ddpm_scheduler(base.preset)
+    w = high_noise_weights(s, torch.tensor([0, 100, 500, 900, 999]), 20.0)
+    assert w[0] == 1 and w[1] == 1 and w[-1] == 20  # SNR >> 1 -> 1; SNR ~ 0 -> the cap
+    assert 1 <= w[2] <= w[3] <= w[4]
+    assert (high_noise_weights(s, torch.tensor([999]), 1.0) == 1).all()
