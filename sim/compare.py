@@ -78,10 +78,10 @@ def train_scheme(scheme: str, cfg: ExperimentConfig, base, controlnet, clients):
 
     cls = get_strategy(scheme)
     sched = ddpm_scheduler(base.preset)
-    settings = TrainSettings(lr=cfg.lr, steps=cfg.steps, local_steps=cfg.local_steps,
-                             high_noise_weight=cfg.high_noise_weight)
+    settings = TrainSettings(lr=cfg.lr, steps=cfg.steps, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
+                             high_noise_weight=cfg.high_noise_weight, prompt_dropout=cfg.prompt_dropout)
     strategy = cls(base.unet, controlnet, sched, settings)
-    scheme_clients = [cls.client_class(cid, base, sched, d, cfg.batch_size, cfg.seed, **strategy.client_kwargs())
+    scheme_clients = [cls.client_class(cid, base, sched, d, settings, cfg.seed, **strategy.client_kwargs())
                       for cid, d in enumerate(clients)]
     result = strategy.start(InProcessTransport(scheme_clients))
     result.client_trainable_params = max(c.trainable_parameters() for c in scheme_clients)

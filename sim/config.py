@@ -34,6 +34,7 @@ class ExperimentConfig:
     steps: int = 600                         # training batches per scheme, all clients together
     batch_size: int = 8
     lr: float = 1e-3                         # AdamW learning rate of the ControlNet
+    prompt_dropout: float = 0.5              # fraction of training prompts replaced by "" (ControlNet paper: 0.5)
     high_noise_weight: float = 20.0          # loss weight clamp(1/SNR_t, 1, this) at high noise; 1 = plain MSE
     local_steps: int = 10                    # fedavg: local steps per round; split: steps per client turn
     eval_samples: int = 32
@@ -59,6 +60,8 @@ class ExperimentConfig:
                 raise ValueError(f"{_kebab(key)} must be >= 1, got {getattr(self, key)}")
         if not 0.15 < self.max_radius <= 0.5:
             raise ValueError(f"max-radius must be in (0.15, 0.5], got {self.max_radius}")
+        if not 0 <= self.prompt_dropout <= 1:
+            raise ValueError(f"prompt-dropout must be in [0, 1], got {self.prompt_dropout}")
         if self.high_noise_weight < 1:
             raise ValueError(f"high-noise-weight must be >= 1 (1 = plain epsilon loss), got {self.high_noise_weight}")
         for key in ("lr", "dirichlet_alpha", "guidance"):

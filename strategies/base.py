@@ -63,12 +63,21 @@ def client_generator(seed: int, cid: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 100_003 + int(cid))
 
 
-def sample_batch(base, scheduler, data: ClientData, batch_size: int, gen: torch.Generator) -> Batch:
-    """Draw a batch, t ~ U{0..T-1} and noise from the client's generator; encode with the frozen parts."""
+def sample_batch(base, scheduler, data: ClientData, batch_size: int, gen: torch.Generator,
+                 prompt_dropout: float = 0.0) -> Batch:
+    """Draw a batch, t ~ U{0..T-1} and noise from the client's generator; encode with the frozen parts.
+
+    With ``prompt_dropout`` > 0 that fraction of prompts (drawn from the same generator)
+    is replaced by the empty prompt, as ControlNet training does, so the ControlNet also
+    works in classifier-free guidance's unconditional branch.
+    """
     idx = torch.randint(0, len(data), (batch_size,), generator=gen)
+    prompts = [data.prompts[i] for i in idx.tolist()]
+    drop = torch.rand(batch_size, generator=gen) < prompt_dropout
+    prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
     with torch.no_grad():
         z0 = base.autoencoder.encode(data.target[idx])
-        context = base.encode_prompts([data.prompts[i] for i in idx.tolist()])
+        context = base.encode_prompts(prompts)
     noise = torch.randn(z0.shape, generator=gen)
     t = sample_timesteps(batch_size, scheduler.config.num_train_timesteps, gen)
     return Batch(z0, noise, t, noisy_latents(scheduler, z0, noise, t), context, data.condition[idx])
@@ -97,7 +106,9 @@ class TrainSettings:
     lr: float
     steps: int
     local_steps: int
+    batch_size: int
     high_noise_weight: float = 1.0  # see sim.diffusion.high_noise_weights; 1 = plain epsilon MSE
+    prompt_dropout: float = 0.0  # fraction of training prompts replaced by the empty prompt
 
 
 def diffusion_loss(eps_hat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler,
@@ -168,16 +179,17 @@ class InProcessTransport:
 class SchemeClient:
     """Base class of the scheme clients: data, generator, and message dispatch by name."""
 
-    def __init__(self, cid: int, base, scheduler, data: ClientData, batch_size: int, seed: int):
+    def __init__(self, cid: int, base, scheduler, data: ClientData, settings: "TrainSettings", seed: int):
         self.cid = cid
         self.base = base
         self.scheduler = scheduler
         self.data = data
-        self.batch_size = batch_size
+        self.settings = settings
         self.gen = client_generator(seed, cid)
 
     def next_batch(self) -> Batch:
-        return sample_batch(self.base, self.scheduler, self.data, self.batch_size, self.gen)
+        return sample_batch(self.base, self.scheduler, self.data, self.settings.batch_size, self.gen,
+                            self.settings.prompt_dropout)
 
     def handle(self, method: str, payload: Payload) -> Payload:
         fn = getattr(self, f"on_{method}", None)

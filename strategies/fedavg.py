@@ -25,10 +25,9 @@ from .base import (InProcessTransport, Payload, SchemeClient, SchemeResult, Trai
 
 
 class FedAvgClient(SchemeClient):
-    def __init__(self, *args, controlnet: nn.Module, settings: TrainSettings, **kwargs):
+    def __init__(self, *args, controlnet: nn.Module, **kwargs):
         super().__init__(*args, **kwargs)
         self.controlnet = copy.deepcopy(controlnet).train()
-        self.settings = settings
 
     def held_modules(self) -> list[nn.Module]:
         return super().held_modules() + [self.base.unet, self.controlnet]
@@ -70,8 +69,8 @@ class FedAvgStrategy:
         self.initial = controlnet
 
     def client_kwargs(self) -> dict:
-        """What a client needs from the server at start-up: the public initial ControlNet and the lr."""
-        return {"controlnet": self.initial, "settings": self.settings}
+        """What a client needs from the server at start-up besides the recipe: the initial ControlNet."""
+        return {"controlnet": self.initial}
 
     def start(self, transport: InProcessTransport) -> SchemeResult:
         t0 = time.perf_counter()

@@ -56,7 +56,7 @@ class NoGradStrategy:
         self.opt = torch.optim.AdamW(params, lr=settings.lr)
 
     def client_kwargs(self) -> dict:
-        """What a client needs from the server at start-up: nothing (frozen public parts only)."""
+        """What a client needs from the server at start-up besides the recipe: nothing."""
         return {}
 
     def train_step(self, control_input, unet_features, t, noise, context) -> float:

@@ -47,10 +47,9 @@ class ControlHead(nn.Module):
 
 
 class VanillaClient(SchemeClient):
-    def __init__(self, *args, controlnet: nn.Module, lr: float, **kwargs):
+    def __init__(self, *args, controlnet: nn.Module, **kwargs):
         super().__init__(*args, **kwargs)
         self.head = ControlHead(controlnet).train()
-        self.lr = lr
         self.opt = None
         self.pending: torch.Tensor | None = None  # the activation the server is working on
 
@@ -61,7 +60,7 @@ class VanillaClient(SchemeClient):
         """Optionally load the relayed head, apply the previous gradient, then send the next batch."""
         if any(k.startswith("head/") for k in payload):
             self.head.load_state_dict(payload_to_state(payload, "head"))
-            self.opt = torch.optim.AdamW(self.head.parameters(), lr=self.lr)
+            self.opt = torch.optim.AdamW(self.head.parameters(), lr=self.settings.lr)
         if "control_features_grad" in payload:
             if self.pending is None:
                 raise RuntimeError(f"client {self.cid} got a gradient but has no pending activation")
@@ -96,8 +95,8 @@ class VanillaStrategy:
         self.initial = controlnet
 
     def client_kwargs(self) -> dict:
-        """What a client needs from the server at start-up: the public initial ControlNet and the lr."""
-        return {"controlnet": self.initial, "lr": self.settings.lr}
+        """What a client needs from the server at start-up besides the recipe: the initial ControlNet."""
+        return {"controlnet": self.initial}
 
     def train_step(self, control_features, unet_features, t, noise, context) -> tuple[float, torch.Tensor]:
         control_features = control_features.requires_grad_(True)

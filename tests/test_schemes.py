@@ -28,9 +28,9 @@ def _clients(base, n_clients=2, n=12, seed=0):
 def _run(scheme, base, controlnet, steps=4, local_steps=2, batch=2, lr=1e-3, seed=0, weight=1.0):
     cls = get_strategy(scheme)
     sched = ddpm_scheduler(base.preset)
-    strategy = cls(base.unet, controlnet, sched, TrainSettings(lr=lr, steps=steps, local_steps=local_steps,
-                                                                high_noise_weight=weight))
-    clients = [cls.client_class(c, base, sched, d, batch, seed, **strategy.client_kwargs())
+    settings = TrainSettings(lr=lr, steps=steps, local_steps=local_steps, batch_size=batch, high_noise_weight=weight)
+    strategy = cls(base.unet, controlnet, sched, settings)
+    clients = [cls.client_class(c, base, sched, d, settings, seed, **strategy.client_kwargs())
                for c, d in enumerate(_clients(base))]
     return strategy.start(InProcessTransport(clients)), clients
 
@@ -127,3 +127,14 @@ def test_high_noise_weights_are_one_at_low_noise_and_capped_at_high_noise(base):
     assert w[0] == 1 and w[1] == 1 and w[-1] == 20  # SNR >> 1 -> 1; SNR ~ 0 -> the cap
     assert 1 <= w[2] <= w[3] <= w[4]
     assert (high_noise_weights(s, torch.tensor([999]), 1.0) == 1).all()
+
+
+def test_prompt_dropout_replaces_prompts_with_the_empty_prompt(base):
+    d = _clients(base)[0]
+    s = ddpm_scheduler(base.preset)
+    empty = base.encode_prompts([""])[0]
+    all_dropped = sample_batch(base, s, d, 4, client_generator(0, 0), prompt_dropout=1.0)
+    none_dropped = sample_batch(base, s, d, 4, client_generator(0, 0), prompt_dropout=0.0)
+    assert all(torch.equal(c, empty) for c in all_dropped.context)
+    assert not any(torch.equal(c, empty) for c in none_dropped.context)
+    assert torch.equal(all_dropped.x_t, none_dropped.x_t)  # same images, t and noise either way
