@@ -5,12 +5,16 @@ client partitions, the same per-client batch/timestep/noise streams and the same
 budget (``steps`` batches of ``batch-size``, all clients together). Output in ``--out``:
 ``config.toml`` (resolved config), ``summary.json`` (a row per scheme plus the base
 model without control), ``losses.jsonl`` (per-step loss per scheme) and
-``samples_<scheme>.png`` (condition | generated | target) and ``summary.md`` (the table).
+``samples_<scheme>.png`` (condition | generated | target), ``summary.md`` (the table) and
+``controlnet_<scheme>/`` (the trained ControlNet, diffusers format).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -19,8 +23,9 @@ import torch
 
 from . import data as data_mod
 from .config import ExperimentConfig
-from .evaluate import evaluate
-from .models import build_controlnet, count_params, ddpm_scheduler, load_base
+from .diffusion import to_uint8
+from .evaluate import conditions_uint8, evaluate
+from .models import build_controlnet, count_params, ddpm_scheduler, get_preset, load_base
 
 EVAL_SEED_OFFSET = 10_000  # eval data: a different generator stream from every client's data
 
@@ -125,46 +130,84 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(_cell(r.get(c, "")).rjust(w) for c, w in zip(TABLE_COLUMNS, widths)))
 
 
+@functools.lru_cache(maxsize=1)
+def _setup(cfg: ExperimentConfig):
+    """What every job of a run shares: the frozen base, the client data, the initial ControlNet."""
+    torch.set_num_threads(cfg.threads)
+    base = load_base(cfg.model, folder=cfg.base_model or None)
+    clients, eval_set = client_datasets(cfg, base.preset.image_size)
+    torch.manual_seed(cfg.seed)
+    controlnet = build_controlnet(base.unet, base.preset)
+    return base, clients, eval_set, controlnet, fingerprint(base.unet, base.autoencoder, base.text_encoder)
+
+
+def run_job(cfg: ExperimentConfig, scheme: str | None, position: int = 0, out: Path | None = None) -> dict:
+    """Train one scheme (or, for ``None``, only sample the base model without control) and score it.
+
+    Runs in the calling process or in a worker process; everything it needs comes from ``cfg``.
+    """
+    os.environ["SPLITCONTROL_BAR_POSITION"] = str(position)
+    base, clients, eval_set, controlnet, frozen_before = _setup(cfg)
+    if scheme is None:
+        metrics, imgs = evaluate(base, eval_set, None, None, cfg.ddim_steps, cfg.guidance, cfg.seed,
+                                 "sampling base (no control)")
+        row, losses = {"scheme": "base (no control)", **metrics, "steps": 0}, []
+    else:
+        res = train_scheme(scheme, cfg, base, controlnet, clients)
+        metrics, imgs = evaluate(base, eval_set, scheme, res.controlnet, cfg.ddim_steps, cfg.guidance, cfg.seed,
+                                 f"sampling {scheme}")
+        row, losses = summary_row(res, metrics), res.losses
+        if out is not None:  # the trained ControlNet, so the run can be re-evaluated later
+            res.controlnet.save_pretrained(out / f"controlnet_{scheme}")
+    return {"row": row, "losses": losses, "images": imgs, "frozen_before": frozen_before,
+            "frozen_after": fingerprint(base.unet, base.autoencoder, base.text_encoder),
+            "base_params": count_params(base.unet), "controlnet_params": count_params(controlnet)}
+
+
+def _run_job_star(args) -> dict:
+    return run_job(*args)
+
+
 def run_compare(cfg: ExperimentConfig, out: str | Path) -> dict:
-    """Train every scheme of ``cfg``, evaluate, write the run folder; returns the summary."""
+    """Train every scheme of ``cfg``, evaluate, write the run folder; returns the summary.
+
+    With ``jobs`` > 1 the schemes (and the no-control baseline) run in that many worker
+    processes, each with ``threads`` torch threads; the schemes are independent, so the
+    numbers are the same as in one process with the same ``threads``.
+    """
     from .plots import save_rows_grid
 
-    torch.set_num_threads(cfg.threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(cfg.to_toml())
     t_start = time.time()
-    base = load_base(cfg.model, folder=cfg.base_model or None)
-    clients, eval_set = client_datasets(cfg, base.preset.image_size)
-    frozen_before = fingerprint(base.unet, base.autoencoder, base.text_encoder)
-    torch.manual_seed(cfg.seed)
-    controlnet = build_controlnet(base.unet, base.preset)
+    jobs = [(cfg, None, 0, out)] + [(cfg, s, (i + 1) % cfg.jobs, out) for i, s in enumerate(cfg.schemes)]
+    if cfg.jobs == 1:
+        results = [run_job(*j) for j in jobs]
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(min(cfg.jobs, len(jobs))) as pool:
+            results = pool.map(_run_job_star, jobs, chunksize=1)
 
-    rows = []
-    metrics, _ = evaluate(base, eval_set, None, None, cfg.ddim_steps, cfg.guidance, cfg.seed, "base (no control)")
-    rows.append({"scheme": "base (no control)", **metrics, "steps": 0})
-    conds = (eval_set["condition"] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    targets = ((eval_set["target"] + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    losses_path = out / "losses.jsonl"
-    losses_path.write_text("")
-    for scheme in cfg.schemes:
-        res = train_scheme(scheme, cfg, base, controlnet, clients)
-        metrics, imgs = evaluate(base, eval_set, scheme, res.controlnet, cfg.ddim_steps, cfg.guidance, cfg.seed,
-                                 f"sampling {scheme}")
-        rows.append(summary_row(res, metrics))
-        with losses_path.open("a") as f:
-            f.write(json.dumps({"scheme": scheme, "losses": res.losses}) + "\n")
-        save_rows_grid({"condition": conds[:16], scheme: imgs[:16], "target": targets[:16]},
-                       out / f"samples_{scheme}.png", title=f"{scheme}: condition | generated | target")
-    frozen_after = fingerprint(base.unet, base.autoencoder, base.text_encoder)
+    _, eval_set = client_datasets(cfg, get_preset(cfg.model).image_size)  # cached on disk: cheap
+    conds, targets = conditions_uint8(eval_set["condition"]), to_uint8(eval_set["target"])
+    with (out / "losses.jsonl").open("w") as f:
+        for r in results[1:]:
+            f.write(json.dumps({"scheme": r["row"]["scheme"], "losses": r["losses"]}) + "\n")
+    for r in results:
+        name = r["row"]["scheme"]
+        save_rows_grid({"condition": conds[:16], name: r["images"][:16], "target": targets[:16]},
+                       out / f"samples_{name.split()[0]}.png", title=f"{name}: condition | generated | target")
+    rows = [r["row"] for r in results]
+    fingerprints = {r["frozen_before"] for r in results} | {r["frozen_after"] for r in results}
     summary = {
         "experiment": cfg.experiment, "rows": rows,
-        "frozen_base_unchanged": frozen_before == frozen_after,
-        "base_params": count_params(base.unet), "controlnet_params": count_params(controlnet),
+        "frozen_base_unchanged": len(fingerprints) == 1,
+        "base_params": results[0]["base_params"], "controlnet_params": results[0]["controlnet_params"],
         "total_wall_s": round(time.time() - t_start, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(markdown_table(rows) + "\n")
     print_table(rows)
-    print(f"frozen base unchanged: {summary['frozen_base_unchanged']}; wrote {out}")
+    print(f"frozen base unchanged: {summary['frozen_base_unchanged']}; wrote {out} in {summary['total_wall_s']} s")
     return summary

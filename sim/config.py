@@ -31,17 +31,18 @@ class ExperimentConfig:
     num_clients: int = 2
     partition: str = "iid"                   # iid | dirichlet
     dirichlet_alpha: float = 0.5
-    steps: int = 600                         # training batches per scheme, all clients together
+    steps: int = 1200                         # training batches per scheme, all clients together
     batch_size: int = 8
     lr: float = 1e-3                         # AdamW learning rate of the ControlNet
     prompt_dropout: float = 0.5              # fraction of training prompts replaced by "" (ControlNet paper: 0.5)
-    high_noise_weight: float = 20.0          # loss weight clamp(1/SNR_t, 1, this) at high noise; 1 = plain MSE
+    high_noise_weight: float = 100.0         # loss weight clamp(1/SNR_t, 1, this) at high noise; 1 = plain MSE
     local_steps: int = 10                    # fedavg: local steps per round; split: steps per client turn
     eval_samples: int = 32
-    ddim_steps: int = 20
+    ddim_steps: int = 50
     guidance: float = 5.0
     seed: int = 0
-    threads: int = 2                         # torch threads (results are deterministic per value)
+    threads: int = 1                         # torch threads per job (results are deterministic per value)
+    jobs: int = 3                            # worker processes: schemes train in parallel, one per job
 
     # ---------------------------------------------------------------- validation
     def __post_init__(self) -> None:
@@ -55,7 +56,7 @@ class ExperimentConfig:
         if bad or not self.schemes:
             raise ValueError(f"schemes={list(self.schemes)} is not allowed; choose a non-empty subset of {list(SCHEMES)}")
         for key in ("num_samples", "num_clients", "steps", "batch_size", "local_steps", "eval_samples",
-                    "ddim_steps", "threads"):
+                    "ddim_steps", "threads", "jobs"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{_kebab(key)} must be >= 1, got {getattr(self, key)}")
         if not 0.15 < self.max_radius <= 0.5:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -64,7 +65,7 @@ def weighted_mse(eps_hat: torch.Tensor, eps: torch.Tensor, weights: torch.Tensor
 def ddim_sample(eps_fn: EpsFn, scheduler, shape: tuple[int, ...], context: torch.Tensor,
                 null_context: torch.Tensor, steps: int = 25, guidance: float = 5.0,
                 generator: torch.Generator | None = None, progress: bool = False,
-                desc: str = "sampling", spacing: str = "leading") -> torch.Tensor:
+                desc: str = "sampling", spacing: str = "leading", position: int = 0) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) with classifier-free guidance.
 
     ``eps_fn(x, t, context)`` predicts noise for a batch; with guidance != 1 it is called
@@ -83,7 +84,7 @@ def ddim_sample(eps_fn: EpsFn, scheduler, shape: tuple[int, ...], context: torch
     x = torch.randn(shape, generator=generator)
     b = shape[0]
     null = null_context.expand(b, *null_context.shape[1:]) if null_context.shape[0] == 1 else null_context
-    for t in tqdm(sched.timesteps, desc=desc, disable=not progress, leave=False):
+    for t in tqdm(sched.timesteps, desc=desc, disable=not progress, leave=False, position=position):
         tt = torch.full((b,), int(t), dtype=torch.int64)
         if guidance == 1.0:
             eps = eps_fn(x, tt, context)
@@ -95,6 +96,6 @@ def ddim_sample(eps_fn: EpsFn, scheduler, shape: tuple[int, ...], context: torch
     return x
 
 
-def to_uint8(images: torch.Tensor) -> "numpy.ndarray":  # noqa: F821
+def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -7,6 +7,9 @@ control is applied to the conditional and the unconditional branch alike.
 """
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import torch
 
 from .cuts import controlled_eps
@@ -33,8 +36,14 @@ def generate(base, prompts: list[str], scheme: str | None = None, controlnet=Non
     g = torch.Generator().manual_seed(seed)
     shape = (len(prompts), p.latent_channels, p.latent_size, p.latent_size)
     z = ddim_sample(eps_fn, ddpm_scheduler(p), shape, ctx, null, steps=steps, guidance=guidance,
-                    generator=g, progress=progress, desc=desc)
+                    generator=g, progress=progress, desc=desc,
+                    position=int(os.environ.get("SPLITCONTROL_BAR_POSITION", "0")))
     return base.autoencoder.decode(z)
+
+
+def conditions_uint8(conditions: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) hints in [0, 1] -> (N, H, W, 3) uint8."""
+    return (conditions * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def score(images_uint8, conditions_uint8, fgs=None, bgs=None) -> dict:
@@ -48,10 +57,10 @@ def score(images_uint8, conditions_uint8, fgs=None, bgs=None) -> dict:
 
 
 def evaluate(base, eval_set: dict, scheme: str | None, controlnet, steps: int, guidance: float, seed: int,
-             desc: str) -> tuple[dict, "numpy.ndarray"]:  # noqa: F821
+             desc: str) -> tuple[dict, np.ndarray]:
     """Generate one image per eval condition and score it; returns (metrics, uint8 images)."""
     images = generate(base, eval_set["prompt"], scheme, controlnet, eval_set["condition"], steps=steps,
                       guidance=guidance, seed=seed, desc=desc)
     imgs = to_uint8(images)
-    conds = (eval_set["condition"] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    conds = conditions_uint8(eval_set["condition"])
     return score(imgs, conds, eval_set.get("fg"), eval_set.get("bg")), imgs

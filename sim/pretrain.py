@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_mod
-from .diffusion import ddim_sample, min_snr_weights, noisy_latents, sample_timesteps, weighted_mse
+from .diffusion import min_snr_weights, noisy_latents, sample_timesteps, weighted_mse
 from .models import build_text_encoder, build_unet, ddpm_scheduler, get_preset, load_base
 
 PRETRAIN_DATA_SEED = 1000  # base-model data; client data use other seeds

@@ -22,6 +22,8 @@ images, t and noise under FedAvg, vanilla and no-gradient-return split learning.
 """
 from __future__ import annotations
 
+import copy
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sim.cuts import control_rest, resolve, unet_rest
 from sim.diffusion import high_noise_weights, noisy_latents, sample_timesteps, weighted_mse
 
 Payload = dict[str, object]
@@ -96,7 +99,8 @@ def turn_schedule(steps: int, num_clients: int, local_steps: int) -> list[tuple[
 
 def progress(steps: int, scheme: str) -> tqdm:
     """The training progress bar every strategy shows (one tick per training batch)."""
-    return tqdm(total=steps, desc=f"training {scheme}", unit="step", mininterval=2, leave=False)
+    position = int(os.environ.get("SPLITCONTROL_BAR_POSITION", "0"))  # one line per parallel job
+    return tqdm(total=steps, desc=f"training {scheme}", unit="step", mininterval=2, leave=False, position=position)
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,33 @@ class SchemeClient:
     def trainable_parameters(self) -> int:
         """Parameters this client trains: requires_grad over the modules it holds."""
         return sum(p.numel() for m in self.held_modules() for p in m.parameters() if p.requires_grad)
+
+
+class SplitServer:
+    """What both split-learning servers share: the frozen UNet, a trainable ControlNet copy
+    minus the modules the scheme's cut keeps off the server, one AdamW, and the loss
+    from the ControlNet's first-conv features on."""
+
+    def __init__(self, unet, controlnet, scheduler, settings: TrainSettings, off_server: tuple[str, ...]):
+        self.unet = unet  # the server's frozen UNet
+        self.scheduler, self.settings = scheduler, settings
+        self.controlnet = copy.deepcopy(controlnet).train()
+        for name in off_server:
+            resolve(name, controlnet=self.controlnet).requires_grad_(False)
+        self.opt = torch.optim.AdamW([p for p in self.controlnet.parameters() if p.requires_grad], lr=settings.lr)
+
+    def server_step(self, control_features, unet_features, t, noise, context) -> float:
+        """One optimizer step of the server's ControlNet part; returns the loss."""
+        down, mid = control_rest(self.controlnet, control_features, t, context)
+        loss = diffusion_loss(unet_rest(self.unet, unet_features, t, context, down, mid), noise, t,
+                              self.scheduler, self.settings)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.item()
+
+    def server_trainable_params(self) -> int:
+        return sum(p.numel() for p in self.controlnet.parameters() if p.requires_grad)
 
 
 @dataclass

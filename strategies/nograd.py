@@ -13,14 +13,13 @@ first conv for x_t, subtract the noise) later issues measure and defend against.
 """
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
 
-from sim.cuts import CUTS, control_rest, nograd_control_input, resolve, unet_first_conv, unet_rest
+from sim.cuts import CUTS, nograd_control_input, unet_first_conv
 
-from .base import (InProcessTransport, Payload, SchemeClient, SchemeResult, TrainSettings, diffusion_loss, progress,
+from .base import (InProcessTransport, Payload, SchemeClient, SchemeResult, SplitServer, TrainSettings, progress,
                    turn_schedule)
 
 
@@ -40,33 +39,21 @@ class NoGradClient(SchemeClient):
         return {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
 
 
-class NoGradStrategy:
+class NoGradStrategy(SplitServer):
     """Server side: trains the ControlNet on the features clients stream, sends nothing back."""
 
     name = "nograd"
     client_class = NoGradClient
 
     def __init__(self, unet, controlnet, scheduler, settings: TrainSettings):
-        self.unet = unet  # the server's frozen UNet
-        self.scheduler, self.settings = scheduler, settings
-        self.controlnet = copy.deepcopy(controlnet).train()
-        for name in CUTS["nograd"].unused:  # the hint block: unused in this scheme
-            resolve(name, controlnet=self.controlnet).requires_grad_(False)
-        params = [p for p in self.controlnet.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=settings.lr)
+        super().__init__(unet, controlnet, scheduler, settings, off_server=CUTS["nograd"].unused)
 
     def client_kwargs(self) -> dict:
         """What a client needs from the server at start-up besides the recipe: nothing."""
         return {}
 
     def train_step(self, control_input, unet_features, t, noise, context) -> float:
-        down, mid = control_rest(self.controlnet, self.controlnet.conv_in(control_input), t, context)
-        loss = diffusion_loss(unet_rest(self.unet, unet_features, t, context, down, mid), noise, t,
-                              self.scheduler, self.settings)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return loss.item()
+        return self.server_step(self.controlnet.conv_in(control_input), unet_features, t, noise, context)
 
     def start(self, transport: InProcessTransport) -> SchemeResult:
         t0 = time.perf_counter()
@@ -82,6 +69,5 @@ class NoGradStrategy:
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             server_s += time.perf_counter() - s0
         bar.close()
-        trainable = sum(p.numel() for p in self.controlnet.parameters() if p.requires_grad)
         return SchemeResult(self.name, self.controlnet.eval(), losses, len(losses), time.perf_counter() - t0,
-                            server_s, transport.stats, server_trainable_params=trainable)
+                            server_s, transport.stats, server_trainable_params=self.server_trainable_params())

@@ -25,9 +25,9 @@ import time
 import torch
 from torch import nn
 
-from sim.cuts import CUTS, control_head, control_rest, resolve, unet_first_conv, unet_rest
+from sim.cuts import CUTS, control_head, resolve, unet_first_conv
 
-from .base import (InProcessTransport, Payload, SchemeClient, SchemeResult, TrainSettings, diffusion_loss,
+from .base import (InProcessTransport, Payload, SchemeClient, SchemeResult, SplitServer, TrainSettings,
                    payload_to_state, progress, state_to_payload, turn_schedule)
 
 CUT = CUTS["vanilla"]
@@ -78,20 +78,15 @@ class VanillaClient(SchemeClient):
                     context=b.context)
 
 
-class VanillaStrategy:
+class VanillaStrategy(SplitServer):
     """Server side: the ControlNet after its head, trained with the cut-layer gradient returned."""
 
     name = "vanilla"
     client_class = VanillaClient
 
     def __init__(self, unet, controlnet, scheduler, settings: TrainSettings):
-        self.unet = unet  # the server's frozen UNet
-        self.scheduler, self.settings = scheduler, settings
-        self.controlnet = copy.deepcopy(controlnet).train()
+        super().__init__(unet, controlnet, scheduler, settings, off_server=CUT.client_trainable)
         self.head_state = state_to_payload(ControlHead(controlnet), "head")
-        for name in CUT.client_trainable:  # these live on the client
-            resolve(name, controlnet=self.controlnet).requires_grad_(False)
-        self.opt = torch.optim.AdamW([p for p in self.controlnet.parameters() if p.requires_grad], lr=settings.lr)
         self.initial = controlnet
 
     def client_kwargs(self) -> dict:
@@ -100,13 +95,8 @@ class VanillaStrategy:
 
     def train_step(self, control_features, unet_features, t, noise, context) -> tuple[float, torch.Tensor]:
         control_features = control_features.requires_grad_(True)
-        down, mid = control_rest(self.controlnet, control_features, t, context)
-        loss = diffusion_loss(unet_rest(self.unet, unet_features, t, context, down, mid), noise, t,
-                              self.scheduler, self.settings)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return loss.item(), control_features.grad
+        loss = self.server_step(control_features, unet_features, t, noise, context)
+        return loss, control_features.grad
 
     def start(self, transport: InProcessTransport) -> SchemeResult:
         t0 = time.perf_counter()
@@ -130,6 +120,5 @@ class VanillaStrategy:
         final = copy.deepcopy(self.controlnet)
         for name in CUT.client_trainable:
             resolve(name, controlnet=final).load_state_dict(resolve(name, controlnet=head).state_dict())
-        trainable = sum(p.numel() for p in self.controlnet.parameters() if p.requires_grad)
         return SchemeResult(self.name, final.eval(), losses, len(losses), time.perf_counter() - t0, server_s,
-                            transport.stats, server_trainable_params=trainable)
+                            transport.stats, server_trainable_params=self.server_trainable_params())

@@ -39,6 +39,18 @@ def test_compare_smoke_writes_a_row_per_scheme(tmp_path, capsys):
     assert "outline_iou" in capsys.readouterr().out  # the table printed at the end
 
 
+def test_same_seed_same_metrics_with_one_or_two_worker_processes(tmp_path):
+    """Determinism: the schemes are independent, so running them in 2 processes changes nothing."""
+    runs = []
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        assert main(["compare", "--preset", "smoke", "--set", f"jobs={jobs}", "--set", "schemes=vanilla,nograd",
+                     "--out", str(out)]) == 0
+        rows = json.loads((out / "summary.json").read_text())["rows"]
+        runs.append([{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows])  # drop timings
+    assert runs[0] == runs[1]
+
+
 def test_eval_base_prints_colour_accuracy_json(capsys):
     assert main(["eval-base", "--n", "4", "--steps", "3", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -8,7 +8,7 @@ import torch
 
 from conftest import make_base, perturb_zero_convs
 from sim.compare import fingerprint
-from sim.cuts import control_head, controlled_eps
+from sim.cuts import controlled_eps
 from sim.models import build_controlnet, ddpm_scheduler
 from strategies import InProcessTransport, get_strategy
 from strategies.base import ClientData, TrainSettings, client_generator, sample_batch, turn_schedule
