@@ -23,7 +23,7 @@ import torch
 
 from . import data as data_mod
 from .config import ExperimentConfig
-from .diffusion import to_uint8
+from .diffusion import BAR_POSITION_ENV, to_uint8
 from .evaluate import conditions_uint8, evaluate
 from .models import build_controlnet, count_params, ddpm_scheduler, get_preset, load_base
 
@@ -146,7 +146,7 @@ def run_job(cfg: ExperimentConfig, scheme: str | None, position: int = 0, out: P
 
     Runs in the calling process or in a worker process; everything it needs comes from ``cfg``.
     """
-    os.environ["SPLITCONTROL_BAR_POSITION"] = str(position)
+    os.environ[BAR_POSITION_ENV] = str(position)
     base, clients, eval_set, controlnet, frozen_before = _setup(cfg)
     if scheme is None:
         metrics, imgs = evaluate(base, eval_set, None, None, cfg.ddim_steps, cfg.guidance, cfg.seed,

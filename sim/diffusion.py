@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import os
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -59,6 +61,14 @@ def weighted_mse(eps_hat: torch.Tensor, eps: torch.Tensor, weights: torch.Tensor
     if weights is None:
         return per_sample.mean()
     return (per_sample * weights.to(per_sample)).mean()
+
+
+BAR_POSITION_ENV = "SPLITCONTROL_BAR_POSITION"
+
+
+def bar_position() -> int:
+    """The line a progress bar draws on: one line per parallel job (set by ``sim.compare``)."""
+    return int(os.environ.get(BAR_POSITION_ENV, "0"))
 
 
 @torch.no_grad()

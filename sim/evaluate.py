@@ -7,13 +7,11 @@ control is applied to the conditional and the unconditional branch alike.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
 from .cuts import controlled_eps
-from .diffusion import ddim_sample, to_uint8
+from .diffusion import bar_position, ddim_sample, to_uint8
 from .models import ddpm_scheduler
 
 
@@ -37,7 +35,7 @@ def generate(base, prompts: list[str], scheme: str | None = None, controlnet=Non
     shape = (len(prompts), p.latent_channels, p.latent_size, p.latent_size)
     z = ddim_sample(eps_fn, ddpm_scheduler(p), shape, ctx, null, steps=steps, guidance=guidance,
                     generator=g, progress=progress, desc=desc,
-                    position=int(os.environ.get("SPLITCONTROL_BAR_POSITION", "0")))
+                    position=bar_position())
     return base.autoencoder.decode(z)
 
 

@@ -51,7 +51,7 @@ class PretrainConfig:
     save_every: int = 500
 
 
-def _save(unet, ema_unet, out: Path, log: dict) -> None:
+def _save(ema_unet, out: Path, log: dict) -> None:
     (out / "unet").mkdir(parents=True, exist_ok=True)
     ema_unet.save_pretrained(out / "unet")
     (out / "train_state.json").write_text(json.dumps(log, indent=2))
@@ -112,7 +112,7 @@ def pretrain_base(cfg: PretrainConfig) -> dict:
             with log_path.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
         if step % cfg.save_every == 0 or done:
-            _save(unet, ema, out, {**entry, "config": asdict(cfg)})
+            _save(ema, out, {**entry, "config": asdict(cfg)})
         if done:
             break
     return entry

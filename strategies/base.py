@@ -23,7 +23,6 @@ images, t and noise under FedAvg, vanilla and no-gradient-return split learning.
 from __future__ import annotations
 
 import copy
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -32,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sim.cuts import control_rest, resolve, unet_rest
-from sim.diffusion import high_noise_weights, noisy_latents, sample_timesteps, weighted_mse
+from sim.diffusion import bar_position, high_noise_weights, noisy_latents, sample_timesteps, weighted_mse
 
 Payload = dict[str, object]
 
@@ -99,8 +98,8 @@ def turn_schedule(steps: int, num_clients: int, local_steps: int) -> list[tuple[
 
 def progress(steps: int, scheme: str) -> tqdm:
     """The training progress bar every strategy shows (one tick per training batch)."""
-    position = int(os.environ.get("SPLITCONTROL_BAR_POSITION", "0"))  # one line per parallel job
-    return tqdm(total=steps, desc=f"training {scheme}", unit="step", mininterval=2, leave=False, position=position)
+    return tqdm(total=steps, desc=f"training {scheme}", unit="step", mininterval=2, leave=False,
+                position=bar_position())
 
 
 @dataclass(frozen=True)
