@@ -72,37 +72,75 @@ def client_datasets(cfg: ExperimentConfig, image_size: int):
     return clients, eval_set
 
 
-def train_scheme(scheme: str, cfg: ExperimentConfig, base, controlnet, clients):
-    """Run one scheme in process; returns its :class:`strategies.base.SchemeResult`.
+def discover(grid, num_clients: int) -> list[int]:
+    """Node ids ordered by partition id: asks every node (node ids are random per Flower run)."""
+    from flwr.app import ConfigRecord, Message, RecordDict
 
-    The strategy (server) gets the frozen UNet, the public initial ControlNet and the
-    config; the clients are built here, by the simulation harness, with their private data.
+    from .client_app import HELLO
+
+    nodes = list(grid.get_node_ids())
+    replies = grid.send_and_receive([Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
+                                             message_type=f"query.{HELLO}") for n in nodes])
+    by_pid = {}
+    for r in replies:
+        if r.has_error():
+            raise RuntimeError(f"node {r.metadata.src_node_id} failed to say hello: {r.error.reason}")
+        by_pid[int(r.content.config_records["config"]["partition-id"])] = r.metadata.src_node_id
+    if sorted(by_pid) != list(range(num_clients)):
+        raise RuntimeError(f"expected clients with partition ids 0..{num_clients - 1}, found {sorted(by_pid)} "
+                           f"on {len(nodes)} nodes")
+    return [by_pid[i] for i in range(num_clients)]
+
+
+def train_scheme(scheme: str, cfg: ExperimentConfig, base, controlnet, grid=None, node_ids=None, transcript=None):
+    """Run one scheme of ``cfg`` through the Flower apps; returns its :class:`strategies.base.SchemeResult`.
+
+    ``grid`` is any Flower grid whose nodes run :mod:`sim.client_app` (default: an
+    :class:`sim.grid.InProcessGrid` with ``num-clients`` nodes built from ``cfg``).
     """
-    from strategies import InProcessTransport, get_strategy
     from strategies.base import TrainSettings
+
+    from .client_app import make_client_app
+    from .config import to_run_config
+    from .grid import InProcessGrid
+
+    if grid is None:
+        grid = InProcessGrid(make_client_app(), cfg.num_clients, to_run_config(cfg))
+    return run_strategy(scheme, base, controlnet, TrainSettings.from_config(cfg), cfg.seed, grid,
+                        node_ids or discover(grid, cfg.num_clients), transcript)
+
+
+def run_strategy(scheme: str, base, controlnet, settings, seed: int, grid, node_ids: list[int], transcript=None):
+    """The server side of one scheme on ``grid``: the strategy gets the frozen UNet, the public
+    initial ControlNet and the recipe; every message is recorded in ``transcript``."""
+    from strategies import get_strategy
+    from strategies.base import Channel, ClientEnv
+
+    from .transcript import RecordingGrid, Transcript
 
     cls = get_strategy(scheme)
     sched = ddpm_scheduler(base.preset)
-    settings = TrainSettings(lr=cfg.lr, steps=cfg.steps, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
-                             high_noise_weight=cfg.high_noise_weight, prompt_dropout=cfg.prompt_dropout)
+    transcript = transcript if transcript is not None else Transcript()
+    rgrid = RecordingGrid(grid, transcript, {n: i for i, n in enumerate(node_ids)}, scheme)
     strategy = cls(base.unet, controlnet, sched, settings)
-    scheme_clients = [cls.client_class(cid, base, sched, d, settings, cfg.seed, **strategy.client_kwargs())
-                      for cid, d in enumerate(clients)]
-    result = strategy.start(InProcessTransport(scheme_clients))
-    result.client_trainable_params = max(c.trainable_parameters() for c in scheme_clients)
+    result = strategy.start(Channel(rgrid, node_ids, cls.message_type))
+    # what a client of this scheme trains: a property of the scheme, computed on a public client
+    public = ClientEnv(base, sched, settings, None, seed, controlnet)
+    result.client_trainable_params = cls.client_class(0, public).trainable_parameters()
     return result
 
 
 def summary_row(res, metrics: dict) -> dict:
-    w = res.wire
+    t = res.transcript
     return {
         "scheme": res.scheme, **metrics, "final_loss": res.final_loss,
         "client_trainable_params": res.client_trainable_params,
         "server_trainable_params": res.server_trainable_params,
-        "bytes_up_per_step": w.bytes_up / res.steps, "bytes_down_per_step": w.bytes_down / res.steps,
-        "messages_per_step": w.messages / res.steps, "steps": res.steps,
-        "wall_s": round(res.wall_s, 2), "client_s": round(w.client_s, 2), "server_s": round(res.server_s, 2),
-        **res.extra,
+        "bytes_up_per_step": t.bytes_up / res.steps, "bytes_down_per_step": t.bytes_down / res.steps,
+        "messages_per_step": t.messages / res.steps, "steps": res.steps,
+        "wall_s": round(res.wall_s, 2), "client_s": round(t.client_s, 2), "server_s": round(res.server_s, 2),
+        "client_s_per_step": t.client_s / res.steps, "server_s_per_step": res.server_s / res.steps,
+        "client_peak_mb": round(t.client_peak_mb, 1), **res.extra,
     }
 
 
@@ -141,10 +179,12 @@ def _setup(cfg: ExperimentConfig):
     return base, clients, eval_set, controlnet, fingerprint(base.unet, base.autoencoder, base.text_encoder)
 
 
-def run_job(cfg: ExperimentConfig, scheme: str | None, position: int = 0, out: Path | None = None) -> dict:
+def run_job(cfg: ExperimentConfig, scheme: str | None, position: int = 0, out: Path | None = None,
+            grid=None) -> dict:
     """Train one scheme (or, for ``None``, only sample the base model without control) and score it.
 
-    Runs in the calling process or in a worker process; everything it needs comes from ``cfg``.
+    Runs in the calling process or in a worker process; everything it needs comes from ``cfg``
+    (and ``grid``: where the clients run; default: an in-process grid).
     """
     os.environ[BAR_POSITION_ENV] = str(position)
     base, clients, eval_set, controlnet, frozen_before = _setup(cfg)
@@ -153,9 +193,9 @@ def run_job(cfg: ExperimentConfig, scheme: str | None, position: int = 0, out: P
                                  "sampling base (no control)")
         row, losses = {"scheme": "base (no control)", **metrics, "steps": 0}, []
     else:
-        res = train_scheme(scheme, cfg, base, controlnet, clients)
+        res = train_scheme(scheme, cfg, base, controlnet, grid=grid)
         metrics, imgs = evaluate(base, eval_set, scheme, res.controlnet, cfg.ddim_steps, cfg.guidance, cfg.seed,
-                                 f"sampling {scheme}")
+                                 f"sampling {scheme}", uncond_control=cfg.uncond_control)
         row, losses = summary_row(res, metrics), res.losses
         if out is not None:  # the trained ControlNet, so the run can be re-evaluated later
             res.controlnet.save_pretrained(out / f"controlnet_{scheme}")

@@ -40,6 +40,7 @@ class ExperimentConfig:
     eval_samples: int = 32
     ddim_steps: int = 50
     guidance: float = 5.0
+    uncond_control: bool = False             # also apply the ControlNet in guidance's unconditional branch
     seed: int = 0
     threads: int = 1                         # torch threads per job (results are deterministic per value)
     jobs: int = 3                            # worker processes: schemes train in parallel, one per job
@@ -159,4 +160,28 @@ def load_config(preset: str = "default", overrides: typing.Iterable[str] = ()) -
         key, value = item.split("=", 1)
         name = _field_name(key)
         values[name] = _coerce(name, value.strip())
+    return ExperimentConfig(**values)
+
+
+# ----------------------------------------------------------------------------- Flower run config
+def to_run_config(cfg: ExperimentConfig) -> dict[str, bool | int | float | str]:
+    """The config as a Flower run config: kebab-case keys, scalar values (lists comma-joined)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[_kebab(f.name)] = ",".join(v) if isinstance(v, tuple) else v
+    return out
+
+
+def from_run_config(run_config: typing.Mapping) -> ExperimentConfig:
+    """An :class:`ExperimentConfig` from a Flower run config (as ``flwr run`` or the in-process grid give it).
+
+    Keys that are not config keys (Flower's own, e.g. an ``out`` folder) are ignored;
+    values are coerced and validated as ``--set`` overrides are.
+    """
+    values = {}
+    for key, value in run_config.items():
+        name = key.strip().replace("-", "_")
+        if name in _FIELDS:
+            values[name] = _coerce(name, value)
     return ExperimentConfig(**values)

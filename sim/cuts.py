@@ -226,13 +226,19 @@ def control_features(scheme: str, controlnet: nn.Module, autoencoder: nn.Module,
 
 
 def controlled_eps(scheme: str, unet: nn.Module, controlnet: nn.Module | None, autoencoder: nn.Module,
-                   x_t: torch.Tensor, t, context: torch.Tensor, hint: torch.Tensor | None) -> torch.Tensor:
+                   x_t: torch.Tensor, t, context: torch.Tensor, hint: torch.Tensor | None,
+                   control_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The whole model of a scheme composed in one place: noise prediction with control.
 
-    ``controlnet=None`` gives the base model without control.
+    ``controlnet=None`` gives the base model without control. ``control_scale`` (one
+    factor per sample) multiplies the ControlNet's residuals; sampling uses 0 in the
+    unconditional half of a guided batch (see :func:`sim.evaluate.generate`).
     """
     feats = unet_first_conv(unet, x_t)
     if controlnet is None:
         return unet_rest(unet, feats, t, context)
     down, mid = control_rest(controlnet, control_features(scheme, controlnet, autoencoder, x_t, hint), t, context)
+    if control_scale is not None:
+        s = control_scale.view(-1, 1, 1, 1).to(mid.dtype)
+        down, mid = [d * s for d in down], mid * s
     return unet_rest(unet, feats, t, context, down, mid)

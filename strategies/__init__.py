@@ -1,11 +1,12 @@
 """Training schemes, one file each, registered by name.
 
-``fedavg`` (federated averaging), ``vanilla`` (split learning with cut-layer gradient
-return) and ``nograd`` (the paper's no-gradient-return split learning). Each is a
-strategy class (server side, with ``start(transport)``) plus a client class whose
-``handle(method, payload)`` answers messages; see :mod:`strategies.base`.
+``fedavg`` (federated averaging, through Flower's own FedAvg), ``vanilla`` (split
+learning with cut-layer gradient return) and ``nograd`` (the paper's no-gradient-return
+split learning). Each is a strategy class (server side, ``start(channel)``) plus a
+client class (``serve(request) -> reply``) speaking typed messages (:mod:`sim.wire`);
+see :mod:`strategies.base`.
 """
-from .base import InProcessTransport, SchemeResult
+from .base import Channel, ClientEnv, SchemeResult
 from .fedavg import FedAvgStrategy
 from .nograd import NoGradStrategy
 from .vanilla import VanillaStrategy
@@ -19,4 +20,4 @@ def get_strategy(name: str):
     return STRATEGIES[name]
 
 
-__all__ = ["STRATEGIES", "get_strategy", "InProcessTransport", "SchemeResult"]
+__all__ = ["STRATEGIES", "get_strategy", "Channel", "ClientEnv", "SchemeResult"]

@@ -1,17 +1,17 @@
-"""What every scheme shares: client data and noise streams, the wire, the in-process transport.
+"""What every scheme shares: client data and noise streams, clients, the server's channel.
 
 Transport independence
 ----------------------
-A scheme is a *strategy* (server side, drives training through ``transport.call``) plus a
-*client* class whose ``handle(method, payload)`` answers messages. Payloads are flat
-dicts of tensors and numbers. ``InProcessTransport`` calls the client directly and is
-the default (deterministic, used by tests); the Flower engine (sim/, next issue) will
-carry the same payloads in Flower records. Every payload is copied and detached when it
-crosses, so no autograd graph links the two sides, and a strategy gets neither the
-clients nor their data: only the frozen UNet, the public initial ControlNet, the config
-and the replies. (In one process the frozen modules are the same Python objects on both
-sides; the simulation assumes an honest-but-curious server that does not tamper with
-them. The attack interface of a later issue will read only the transcript.)
+A scheme is a *strategy* (server side: ``start(channel)`` drives training) plus a
+*client* class (``serve(request) -> reply``), talking in typed messages
+(:mod:`sim.wire`) over a Flower grid: the in-process grid by default, Flower's Ray
+simulation or Deployment Engine otherwise (``sim/server_app.py``, ``sim/client_app.py``).
+Payloads are serialised to Flower records and back, so no tensor or autograd graph links
+the two sides, and a strategy gets neither the clients nor their data: only the frozen
+UNet, the public initial ControlNet, the config and the replies. Every message passes
+through one :class:`sim.transcript.Transcript`. (In one process the frozen modules are the
+same Python objects on both sides; the simulation assumes an honest-but-curious server
+that does not tamper with them. Attacks read only the transcript.)
 
 Identical data and seeds
 ------------------------
@@ -23,7 +23,6 @@ images, t and noise under FedAvg, vanilla and no-gradient-return split learning.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -32,9 +31,6 @@ from tqdm.auto import tqdm
 
 from sim.cuts import control_rest, resolve, unet_rest
 from sim.diffusion import bar_position, high_noise_weights, noisy_latents, sample_timesteps, weighted_mse
-
-Payload = dict[str, object]
-
 
 # ----------------------------------------------------------------------------- data
 @dataclass
@@ -113,6 +109,12 @@ class TrainSettings:
     high_noise_weight: float = 1.0  # see sim.diffusion.high_noise_weights; 1 = plain epsilon MSE
     prompt_dropout: float = 0.0  # fraction of training prompts replaced by the empty prompt
 
+    @classmethod
+    def from_config(cls, cfg) -> "TrainSettings":
+        """The recipe of a :class:`sim.config.ExperimentConfig`."""
+        return cls(lr=cfg.lr, steps=cfg.steps, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
+                   high_noise_weight=cfg.high_noise_weight, prompt_dropout=cfg.prompt_dropout)
+
 
 def diffusion_loss(eps_hat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler,
                    settings: TrainSettings) -> torch.Tensor:
@@ -120,85 +122,52 @@ def diffusion_loss(eps_hat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, 
     return weighted_mse(eps_hat, noise, high_noise_weights(scheduler, t, settings.high_noise_weight))
 
 
-# ----------------------------------------------------------------------------- wire
-def nbytes(payload: Payload | None) -> int:
-    """Bytes a payload occupies on the wire: tensor storage plus 8 bytes per scalar."""
-    total = 0
-    for v in (payload or {}).values():
-        total += v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 8
-    return total
-
-
-def to_wire(payload: Payload | None) -> Payload:
-    """Copy a payload as it would cross a network: detached tensor copies, no autograd graph."""
-    out: Payload = {}
-    for k, v in (payload or {}).items():
-        out[k] = v.detach().clone() if isinstance(v, torch.Tensor) else v
-    return out
-
-
-def state_to_payload(module: nn.Module, prefix: str) -> Payload:
-    return {f"{prefix}/{k}": v for k, v in module.state_dict().items()}
-
-
-def payload_to_state(payload: Payload, prefix: str) -> dict[str, torch.Tensor]:
-    p = f"{prefix}/"
-    return {k[len(p):]: v for k, v in payload.items() if k.startswith(p)}
-
-
+# ----------------------------------------------------------------------------- clients
 @dataclass
-class WireStats:
-    """Bytes and messages each way, and the client compute time inside handlers."""
+class ClientEnv:
+    """What a client device has before any message: the frozen public model, the public
+    recipe and seed, and its own private data. The ClientApp builds it from the run config
+    (or a test injects it); it is never mutated, so a process may cache it."""
 
-    bytes_up: int = 0  # client -> server
-    bytes_down: int = 0  # server -> client
-    messages: int = 0  # round trips
-    client_s: float = 0.0
-
-
-class InProcessTransport:
-    """Calls each client's ``handle`` directly, copying payloads both ways and counting bytes."""
-
-    def __init__(self, clients: list):
-        self._clients = clients  # private: strategies talk to clients only through call()
-        self.stats = WireStats()
-
-    @property
-    def num_clients(self) -> int:
-        return len(self._clients)
-
-    def call(self, cid: int, method: str, payload: Payload | None = None) -> Payload:
-        down = to_wire(payload)
-        self.stats.bytes_down += nbytes(down)
-        t0 = time.perf_counter()
-        reply = self._clients[cid].handle(method, down)
-        self.stats.client_s += time.perf_counter() - t0
-        up = to_wire(reply)
-        self.stats.bytes_up += nbytes(up)
-        self.stats.messages += 1
-        return up
+    base: object
+    scheduler: object
+    settings: TrainSettings
+    data: ClientData
+    seed: int
+    controlnet_template: nn.Module | None = None  # the public ControlNet architecture (weights arrive by message)
 
 
 class SchemeClient:
-    """Base class of the scheme clients: data, generator, and message dispatch by name."""
+    """Base class of the scheme clients.
 
-    def __init__(self, cid: int, base, scheduler, data: ClientData, settings: "TrainSettings", seed: int):
+    A client object lives for one message: the ClientApp builds it from its
+    :class:`ClientEnv`, restores what must outlive a message with :meth:`set_state`
+    (Flower's ``context.state``), answers the request with :meth:`serve` and saves
+    :meth:`get_state` back. So a client can run in a fresh process per message, as
+    under Flower's Deployment Engine. Subclasses set ``request_type`` and implement
+    :meth:`serve`; their state is their generator plus what they add.
+    """
+
+    request_type: type = object
+
+    def __init__(self, cid: int, env: ClientEnv):
         self.cid = cid
-        self.base = base
-        self.scheduler = scheduler
-        self.data = data
-        self.settings = settings
-        self.gen = client_generator(seed, cid)
+        self.env = env
+        self.base, self.scheduler, self.data, self.settings = env.base, env.scheduler, env.data, env.settings
+        self.gen = client_generator(env.seed, cid)
 
     def next_batch(self) -> Batch:
         return sample_batch(self.base, self.scheduler, self.data, self.settings.batch_size, self.gen,
                             self.settings.prompt_dropout)
 
-    def handle(self, method: str, payload: Payload) -> Payload:
-        fn = getattr(self, f"on_{method}", None)
-        if fn is None:
-            raise ValueError(f"{type(self).__name__} has no handler for message {method!r}")
-        return fn(payload)
+    def serve(self, request):
+        raise NotImplementedError
+
+    def get_state(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.gen.get_state()}
+
+    def set_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.gen.set_state(state["generator"])
 
     def held_modules(self) -> list[nn.Module]:
         """The modules this client holds and runs (frozen ones included)."""
@@ -207,6 +176,42 @@ class SchemeClient:
     def trainable_parameters(self) -> int:
         """Parameters this client trains: requires_grad over the modules it holds."""
         return sum(p.numel() for m in self.held_modules() for p in m.parameters() if p.requires_grad)
+
+
+class Channel:
+    """The server's typed connection to its clients over a (recording) Flower grid.
+
+    ``call(cid, request, reply_type, steps)`` sends one typed request to client ``cid``
+    (a partition id) as a ``message_type`` message, waits for the reply and decodes it,
+    validating every field. ``steps`` = (first step, number of steps) the round trip
+    serves, for the transcript. ``node_ids[cid]`` is client cid's node.
+    """
+
+    def __init__(self, grid, node_ids: list[int], message_type: str):
+        from sim.transcript import RecordingGrid
+
+        if not isinstance(grid, RecordingGrid):
+            raise TypeError("Channel needs a sim.transcript.RecordingGrid, so that every message is recorded")
+        self.grid, self.node_ids, self.message_type = grid, list(node_ids), message_type
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.node_ids)
+
+    @property
+    def transcript(self):
+        return self.grid.transcript
+
+    def call(self, cid: int, request, reply_type, steps: tuple[int, int] = (0, 0)):
+        from flwr.app import Message
+
+        from sim.wire import decode, encode
+
+        self.grid.window = steps
+        msg = Message(encode(request), dst_node_id=self.node_ids[cid], message_type=self.message_type,
+                      group_id=str(steps[0]))
+        (reply,) = self.grid.send_and_receive([msg])
+        return decode(reply.content, reply_type)
 
 
 class SplitServer:
@@ -246,7 +251,7 @@ class SchemeResult:
     steps: int
     wall_s: float
     server_s: float
-    wire: WireStats
+    transcript: object  # sim.transcript.Transcript
     server_trainable_params: int
     client_trainable_params: int = 0  # filled in by the simulation harness, which can see clients
     extra: dict = field(default_factory=dict)

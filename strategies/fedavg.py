@@ -2,8 +2,11 @@
 
 Client: holds everything (autoencoder, text encoder, frozen UNet, a ControlNet copy)
 and, per round, loads the global ControlNet, trains ``local_steps`` batches with a fresh
-AdamW and returns its weights and sample count. Server: the example-weighted average of
-the returned weights. Nothing crosses per step; the whole ControlNet crosses each way
+AdamW and returns its weights and sample count. Server: Flower's own
+``flwr.serverapp.strategy.FedAvg`` (example-weighted averaging; its robust variants
+plug in the same way), with Flower's message layout (``"arrays"`` + ``"config"`` down,
+``"arrays"`` + ``"metrics"`` up); we only tell each client its number of local steps
+and validate every reply before Flower aggregates it. Nothing crosses per step; the whole ControlNet crosses each way
 per round, and the device must hold and train the full model (the paper's objection at
 SD1.5 scale: >1 B parameters, ~1.4 GB upload per round).
 
@@ -13,30 +16,60 @@ issue) work on those.
 from __future__ import annotations
 
 import copy
+import math
 import time
+from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
 
 from sim.cuts import controlled_eps
+from sim.wire import config, decode, metric, state
 
-from .base import (InProcessTransport, Payload, SchemeClient, SchemeResult, TrainSettings, diffusion_loss,
-                   payload_to_state, progress, state_to_payload, turn_schedule)
+from .base import Channel, SchemeClient, SchemeResult, TrainSettings, diffusion_loss, progress, turn_schedule
+
+MESSAGE_TYPE = "train"  # Flower's MessageType.TRAIN: what its FedAvg sends
+
+
+@dataclass
+class FitIns:
+    """Server -> client (Flower's layout): the global ControlNet, the round, the local steps."""
+
+    arrays: dict = state(torch.float32, key="arrays")
+    server_round: int = config(int, key="server-round")
+    local_steps: int = config(int, key="local-steps")
+
+
+@dataclass
+class FitRes:
+    """Client -> server (Flower's layout): the local ControlNet, its weight, its per-step losses."""
+
+    arrays: dict = state(torch.float32, key="arrays")
+    num_examples: int = metric(int, key="num-examples")
+    losses: list = field(default_factory=list, metadata=metric(list, key="losses").metadata)
+
+    def check(self) -> None:
+        if self.num_examples < 1:
+            raise ValueError(f"num-examples must be >= 1, got {self.num_examples}")
 
 
 class FedAvgClient(SchemeClient):
-    def __init__(self, *args, controlnet: nn.Module, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.controlnet = copy.deepcopy(controlnet).train()
+    request_type = FitIns
 
-    def held_modules(self) -> list[nn.Module]:
+    def __init__(self, cid, env):
+        super().__init__(cid, env)
+        self.controlnet = copy.deepcopy(env.controlnet_template)  # weights are loaded from each FitIns
+
+    def held_modules(self):
         return super().held_modules() + [self.base.unet, self.controlnet]
 
-    def on_fit(self, payload: Payload) -> Payload:
-        self.controlnet.load_state_dict(payload_to_state(payload, "controlnet"))
+    def serve(self, request: FitIns) -> FitRes:
+        self.controlnet.load_state_dict(request.arrays)
+        self.controlnet.train()
         opt = torch.optim.AdamW(self.controlnet.parameters(), lr=self.settings.lr)
         losses = []
-        for _ in range(int(payload["local_steps"])):
+        for _ in range(request.local_steps):
             b = self.next_batch()
             eps_hat = controlled_eps("fedavg", self.base.unet, self.controlnet, self.base.autoencoder,
                                      b.x_t, b.t, b.context, b.hint)
@@ -45,51 +78,88 @@ class FedAvgClient(SchemeClient):
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        return {**state_to_payload(self.controlnet, "controlnet"), "num_examples": len(self.data),
-                "losses": torch.tensor(losses)}
+        return FitRes(dict(self.controlnet.state_dict()), len(self.data), losses)
 
 
-def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    """FedAvg aggregation: sum_i w_i * state_i / sum_i w_i, key by key."""
-    total = float(sum(weights))
-    return {k: sum(s[k].float() * (w / total) for s, w in zip(states, weights)).to(states[0][k].dtype)
-            for k in states[0]}
+def _mean_scalar_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted mean of the scalar train metrics (per-step loss lists differ in length)."""
+    metrics = [next(iter(r.metric_records.values())) for r in records]
+    w = [float(m[weight_key]) for m in metrics]
+    out = MetricRecord()
+    for k, v in metrics[0].items():
+        if k != weight_key and not isinstance(v, list):
+            out[k] = sum(float(m[k]) * wi for m, wi in zip(metrics, w)) / sum(w)
+    return out
+
+
+class _TurnFedAvg(FedAvg):
+    """Flower's FedAvg, told the turn schedule: each client gets its own ``local-steps``
+    (the last round may be short), and every reply is decoded (validated) before
+    Flower aggregates it; the per-step losses are kept in schedule order."""
+
+    def __init__(self, turns: list[tuple[int, int]], partition_of: dict[int, int], bar, **kwargs):
+        super().__init__(**kwargs)
+        self.turns, self.partition_of, self.bar = turns, partition_of, bar
+        self.losses: list[float] = []
+        self.steps_done = 0
+
+    def _round_turns(self, server_round: int) -> dict[int, int]:
+        n = len(set(self.partition_of.values()))
+        return dict(self.turns[(server_round - 1) * n: server_round * n])
+
+    def configure_train(self, server_round, arrays, config, grid):
+        messages = super().configure_train(server_round, arrays, config, grid)
+        ks = self._round_turns(server_round)
+        out = []
+        for m in messages:
+            k = ks.get(self.partition_of[m.metadata.dst_node_id], 0)
+            if k:
+                cfg = ConfigRecord({**dict(config), "local-steps": k})
+                out.append(Message(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg}),
+                                   dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type,
+                                   group_id=str(server_round)))
+        grid.window = (self.steps_done, sum(ks.values()))
+        return out
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        for r in replies:  # RecordingGrid ordered them by partition: the schedule's order
+            res = decode(r.content, FitRes)
+            self.losses.extend(res.losses)
+        k = sum(self._round_turns(server_round).values())
+        self.steps_done += k
+        self.bar.update(k)
+        if self.losses:
+            self.bar.set_postfix(loss=f"{self.losses[-1]:.4f}", round=server_round)
+        return super().aggregate_train(server_round, replies)
 
 
 class FedAvgStrategy:
-    """Server side: broadcast the global ControlNet, collect local updates, average."""
+    """Server side: Flower's FedAvg over the global ControlNet."""
 
     name = "fedavg"
     client_class = FedAvgClient
+    message_type = MESSAGE_TYPE
 
     def __init__(self, unet, controlnet, scheduler, settings: TrainSettings):
         self.unet = unet  # the server's frozen UNet (fedavg: unused)
-        self.controlnet = copy.deepcopy(controlnet)
+        self.controlnet = controlnet
         self.settings = settings
-        self.initial = controlnet
 
-    def client_kwargs(self) -> dict:
-        """What a client needs from the server at start-up besides the recipe: the initial ControlNet."""
-        return {"controlnet": self.initial}
-
-    def start(self, transport: InProcessTransport) -> SchemeResult:
+    def start(self, channel: Channel) -> SchemeResult:
         t0 = time.perf_counter()
-        server_s, losses, rounds = 0.0, [], 0
-        turns = turn_schedule(self.settings.steps, transport.num_clients, self.settings.local_steps)
-        n = transport.num_clients
+        n = channel.num_clients
+        turns = turn_schedule(self.settings.steps, n, self.settings.local_steps)
         bar = progress(self.settings.steps, self.name)
-        for r in range(0, len(turns), n):  # a round: every client once, from the same global model
-            global_state = state_to_payload(self.controlnet, "controlnet")
-            replies = [(transport.call(cid, "fit", {**global_state, "local_steps": k})) for cid, k in turns[r:r + n]]
-            s0 = time.perf_counter()
-            states = [payload_to_state(rep, "controlnet") for rep in replies]
-            self.controlnet.load_state_dict(weighted_average(states, [rep["num_examples"] for rep in replies]))
-            server_s += time.perf_counter() - s0
-            for rep in replies:  # per-step losses in the order the turn schedule ran them
-                losses.extend(rep["losses"].tolist())
-            rounds += 1
-            bar.update(sum(k for _, k in turns[r:r + n]))
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", round=rounds)
+        flower = _TurnFedAvg(turns, channel.grid.partition_of, bar, fraction_train=1.0, fraction_evaluate=0.0,
+                             min_train_nodes=n, min_available_nodes=n, train_metrics_aggr_fn=_mean_scalar_metrics)
+        result = flower.start(grid=channel.grid, initial_arrays=ArrayRecord(torch_state_dict=self.controlnet.state_dict()),
+                              num_rounds=math.ceil(len(turns) / n), train_config=ConfigRecord())
         bar.close()
-        return SchemeResult(self.name, self.controlnet.eval(), losses, len(losses), time.perf_counter() - t0,
-                            server_s, transport.stats, server_trainable_params=0, extra={"rounds": rounds})
+        final = copy.deepcopy(self.controlnet)
+        final.load_state_dict(result.arrays.to_torch_state_dict())
+        wall = time.perf_counter() - t0
+        server_s = wall - sum(s.round_trip_s for s in channel.transcript.stats if s.scheme == self.name)
+        return SchemeResult(self.name, final.eval(), flower.losses, len(flower.losses), wall, server_s,
+                            channel.transcript, server_trainable_params=0,
+                            extra={"rounds": math.ceil(len(turns) / n)})

@@ -5,7 +5,8 @@ UNet ``conv_in``); it has 0 trainable parameters and no optimizer. Per batch it 
 ``control_input = E(hint) + x_t``, ``unet_features = unet.conv_in(x_t)``, t, the noise
 target and the text context. Server: trains the whole ControlNet from its ``conv_in`` on
 (the hint block is unused) on top of the frozen UNet. Nothing flows back, so a client
-can stream a whole turn of batches in one message.
+can stream a whole turn of ``local-steps`` batches in one message (K batches per
+message: 10x fewer messages than one per step at the default K = 10).
 
 Threat model: the server is honest-but-curious and sees every sent tensor, including
 the noise target and t; this is the reference design, whose leak (solve the public
@@ -14,29 +15,59 @@ first conv for x_t, subtract the noise) later issues measure and defend against.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 from sim.cuts import CUTS, nograd_control_input, unet_first_conv
+from sim.wire import config, same_leading_dims, tensor
 
-from .base import (InProcessTransport, Payload, SchemeClient, SchemeResult, SplitServer, TrainSettings, progress,
-                   turn_schedule)
+from .base import Channel, SchemeClient, SchemeResult, SplitServer, TrainSettings, progress, turn_schedule
+
+MESSAGE_TYPE = "query.nograd"
+
+
+@dataclass
+class FeaturesRequest:
+    """Server -> client: send the next ``k`` batches."""
+
+    k: int = config(int)
+
+    def check(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+
+
+@dataclass
+class Features:
+    """Client -> server: ``k`` batches of what the server needs, stacked on a leading K axis."""
+
+    control_input: torch.Tensor = tensor(torch.float32, 5)  # (K, B, C, H, W): E(hint) + x_t
+    unet_features: torch.Tensor = tensor(torch.float32, 5)  # (K, B, C0, H, W): frozen unet.conv_in(x_t)
+    t: torch.Tensor = tensor(torch.int64, 2)  # (K, B)
+    noise: torch.Tensor = tensor(torch.float32, 5)  # (K, B, C, H, W): the epsilon target
+    context: torch.Tensor = tensor(torch.float32, 4)  # (K, B, L, D): text-encoder states
+
+    def check(self) -> None:
+        same_leading_dims(self, ["control_input", "unet_features", "t", "noise", "context"], 2)
 
 
 class NoGradClient(SchemeClient):
-    """Frozen feature producer: answers ``features`` with ``k`` batches of what the server needs."""
+    """Frozen feature producer: answers a :class:`FeaturesRequest` with ``k`` batches."""
+
+    request_type = FeaturesRequest
 
     @torch.no_grad()
-    def on_features(self, payload: Payload) -> Payload:
+    def serve(self, request: FeaturesRequest) -> Features:
         parts = []
-        for _ in range(int(payload["k"])):
+        for _ in range(request.k):
             b = self.next_batch()
             parts.append(dict(
                 control_input=nograd_control_input(self.base.autoencoder, b.x_t, b.hint),
                 unet_features=unet_first_conv(self.base.unet, b.x_t),
                 t=b.t, noise=b.noise, context=b.context,
             ))
-        return {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
+        return Features(**{k: torch.stack([p[k] for p in parts]) for k in parts[0]})
 
 
 class NoGradStrategy(SplitServer):
@@ -44,30 +75,27 @@ class NoGradStrategy(SplitServer):
 
     name = "nograd"
     client_class = NoGradClient
+    message_type = MESSAGE_TYPE
 
     def __init__(self, unet, controlnet, scheduler, settings: TrainSettings):
         super().__init__(unet, controlnet, scheduler, settings, off_server=CUTS["nograd"].unused)
 
-    def client_kwargs(self) -> dict:
-        """What a client needs from the server at start-up besides the recipe: nothing."""
-        return {}
-
     def train_step(self, control_input, unet_features, t, noise, context) -> float:
         return self.server_step(self.controlnet.conv_in(control_input), unet_features, t, noise, context)
 
-    def start(self, transport: InProcessTransport) -> SchemeResult:
+    def start(self, channel: Channel) -> SchemeResult:
         t0 = time.perf_counter()
         server_s, losses = 0.0, []
         bar = progress(self.settings.steps, self.name)
-        for cid, k in turn_schedule(self.settings.steps, transport.num_clients, self.settings.local_steps):
-            reply = transport.call(cid, "features", {"k": k})
+        for cid, k in turn_schedule(self.settings.steps, channel.num_clients, self.settings.local_steps):
+            reply = channel.call(cid, FeaturesRequest(k), Features, steps=(len(losses), k))
             s0 = time.perf_counter()
             for i in range(k):
-                losses.append(self.train_step(*(reply[n][i] for n in
-                                                 ("control_input", "unet_features", "t", "noise", "context"))))
+                losses.append(self.train_step(reply.control_input[i], reply.unet_features[i], reply.t[i],
+                                              reply.noise[i], reply.context[i]))
                 bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             server_s += time.perf_counter() - s0
         bar.close()
         return SchemeResult(self.name, self.controlnet.eval(), losses, len(losses), time.perf_counter() - t0,
-                            server_s, transport.stats, server_trainable_params=self.server_trainable_params())
+                            server_s, channel.transcript, server_trainable_params=self.server_trainable_params())

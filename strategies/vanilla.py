@@ -5,13 +5,15 @@ head (``controlnet_cond_embedding`` + ``conv_in``) with its own AdamW. Per step 
 sends the head's output, the UNet first-conv output, t, the noise target and the
 context; the server runs the rest of the ControlNet and the frozen UNet, steps its own
 optimizer and returns the gradient of the head's output. The client applies it to *the
-very activation the server used* (same batch, t and noise: it keeps that activation's
-graph), fixing the reference code, which re-ran its forward pass with fresh t and noise.
+very activation the server used* (same batch, t and noise: it keeps the head's inputs
+in its state and recomputes the identical activation), fixing the reference code,
+which re-ran its forward pass with fresh t and noise.
 
 Efficiency: the gradient of step i rides on the request for step i+1, so a turn of k
 steps costs k + 1 round trips. Clients take turns; the head's weights are relayed
 through the server at each turn (Plato's sequential split learning), and each turn
-starts a fresh client optimizer, so a client keeps no state between turns.
+starts a fresh client optimizer, so a client keeps no state between turns (within a
+turn: the head, its optimizer and the pending inputs, in Flower's ``context.state``).
 
 Threat model: the server sees everything the nograd server sees except the raw hint
 path (the head is trained and private), and it chooses the gradients it returns, which
@@ -21,16 +23,49 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from sim.cuts import CUTS, control_head, resolve, unet_first_conv
+from sim.wire import config, same_leading_dims, state, tensor
 
-from .base import (InProcessTransport, Payload, SchemeClient, SchemeResult, SplitServer, TrainSettings,
-                   payload_to_state, progress, state_to_payload, turn_schedule)
+from .base import Channel, SchemeClient, SchemeResult, SplitServer, TrainSettings, progress, turn_schedule
 
 CUT = CUTS["vanilla"]
+MESSAGE_TYPE = "query.vanilla"
+BATCH_FIELDS = ["control_features", "unet_features", "t", "noise", "context"]
+
+
+@dataclass
+class VanillaRequest:
+    """Server -> client: (at a turn's start) the relayed head; the gradient of the last
+    batch's head output; whether to send the next batch (else: return the head)."""
+
+    head: dict | None = state(torch.float32, optional=True)
+    control_features_grad: torch.Tensor | None = tensor(torch.float32, 4, optional=True)
+    want_batch: bool = config(bool, default=True)
+
+
+@dataclass
+class VanillaReply:
+    """Client -> server: the next batch at the cut, or (end of turn) the trained head."""
+
+    control_features: torch.Tensor | None = tensor(torch.float32, 4, optional=True)  # head(x_t, hint)
+    unet_features: torch.Tensor | None = tensor(torch.float32, 4, optional=True)  # frozen unet.conv_in(x_t)
+    t: torch.Tensor | None = tensor(torch.int64, 1, optional=True)
+    noise: torch.Tensor | None = tensor(torch.float32, 4, optional=True)
+    context: torch.Tensor | None = tensor(torch.float32, 3, optional=True)
+    head: dict | None = state(torch.float32, optional=True)
+
+    def check(self) -> None:
+        present = [n for n in BATCH_FIELDS if getattr(self, n) is not None]
+        if present and len(present) != len(BATCH_FIELDS):
+            raise ValueError(f"a batch needs all of {BATCH_FIELDS}, got only {present}")
+        if not present and self.head is None:
+            raise ValueError("neither a batch nor the head")
+        same_leading_dims(self, BATCH_FIELDS, 1)
 
 
 class ControlHead(nn.Module):
@@ -46,36 +81,71 @@ class ControlHead(nn.Module):
         return control_head(self, x_t, hint)
 
 
+def _prefixed(d: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    p = f"{prefix}."
+    return {k[len(p):]: v for k, v in d.items() if k.startswith(p)}
+
+
 class VanillaClient(SchemeClient):
-    def __init__(self, *args, controlnet: nn.Module, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.head = ControlHead(controlnet).train()
-        self.opt = None
-        self.pending: torch.Tensor | None = None  # the activation the server is working on
+    """Trains the head with the cut-layer gradients the server returns."""
+
+    request_type = VanillaRequest
+
+    def __init__(self, cid, env):
+        super().__init__(cid, env)
+        self.head = ControlHead(env.controlnet_template).train()
+        self.opt: torch.optim.Optimizer | None = None
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (x_t, hint) of the batch the server has
 
     def held_modules(self) -> list[nn.Module]:
         return super().held_modules() + [self.head]
 
-    def on_step(self, payload: Payload) -> Payload:
-        """Optionally load the relayed head, apply the previous gradient, then send the next batch."""
-        if any(k.startswith("head/") for k in payload):
-            self.head.load_state_dict(payload_to_state(payload, "head"))
+    # ----------------------------------------------------------- state between messages
+    def get_state(self) -> dict[str, torch.Tensor]:
+        out = super().get_state()
+        out.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        if self.opt is not None:
+            for i, st in self.opt.state_dict()["state"].items():
+                out.update({f"opt.{i}.{k}": torch.as_tensor(v) for k, v in st.items()})
+            out["opt.present"] = torch.ones(1)
+        if self.pending is not None:
+            out["pending.x_t"], out["pending.hint"] = self.pending
+        return out
+
+    def set_state(self, st: dict[str, torch.Tensor]) -> None:
+        super().set_state(st)
+        self.head.load_state_dict(_prefixed(st, "head"))
+        if "opt.present" in st:
             self.opt = torch.optim.AdamW(self.head.parameters(), lr=self.settings.lr)
-        if "control_features_grad" in payload:
-            if self.pending is None:
-                raise RuntimeError(f"client {self.cid} got a gradient but has no pending activation")
+            sd = self.opt.state_dict()
+            n = len(sd["param_groups"][0]["params"])
+            sd["state"] = {i: _prefixed(st, f"opt.{i}") for i in range(n) if f"opt.{i}.step" in st}
+            self.opt.load_state_dict(sd)
+        if "pending.x_t" in st:
+            self.pending = (st["pending.x_t"], st["pending.hint"])
+
+    # ----------------------------------------------------------- the step
+    def serve(self, request: VanillaRequest) -> VanillaReply:
+        """Optionally load the relayed head, apply the previous gradient, then send the next batch."""
+        if request.head is not None:
+            self.head.load_state_dict(request.head)
+            self.opt = torch.optim.AdamW(self.head.parameters(), lr=self.settings.lr)
+        if request.control_features_grad is not None:
+            if self.pending is None or self.opt is None:
+                raise RuntimeError(f"client {self.cid} got a gradient but has no pending batch")
+            activation = self.head(*self.pending)  # bit-identical to the one sent: same inputs, same weights
             self.opt.zero_grad(set_to_none=True)
-            self.pending.backward(payload["control_features_grad"])
+            activation.backward(request.control_features_grad)
             self.opt.step()
             self.pending = None
-        if not payload.get("want_batch", True):
-            return state_to_payload(self.head, "head")
+        if not request.want_batch:
+            return VanillaReply(head=self.head.state_dict())
         b = self.next_batch()
-        self.pending = self.head(b.x_t, b.hint)
+        self.pending = (b.x_t, b.hint)
         with torch.no_grad():
+            control_features = self.head(b.x_t, b.hint)
             unet_features = unet_first_conv(self.base.unet, b.x_t)
-        return dict(control_features=self.pending, unet_features=unet_features, t=b.t, noise=b.noise,
-                    context=b.context)
+        return VanillaReply(control_features, unet_features, b.t, b.noise, b.context)
 
 
 class VanillaStrategy(SplitServer):
@@ -83,42 +153,44 @@ class VanillaStrategy(SplitServer):
 
     name = "vanilla"
     client_class = VanillaClient
+    message_type = MESSAGE_TYPE
 
     def __init__(self, unet, controlnet, scheduler, settings: TrainSettings):
         super().__init__(unet, controlnet, scheduler, settings, off_server=CUT.client_trainable)
-        self.head_state = state_to_payload(ControlHead(controlnet), "head")
-        self.initial = controlnet
-
-    def client_kwargs(self) -> dict:
-        """What a client needs from the server at start-up besides the recipe: the initial ControlNet."""
-        return {"controlnet": self.initial}
+        self.head_state = ControlHead(controlnet).state_dict()
 
     def train_step(self, control_features, unet_features, t, noise, context) -> tuple[float, torch.Tensor]:
         control_features = control_features.requires_grad_(True)
         loss = self.server_step(control_features, unet_features, t, noise, context)
         return loss, control_features.grad
 
-    def start(self, transport: InProcessTransport) -> SchemeResult:
+    def start(self, channel: Channel) -> SchemeResult:
         t0 = time.perf_counter()
         server_s, losses = 0.0, []
         bar = progress(self.settings.steps, self.name)
-        for cid, k in turn_schedule(self.settings.steps, transport.num_clients, self.settings.local_steps):
-            request: Payload = dict(self.head_state)
+        for cid, k in turn_schedule(self.settings.steps, channel.num_clients, self.settings.local_steps):
+            request = VanillaRequest(head=self.head_state)
             for _ in range(k):
-                reply = transport.call(cid, "step", request)
+                reply = channel.call(cid, request, VanillaReply, steps=(len(losses), 1))
+                if reply.control_features is None:
+                    raise RuntimeError(f"vanilla: client {cid} sent no batch")
                 s0 = time.perf_counter()
-                loss, grad = self.train_step(**reply)
+                loss, grad = self.train_step(*(getattr(reply, n) for n in BATCH_FIELDS))
                 server_s += time.perf_counter() - s0
                 losses.append(loss)
-                request = {"control_features_grad": grad}
+                request = VanillaRequest(control_features_grad=grad)
                 bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            self.head_state = transport.call(cid, "step", {**request, "want_batch": False})
+            request.want_batch = False
+            reply = channel.call(cid, request, VanillaReply, steps=(len(losses) - 1, 0))
+            if reply.head is None:
+                raise RuntimeError(f"vanilla: client {cid} did not return its head at the end of its turn")
+            self.head_state = reply.head
         bar.close()
         head = ControlHead(self.controlnet)
-        head.load_state_dict(payload_to_state(self.head_state, "head"))
+        head.load_state_dict(self.head_state)
         final = copy.deepcopy(self.controlnet)
         for name in CUT.client_trainable:
             resolve(name, controlnet=final).load_state_dict(resolve(name, controlnet=head).state_dict())
         return SchemeResult(self.name, final.eval(), losses, len(losses), time.perf_counter() - t0, server_s,
-                            transport.stats, server_trainable_params=self.server_trainable_params())
+                            channel.transcript, server_trainable_params=self.server_trainable_params())

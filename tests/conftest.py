@@ -57,3 +57,10 @@ def tiny_base():
 @pytest.fixture(scope="session")
 def sd15_mini_base():
     return make_base("sd15-mini")
+
+
+def through_wire(tensors: dict) -> dict:
+    """Tensors as they arrive after crossing: serialised into a Flower ArrayRecord and back."""
+    from flwr.app import ArrayRecord
+
+    return ArrayRecord(torch_state_dict={k: v.detach() for k, v in tensors.items()}).to_torch_state_dict()

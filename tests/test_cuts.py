@@ -6,10 +6,9 @@ import copy
 import pytest
 import torch
 
-from conftest import perturb_zero_convs
+from conftest import perturb_zero_convs, through_wire
 from sim.cuts import (CUTS, control_head, control_rest, nograd_control_input, unet_first_conv, unet_rest)
 from sim.models import build_controlnet
-from strategies.base import to_wire
 
 
 def _inputs(base, batch=2, seed=0):
@@ -43,7 +42,7 @@ def test_vanilla_and_fedavg_split_equals_whole(setup):
     x, t, ctx, hint = _inputs(base)
     whole = _whole(base, cn, x, t, ctx, hint)
     # client half, then the wire (detached copies), then the server half
-    sent = to_wire(dict(cf=control_head(cn, x, hint), uf=unet_first_conv(base.unet, x), t=t, ctx=ctx))
+    sent = through_wire(dict(cf=control_head(cn, x, hint), uf=unet_first_conv(base.unet, x), t=t, ctx=ctx))
     down, mid = control_rest(cn, sent["cf"], sent["t"], sent["ctx"])
     split = unet_rest(base.unet, sent["uf"], sent["t"], sent["ctx"], down, mid)
     assert whole.abs().mean() > 1e-3  # a real signal, not zeros
@@ -59,7 +58,7 @@ def test_nograd_split_equals_whole(setup):
     ref = copy.deepcopy(cn)
     ref.controlnet_cond_embedding.forward = lambda c: torch.zeros(())  # contributes nothing
     whole = _whole(base, ref, x, t, ctx, hint, sample=h)
-    sent = to_wire(dict(h=h, uf=unet_first_conv(base.unet, x), t=t, ctx=ctx))
+    sent = through_wire(dict(h=h, uf=unet_first_conv(base.unet, x), t=t, ctx=ctx))
     down, mid = control_rest(cn, cn.conv_in(sent["h"]), sent["t"], sent["ctx"])
     split = unet_rest(base.unet, sent["uf"], sent["t"], sent["ctx"], down, mid)
     assert (split - whole).abs().max().item() <= 1e-6
@@ -80,11 +79,11 @@ def test_vanilla_cut_gradients_equal_centralised(setup):
     # split: client head -> wire -> server rest; server returns the cut gradient; client applies it
     split = copy.deepcopy(cn)
     act = control_head(split, x, hint)
-    sent = to_wire(dict(cf=act, uf=unet_first_conv(base.unet, x)))
+    sent = through_wire(dict(cf=act, uf=unet_first_conv(base.unet, x)))
     cf = sent["cf"].requires_grad_(True)
     down, mid = control_rest(split, cf, t, ctx)
     ((unet_rest(base.unet, sent["uf"], t, ctx, down, mid) - noise) ** 2).mean().backward()
-    act.backward(to_wire({"g": cf.grad})["g"])
+    act.backward(through_wire({"g": cf.grad})["g"])
     for (name, pc), (_, ps) in zip(central.named_parameters(), split.named_parameters()):
         assert pc.grad is not None and ps.grad is not None, name
         assert (pc.grad - ps.grad).abs().max().item() <= 1e-5, name

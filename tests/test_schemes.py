@@ -1,4 +1,5 @@
-"""The three schemes in process: what trains, what stays frozen, what crosses, determinism."""
+"""The three schemes through the Flower apps on the in-process grid: what trains, what
+stays frozen, what crosses, determinism."""
 from __future__ import annotations
 
 import copy
@@ -7,12 +8,14 @@ import pytest
 import torch
 
 from conftest import make_base, perturb_zero_convs
-from sim.compare import fingerprint
+from sim.client_app import make_client_app
+from sim.compare import discover, fingerprint, run_strategy
 from sim.cuts import controlled_eps
+from sim.grid import InProcessGrid
 from sim.models import build_controlnet, ddpm_scheduler
-from strategies import InProcessTransport, get_strategy
-from strategies.base import ClientData, TrainSettings, client_generator, sample_batch, turn_schedule
-from strategies.fedavg import weighted_average
+from sim.transcript import Transcript
+from strategies import get_strategy
+from strategies.base import ClientData, ClientEnv, TrainSettings, client_generator, sample_batch, turn_schedule
 
 
 def _clients(base, n_clients=2, n=12, seed=0):
@@ -25,14 +28,17 @@ def _clients(base, n_clients=2, n=12, seed=0):
     return out
 
 
-def _run(scheme, base, controlnet, steps=4, local_steps=2, batch=2, lr=1e-3, seed=0, weight=1.0):
-    cls = get_strategy(scheme)
+def _envs(base, controlnet, settings, seed=0):
     sched = ddpm_scheduler(base.preset)
+    return [ClientEnv(base, sched, settings, d, seed, controlnet) for d in _clients(base)]
+
+
+def _run(scheme, base, controlnet, steps=4, local_steps=2, batch=2, lr=1e-3, seed=0, weight=1.0, keep=0):
     settings = TrainSettings(lr=lr, steps=steps, local_steps=local_steps, batch_size=batch, high_noise_weight=weight)
-    strategy = cls(base.unet, controlnet, sched, settings)
-    clients = [cls.client_class(c, base, sched, d, settings, seed, **strategy.client_kwargs())
-               for c, d in enumerate(_clients(base))]
-    return strategy.start(InProcessTransport(clients)), clients
+    envs = _envs(base, controlnet, settings, seed)
+    grid = InProcessGrid(make_client_app(lambda ctx: envs[int(ctx.node_config["partition-id"])]), len(envs), {})
+    res = run_strategy(scheme, base, controlnet, settings, seed, grid, discover(grid, len(envs)), Transcript(keep))
+    return res, envs
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +64,17 @@ def test_frozen_parts_stay_bit_identical_and_controlnet_trains(scheme, base, con
 
 
 def test_nograd_client_has_nothing_to_train_and_gets_nothing_back(base, controlnet):
-    res, clients = _run("nograd", base, controlnet)
-    for c in clients:
-        assert c.trainable_parameters() == 0
-        assert not any(isinstance(v, torch.optim.Optimizer) for v in vars(c).values())
-    # server -> client carries only the request ({"k": n}): 8 bytes per message, no tensor
-    assert res.wire.bytes_down == 8 * res.wire.messages
-    assert res.wire.bytes_up > 1000 * res.wire.bytes_down
+    res, envs = _run("nograd", base, controlnet)
+    assert res.client_trainable_params == 0
+    client = get_strategy("nograd").client_class(0, envs[0])
+    client.serve(client.request_type(k=2))
+    assert not any(isinstance(v, torch.optim.Optimizer) for v in vars(client).values())
+    assert set(client.get_state()) == {"generator"}  # all a nograd client carries between messages
+    t = res.transcript
+    # server -> client carries only the request (k: one number): 8 bytes per message, no tensor
+    assert t.bytes_down == 8 * t.messages
+    assert t.bytes_up > 1000 * t.bytes_down
+    assert t.messages == 2  # one message per turn of local-steps batches, not one per step
 
 
 def test_vanilla_applies_the_gradient_to_the_activation_the_server_used(base):
@@ -75,7 +85,7 @@ def test_vanilla_applies_the_gradient_to_the_activation_the_server_used(base):
     """
     torch.manual_seed(0)
     controlnet = perturb_zero_convs(build_controlnet(base.unet, base.preset))
-    res, clients = _run("vanilla", base, controlnet, steps=1, local_steps=1, lr=1e-2)
+    res, _ = _run("vanilla", base, controlnet, steps=1, local_steps=1, lr=1e-2)
     # recompute centrally: the same client generator gives the same batch, t and noise
     central = copy.deepcopy(controlnet).train()
     b = sample_batch(base, ddpm_scheduler(base.preset), _clients(base)[0], 2, client_generator(0, 0))
@@ -92,14 +102,7 @@ def test_vanilla_applies_the_gradient_to_the_activation_the_server_used(base):
     # and it moved by the gradient, not only by weight decay: compare with a decay-only step
     decay_only = controlnet.conv_in.weight * (1 - 1e-2 * 0.01)
     assert (trained.conv_in.weight - decay_only).abs().max() > 1e-4
-    assert res.wire.bytes_down > 0 and clients[0].trainable_parameters() > 0
-
-
-def test_fedavg_weighted_average():
-    a = {"w": torch.tensor([0.0, 2.0])}
-    b = {"w": torch.tensor([4.0, 6.0])}
-    out = weighted_average([a, b], [1, 3])
-    assert torch.allclose(out["w"], torch.tensor([3.0, 5.0]))
+    assert res.transcript.bytes_down > 0 and res.client_trainable_params > 0
 
 
 def test_same_seed_same_losses_and_same_batches_across_schemes(base, controlnet):

@@ -1,0 +1,79 @@
+"""An in-process Flower ``Grid``: the real ServerApp logic and the real ClientApp, no engine.
+
+:class:`InProcessGrid` implements Flower's ``Grid`` interface by calling a ``ClientApp``
+directly, one node per client, each with its own ``Context`` (``node_config`` holds
+``partition-id`` and ``num-partitions``, as Flower's simulation and SuperNodes give it;
+``state`` persists between messages, as a SuperNode keeps it). Messages are the same
+``Message`` objects with the same records as under Flower's engines, so payloads are
+serialised to bytes and back: nothing is shared between the two sides.
+
+This is the default transport (deterministic, ~ms per round trip, used by tests and by
+``splitcontrol compare``); Flower's Ray simulation and Deployment Engine run the same
+apps (see ``sim/server_app.py`` and ``sim/client_app.py``).
+"""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+SERVER_NODE_ID = 1  # Flower's SUPERLINK_NODE_ID
+FIRST_CLIENT_NODE_ID = 100
+
+
+class InProcessGrid(Grid):
+    """``num_nodes`` clients served by ``client_app`` in this process (node ids 100, 101, ...)."""
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict, run_id: int = 1):
+        if num_nodes < 1:
+            raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
+        self.client_app = client_app
+        self._run = Run.create_empty(run_id)
+        self.contexts = {
+            FIRST_CLIENT_NODE_ID + i: Context(run_id=run_id, node_id=FIRST_CLIENT_NODE_ID + i,
+                                              node_config={"partition-id": i, "num-partitions": num_nodes},
+                                              state=RecordDict(), run_config=dict(run_config))
+            for i in range(num_nodes)
+        }
+        # what a running ServerApp has set: lets Flower's strategies build Messages
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SERVER_NODE_ID
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        self._pending = getattr(self, "_pending", {})
+        ids = []
+        for m in messages:
+            if m.metadata.dst_node_id not in self.contexts:
+                raise ValueError(f"no node {m.metadata.dst_node_id}; nodes are {list(self.contexts)}")
+            m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            ids.append(m.metadata.message_id)
+            self._pending[m.metadata.message_id] = m
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = []
+        for mid in message_ids:
+            m = self._pending.pop(mid)
+            replies.append(self.client_app(m, self.contexts[m.metadata.dst_node_id]))
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return list(self.pull_messages(list(self.push_messages(messages))))

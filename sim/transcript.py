@@ -1,0 +1,171 @@
+"""One transcript of everything that crosses between the server and the clients.
+
+Every scheme's messages go through :class:`RecordingGrid`, a Flower ``Grid`` that wraps
+the real one (in-process, Ray simulation or Deployment Engine) and writes one
+:class:`MessageStat` per round trip into a :class:`Transcript`: the client, the message
+type, the training steps the message serves, the serialised bytes each way, and the
+client's own compute time and peak memory (which the client reports in its reply's
+metrics). A reply that carries an error stops the run with that error, naming the client.
+
+What the server saw
+-------------------
+The transcript also keeps the records themselves (what the server sent and what it
+received) for the first ``keep`` round trips. Attacks (a later issue) read only these
+and the declared public knowledge, never the clients' data. ``keep=0`` (the default of a
+plain ``compare``) keeps statistics only; a no-gradient-return run ships ~1.4 MB per
+step, so keeping a whole run in memory is a choice, not a default.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from .wire import record_nbytes
+
+CLIENT_S = "client-s"  # reply metric: seconds the client spent in its handler
+CLIENT_PEAK_MB = "client-peak-mb"  # reply metric: the client process's peak resident memory so far (MiB)
+
+
+@dataclass
+class MessageStat:
+    """One round trip: request down to a client, reply up."""
+
+    index: int
+    scheme: str
+    client: int  # partition id
+    message_type: str
+    first_step: int  # the training steps this message serves: [first_step, first_step + num_steps)
+    num_steps: int
+    bytes_down: int
+    bytes_up: int
+    client_s: float
+    client_peak_mb: float
+    round_trip_s: float
+
+
+@dataclass
+class Transcript:
+    """Per-message statistics of a run and, for the first ``keep`` round trips, the records."""
+
+    keep: int = 0
+    stats: list[MessageStat] = field(default_factory=list)
+    seen: list[tuple[MessageStat, RecordDict, RecordDict]] = field(default_factory=list)  # (stat, down, up)
+
+    def add(self, stat: MessageStat, down: RecordDict, up: RecordDict) -> None:
+        self.stats.append(stat)
+        if len(self.seen) < self.keep:
+            self.seen.append((stat, down, up))
+
+    # ------------------------------------------------------------------ totals
+    @property
+    def messages(self) -> int:
+        return len(self.stats)
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(s.bytes_up for s in self.stats)
+
+    @property
+    def bytes_down(self) -> int:
+        return sum(s.bytes_down for s in self.stats)
+
+    @property
+    def client_s(self) -> float:
+        return sum(s.client_s for s in self.stats)
+
+    @property
+    def client_peak_mb(self) -> float:
+        return max((s.client_peak_mb for s in self.stats), default=0.0)
+
+    def per_step(self, steps: int) -> dict[str, list[float]]:
+        """Bytes each way per training step, a message's bytes spread evenly over the steps it serves."""
+        up, down = [0.0] * steps, [0.0] * steps
+        for s in self.stats:
+            n = max(1, s.num_steps)
+            for i in range(s.first_step, min(steps, s.first_step + n)):
+                up[i] += s.bytes_up / n
+                down[i] += s.bytes_down / n
+        return {"bytes_up": up, "bytes_down": down}
+
+    def summary(self, steps: int) -> dict:
+        return {"messages": self.messages, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                "bytes_up_per_step": self.bytes_up / steps, "bytes_down_per_step": self.bytes_down / steps,
+                "messages_per_step": self.messages / steps, "client_s": round(self.client_s, 3),
+                "client_peak_mb": round(self.client_peak_mb, 1)}
+
+    def write_jsonl(self, path: str | Path) -> None:
+        with Path(path).open("w") as f:
+            for s in self.stats:
+                f.write(json.dumps(asdict(s)) + "\n")
+
+
+class RecordingGrid(Grid):
+    """A Flower ``Grid`` that passes messages to ``inner`` and records each round trip.
+
+    ``partition_of`` maps node ids to partition ids (client numbers). The strategy sets
+    :attr:`window` (first step, number of steps) before each send so that the
+    transcript can attribute bytes to training steps, and :attr:`scheme`.
+    """
+
+    def __init__(self, inner: Grid, transcript: Transcript, partition_of: dict[int, int], scheme: str = ""):
+        self.inner = inner
+        self.transcript = transcript
+        self.partition_of = dict(partition_of)
+        self.scheme = scheme
+        self.window = (0, 0)
+
+    # the abstract Grid interface, delegated
+    def set_run(self, run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self):
+        return self.inner.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.partition_of)
+
+    def push_messages(self, messages):
+        raise NotImplementedError("RecordingGrid records round trips: use send_and_receive")
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError("RecordingGrid records round trips: use send_and_receive")
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        import time
+
+        messages = list(messages)
+        by_node = {m.metadata.dst_node_id: m for m in messages}
+        if len(by_node) != len(messages):
+            raise ValueError("RecordingGrid sends at most one message per node per call")
+        t0 = time.perf_counter()
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        elapsed = time.perf_counter() - t0
+        if len(replies) != len(messages):
+            got = {r.metadata.src_node_id for r in replies}
+            missing = sorted(self.partition_of.get(n, n) for n in by_node if n not in got)
+            raise RuntimeError(f"{self.scheme}: no reply from client(s) {missing} within the timeout")
+        replies.sort(key=lambda r: self.partition_of.get(r.metadata.src_node_id, 0))  # deterministic order
+        first, n = self.window
+        for r in replies:
+            node = r.metadata.src_node_id
+            cid = self.partition_of.get(node, -1)
+            if r.has_error():
+                raise RuntimeError(f"{self.scheme}: client {cid} (node {node}) failed on "
+                                   f"{by_node[node].metadata.message_type!r}: {r.error.reason}")
+            req = by_node[node]
+            m = r.content.metric_records.get("metrics", {})
+            stat = MessageStat(len(self.transcript.stats), self.scheme, cid, req.metadata.message_type, first, n,
+                               record_nbytes(req.content), record_nbytes(r.content),
+                               float(m.get(CLIENT_S, 0.0)), float(m.get(CLIENT_PEAK_MB, 0.0)),
+                               elapsed / len(replies))
+            self.transcript.add(stat, req.content, r.content)
+        return replies
