@@ -10,9 +10,11 @@ model without control), ``losses.jsonl`` (per-step loss per scheme) and
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import time
@@ -170,50 +172,78 @@ def print_table(rows: list[dict]) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _setup(cfg: ExperimentConfig):
-    """What every job of a run shares: the frozen base, the client data, the initial ControlNet."""
+    """What every job of a run shares on the server: the frozen base, the eval set, the initial ControlNet."""
     torch.set_num_threads(cfg.threads)
     base = load_base(cfg.model, folder=cfg.base_model or None)
-    clients, eval_set = client_datasets(cfg, base.preset.image_size)
+    _, eval_set = client_datasets(cfg, base.preset.image_size)
     torch.manual_seed(cfg.seed)
     controlnet = build_controlnet(base.unet, base.preset)
-    return base, clients, eval_set, controlnet, fingerprint(base.unet, base.autoencoder, base.text_encoder)
+    return base, eval_set, controlnet, fingerprint(base.unet, base.autoencoder, base.text_encoder)
 
 
 def run_job(cfg: ExperimentConfig, scheme: str | None, position: int = 0, out: Path | None = None,
-            grid=None) -> dict:
+            grid=None, node_ids=None) -> dict:
     """Train one scheme (or, for ``None``, only sample the base model without control) and score it.
 
     Runs in the calling process or in a worker process; everything it needs comes from ``cfg``
     (and ``grid``: where the clients run; default: an in-process grid).
     """
     os.environ[BAR_POSITION_ENV] = str(position)
-    base, clients, eval_set, controlnet, frozen_before = _setup(cfg)
+    logging.getLogger("flwr").setLevel(os.environ.get("FLWR_LOG_LEVEL", "WARNING"))  # FedAvg logs every round
+    base, eval_set, controlnet, frozen_before = _setup(cfg)
+    transcript, rounds = [], []
     if scheme is None:
         metrics, imgs = evaluate(base, eval_set, None, None, cfg.ddim_steps, cfg.guidance, cfg.seed,
                                  "sampling base (no control)")
         row, losses = {"scheme": "base (no control)", **metrics, "steps": 0}, []
     else:
-        res = train_scheme(scheme, cfg, base, controlnet, grid=grid)
+        res = train_scheme(scheme, cfg, base, controlnet, grid=grid, node_ids=node_ids)
         metrics, imgs = evaluate(base, eval_set, scheme, res.controlnet, cfg.ddim_steps, cfg.guidance, cfg.seed,
                                  f"sampling {scheme}", uncond_control=cfg.uncond_control)
         row, losses = summary_row(res, metrics), res.losses
+        transcript = [dataclasses.asdict(s) for s in res.transcript.stats]
+        rounds = round_metrics(res)
         if out is not None:  # the trained ControlNet, so the run can be re-evaluated later
             res.controlnet.save_pretrained(out / f"controlnet_{scheme}")
     return {"row": row, "losses": losses, "images": imgs, "frozen_before": frozen_before,
+            "transcript": transcript, "rounds": rounds,
             "frozen_after": fingerprint(base.unet, base.autoencoder, base.text_encoder),
             "base_params": count_params(base.unet), "controlnet_params": count_params(controlnet)}
+
+
+def round_metrics(res) -> list[dict]:
+    """Per round (a FedAvg round, or one client's turn in split learning): steps, mean loss, bytes, times."""
+    rows: dict[int, dict] = {}
+    for s in res.transcript.stats:
+        row = rows.setdefault(s.round, {"scheme": res.scheme, "round": s.round, "first_step": s.first_step,
+                                        "last_step": s.first_step, "messages": 0, "bytes_up": 0,
+                                        "bytes_down": 0, "client_s": 0.0})
+        row["first_step"] = min(row["first_step"], s.first_step)
+        row["last_step"] = max(row["last_step"], s.first_step + s.num_steps - 1)
+        row["messages"] += 1
+        row["bytes_up"] += s.bytes_up
+        row["bytes_down"] += s.bytes_down
+        row["client_s"] += s.client_s
+    out = []
+    for r in sorted(rows.values(), key=lambda r: r["round"]):
+        seg = res.losses[r["first_step"]: r["last_step"] + 1]
+        out.append({**r, "steps": len(seg), "loss": float(np.mean(seg)) if seg else None,
+                    "client_s": round(r["client_s"], 4)})
+    return out
 
 
 def _run_job_star(args) -> dict:
     return run_job(*args)
 
 
-def run_compare(cfg: ExperimentConfig, out: str | Path) -> dict:
+def run_compare(cfg: ExperimentConfig, out: str | Path, grid=None, node_ids=None) -> dict:
     """Train every scheme of ``cfg``, evaluate, write the run folder; returns the summary.
 
-    With ``jobs`` > 1 the schemes (and the no-control baseline) run in that many worker
-    processes, each with ``threads`` torch threads; the schemes are independent, so the
-    numbers are the same as in one process with the same ``threads``.
+    Without ``grid`` every scheme gets its own in-process grid, and with ``jobs`` > 1 the
+    schemes (and the no-control baseline) run in that many worker processes, each with
+    ``threads`` torch threads; the schemes are independent, so the numbers are the same
+    as in one process with the same ``threads``. With a ``grid`` (the ServerApp under
+    Flower's engines) the schemes take turns on it in this process.
     """
     from .plots import save_rows_grid
 
@@ -222,7 +252,9 @@ def run_compare(cfg: ExperimentConfig, out: str | Path) -> dict:
     (out / "config.toml").write_text(cfg.to_toml())
     t_start = time.time()
     jobs = [(cfg, None, 0, out)] + [(cfg, s, (i + 1) % cfg.jobs, out) for i, s in enumerate(cfg.schemes)]
-    if cfg.jobs == 1:
+    if grid is not None:
+        results = [run_job(c, s, 0, o, grid, node_ids) for c, s, _, o in jobs]
+    elif cfg.jobs == 1:
         results = [run_job(*j) for j in jobs]
     else:
         ctx = multiprocessing.get_context("spawn")
@@ -234,6 +266,12 @@ def run_compare(cfg: ExperimentConfig, out: str | Path) -> dict:
     with (out / "losses.jsonl").open("w") as f:
         for r in results[1:]:
             f.write(json.dumps({"scheme": r["row"]["scheme"], "losses": r["losses"]}) + "\n")
+    with (out / "rounds.jsonl").open("w") as f:
+        for r in results[1:]:
+            f.writelines(json.dumps(row) + "\n" for row in r["rounds"])
+    with (out / "transcript.jsonl").open("w") as f:
+        for r in results[1:]:
+            f.writelines(json.dumps(row) + "\n" for row in r["transcript"])
     for r in results:
         name = r["row"]["scheme"]
         save_rows_grid({"condition": conds[:16], name: r["images"][:16], "target": targets[:16]},

@@ -36,6 +36,7 @@ class MessageStat:
     """One round trip: request down to a client, reply up."""
 
     index: int
+    round: int  # a FedAvg round, or one client's turn in split learning (numbered from 1)
     scheme: str
     client: int  # partition id
     message_type: str
@@ -85,9 +86,10 @@ class Transcript:
     def per_step(self, steps: int) -> dict[str, list[float]]:
         """Bytes each way per training step, a message's bytes spread evenly over the steps it serves."""
         up, down = [0.0] * steps, [0.0] * steps
-        for s in self.stats:
-            n = max(1, s.num_steps)
-            for i in range(s.first_step, min(steps, s.first_step + n)):
+        for s in self.stats:  # a message serving no step (e.g. returning a head) counts for the nearest one
+            first = min(s.first_step, steps - 1)
+            n = max(1, min(s.num_steps, steps - first))
+            for i in range(first, first + n):
                 up[i] += s.bytes_up / n
                 down[i] += s.bytes_down / n
         return {"bytes_up": up, "bytes_down": down}
@@ -109,7 +111,8 @@ class RecordingGrid(Grid):
 
     ``partition_of`` maps node ids to partition ids (client numbers). The strategy sets
     :attr:`window` (first step, number of steps) before each send so that the
-    transcript can attribute bytes to training steps, and :attr:`scheme`.
+    transcript can attribute bytes to training steps, and :attr:`round` (the FedAvg round
+    or the split-learning turn).
     """
 
     def __init__(self, inner: Grid, transcript: Transcript, partition_of: dict[int, int], scheme: str = ""):
@@ -118,6 +121,7 @@ class RecordingGrid(Grid):
         self.partition_of = dict(partition_of)
         self.scheme = scheme
         self.window = (0, 0)
+        self.round = 0
 
     # the abstract Grid interface, delegated
     def set_run(self, run) -> None:
@@ -163,7 +167,7 @@ class RecordingGrid(Grid):
                                    f"{by_node[node].metadata.message_type!r}: {r.error.reason}")
             req = by_node[node]
             m = r.content.metric_records.get("metrics", {})
-            stat = MessageStat(len(self.transcript.stats), self.scheme, cid, req.metadata.message_type, first, n,
+            stat = MessageStat(len(self.transcript.stats), self.round, self.scheme, cid, req.metadata.message_type, first, n,
                                record_nbytes(req.content), record_nbytes(r.content),
                                float(m.get(CLIENT_S, 0.0)), float(m.get(CLIENT_PEAK_MB, 0.0)),
                                elapsed / len(replies))

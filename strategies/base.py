@@ -184,7 +184,7 @@ class Channel:
     ``call(cid, request, reply_type, steps)`` sends one typed request to client ``cid``
     (a partition id) as a ``message_type`` message, waits for the reply and decodes it,
     validating every field. ``steps`` = (first step, number of steps) the round trip
-    serves, for the transcript. ``node_ids[cid]`` is client cid's node.
+    serves and ``round`` the turn it belongs to, for the transcript. ``node_ids[cid]`` is client cid's node.
     """
 
     def __init__(self, grid, node_ids: list[int], message_type: str):
@@ -202,12 +202,12 @@ class Channel:
     def transcript(self):
         return self.grid.transcript
 
-    def call(self, cid: int, request, reply_type, steps: tuple[int, int] = (0, 0)):
+    def call(self, cid: int, request, reply_type, steps: tuple[int, int] = (0, 0), round: int = 0):
         from flwr.app import Message
 
         from sim.wire import decode, encode
 
-        self.grid.window = steps
+        self.grid.window, self.grid.round = steps, round
         msg = Message(encode(request), dst_node_id=self.node_ids[cid], message_type=self.message_type,
                       group_id=str(steps[0]))
         (reply,) = self.grid.send_and_receive([msg])

@@ -118,7 +118,7 @@ class _TurnFedAvg(FedAvg):
                 out.append(Message(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg}),
                                    dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type,
                                    group_id=str(server_round)))
-        grid.window = (self.steps_done, sum(ks.values()))
+        grid.window, grid.round = (self.steps_done, sum(ks.values())), server_round
         return out
 
     def aggregate_train(self, server_round, replies):

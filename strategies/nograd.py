@@ -87,8 +87,9 @@ class NoGradStrategy(SplitServer):
         t0 = time.perf_counter()
         server_s, losses = 0.0, []
         bar = progress(self.settings.steps, self.name)
-        for cid, k in turn_schedule(self.settings.steps, channel.num_clients, self.settings.local_steps):
-            reply = channel.call(cid, FeaturesRequest(k), Features, steps=(len(losses), k))
+        turns = turn_schedule(self.settings.steps, channel.num_clients, self.settings.local_steps)
+        for turn, (cid, k) in enumerate(turns, start=1):
+            reply = channel.call(cid, FeaturesRequest(k), Features, steps=(len(losses), k), round=turn)
             s0 = time.perf_counter()
             for i in range(k):
                 losses.append(self.train_step(reply.control_input[i], reply.unet_features[i], reply.t[i],

@@ -168,10 +168,11 @@ class VanillaStrategy(SplitServer):
         t0 = time.perf_counter()
         server_s, losses = 0.0, []
         bar = progress(self.settings.steps, self.name)
-        for cid, k in turn_schedule(self.settings.steps, channel.num_clients, self.settings.local_steps):
+        turns = turn_schedule(self.settings.steps, channel.num_clients, self.settings.local_steps)
+        for turn, (cid, k) in enumerate(turns, start=1):
             request = VanillaRequest(head=self.head_state)
             for _ in range(k):
-                reply = channel.call(cid, request, VanillaReply, steps=(len(losses), 1))
+                reply = channel.call(cid, request, VanillaReply, steps=(len(losses), 1), round=turn)
                 if reply.control_features is None:
                     raise RuntimeError(f"vanilla: client {cid} sent no batch")
                 s0 = time.perf_counter()
@@ -182,7 +183,7 @@ class VanillaStrategy(SplitServer):
                 bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             request.want_batch = False
-            reply = channel.call(cid, request, VanillaReply, steps=(len(losses) - 1, 0))
+            reply = channel.call(cid, request, VanillaReply, steps=(len(losses), 0), round=turn)
             if reply.head is None:
                 raise RuntimeError(f"vanilla: client {cid} did not return its head at the end of its turn")
             self.head_state = reply.head

@@ -1,0 +1,33 @@
+"""The Flower ServerApp: every scheme of the run config, through whatever grid Flower gives.
+
+``flwr run .`` (Ray simulation) and ``flwr run . <deployment-federation>`` (Deployment
+Engine) load ``app`` (see ``[tool.flwr.app.components]`` in pyproject.toml). Its main
+reads the experiment config from the run config (every key of
+:class:`sim.config.ExperimentConfig`, plus ``out``: the results folder), asks the nodes
+for their partition ids, trains each scheme in turn through the grid, evaluates, and
+writes the same results folder as ``splitcontrol compare`` (``flwr run`` returns
+nothing, so the files are the result).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from .compare import discover, run_compare
+    from .config import from_run_config
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    cfg = from_run_config(context.run_config)
+    out = str(context.run_config.get("out", "") or "")
+    out_dir = Path(out) if out else Path("results") / cfg.experiment / time.strftime("flower-%Y%m%d-%H%M%S")
+    node_ids = discover(grid, cfg.num_clients)
+    run_compare(cfg, out_dir, grid=grid, node_ids=node_ids)
