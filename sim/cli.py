@@ -3,6 +3,9 @@
 Sub-commands
 ------------
 compare        train a ControlNet under each scheme on the same data, seed and budget
+run            run a preset's experiment (today: a comparison) with --set overrides
+plot           draw a results folder's figures from its files
+bench          Flower engine overhead: the apps on the in-process grid vs a bare PyTorch loop
 pretrain-base  train the tiny frozen base model (text -> image) on Fill50K-style data
 eval-base      generate images with the base model and measure prompt-colour accuracy
 """
@@ -46,13 +49,38 @@ def _cmd_eval_base(a: argparse.Namespace) -> int:
 
 
 def _cmd_compare(a: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
     from .compare import run_compare
     from .config import load_config
+    from .plots import plot_run
 
     cfg = load_config(a.preset, a.set or [])
-    summary = run_compare(cfg, a.out)
+    out = Path(a.out) if a.out else Path("results") / cfg.experiment / time.strftime("%Y%m%d-%H%M%S")
+    summary = run_compare(cfg, out)
+    figures = plot_run(out)
+    print("figures: " + ", ".join(str(p) for p in figures))
     if a.json:
         print(json.dumps(summary))
+    return 0
+
+
+def _cmd_plot(a: argparse.Namespace) -> int:
+    from .plots import plot_run
+
+    for p in plot_run(a.run_dir):
+        print(p)
+    return 0
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import bench
+    from .config import load_config
+
+    overrides = [f"steps={a.steps}"] + (a.set or [])
+    res = bench(load_config(a.preset, overrides), repeats=a.repeats, progress=not a.json)
+    print(json.dumps(res, indent=None if a.json else 2))
     return 0
 
 
@@ -62,12 +90,26 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compare", help="train under fedavg, vanilla and nograd side by side")
-    c.add_argument("--preset", default="default", help="experiment preset (default, smoke)")
-    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    c.add_argument("--out", default="results/compare", help="output directory")
-    c.add_argument("--json", action="store_true", help="print summary.json to stdout")
-    c.set_defaults(func=_cmd_compare)
+    for name, help_ in (("compare", "train under fedavg, vanilla and nograd side by side"),
+                        ("run", "run a preset's experiment with overrides")):
+        c = sub.add_parser(name, help=help_)
+        c.add_argument("--preset", default="default", help="experiment preset (default, smoke) or a .toml path")
+        c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+        c.add_argument("--out", default=None, help="output directory (default: results/<experiment>/<date-time>)")
+        c.add_argument("--json", action="store_true", help="print summary.json to stdout")
+        c.set_defaults(func=_cmd_compare)
+
+    pl = sub.add_parser("plot", help="draw loss, bytes, client cost and sample figures of a results folder")
+    pl.add_argument("run_dir", help="a results folder (has summary.json)")
+    pl.set_defaults(func=_cmd_plot)
+
+    b = sub.add_parser("bench", help="Flower apps on the in-process grid vs a bare PyTorch loop, per scheme")
+    b.add_argument("--preset", default="default")
+    b.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    b.add_argument("--steps", type=int, default=40, help="training steps per scheme and path")
+    b.add_argument("--repeats", type=int, default=2, help="alternating runs per path; the best is kept")
+    b.add_argument("--json", action="store_true", help="print only the JSON result")
+    b.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("pretrain-base", help="train the tiny base diffusion model")
     p.add_argument("--out", required=True, help="output folder (diffusers format + logs)")

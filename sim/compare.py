@@ -127,8 +127,9 @@ def run_strategy(scheme: str, base, controlnet, settings, seed: int, grid, node_
     strategy = cls(base.unet, controlnet, sched, settings)
     result = strategy.start(Channel(rgrid, node_ids, cls.message_type))
     # what a client of this scheme trains: a property of the scheme, computed on a public client
-    public = ClientEnv(base, sched, settings, None, seed, controlnet)
-    result.client_trainable_params = cls.client_class(0, public).trainable_parameters()
+    public = cls.client_class(0, ClientEnv(base, sched, settings, None, seed, controlnet))
+    result.client_trainable_params = public.trainable_parameters()
+    result.extra["client_model_mb"] = round(public.model_state_bytes() / 2**20, 2)
     return result
 
 
@@ -142,7 +143,7 @@ def summary_row(res, metrics: dict) -> dict:
         "messages_per_step": t.messages / res.steps, "steps": res.steps,
         "wall_s": round(res.wall_s, 2), "client_s": round(t.client_s, 2), "server_s": round(res.server_s, 2),
         "client_s_per_step": t.client_s / res.steps, "server_s_per_step": res.server_s / res.steps,
-        "client_peak_mb": round(t.client_peak_mb, 1), **res.extra,
+        "client_peak_rss_mb": round(t.client_peak_mb, 1), **res.extra,
     }
 
 
@@ -272,6 +273,8 @@ def run_compare(cfg: ExperimentConfig, out: str | Path, grid=None, node_ids=None
     with (out / "transcript.jsonl").open("w") as f:
         for r in results[1:]:
             f.writelines(json.dumps(row) + "\n" for row in r["transcript"])
+    np.savez_compressed(out / "samples.npz", condition=conds[:16], target=targets[:16],
+                        **{r["row"]["scheme"].split()[0]: r["images"][:16] for r in results})
     for r in results:
         name = r["row"]["scheme"]
         save_rows_grid({"condition": conds[:16], name: r["images"][:16], "target": targets[:16]},

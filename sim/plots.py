@@ -55,3 +55,114 @@ def save_rows_grid(rows: dict[str, np.ndarray], path: str | Path, scale: int = 4
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------- run figures
+SCHEME_COLOURS = {"fedavg": "#1f77b4", "vanilla": "#ff7f0e", "nograd": "#2ca02c"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _moving_average(x: list[float], window: int) -> np.ndarray:
+    x = np.asarray(x, dtype=float)
+    window = max(1, min(window, len(x)))
+    return np.convolve(x, np.ones(window) / window, mode="valid")
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Figures of a results folder, drawn from its files alone: loss.png, bytes.png, client_cost.png, samples.png."""
+    import json
+
+    run = Path(run_dir)
+    summary_path = run / "summary.json"
+    if not summary_path.exists():
+        raise FileNotFoundError(f"{run} has no summary.json: is it a results folder of `splitcontrol compare/run`?")
+    summary = json.loads(summary_path.read_text())
+    rows = [r for r in summary["rows"] if r["scheme"] in SCHEME_COLOURS or "bytes_up_per_step" in r]
+    schemes = [r["scheme"] for r in rows]
+    colour = [SCHEME_COLOURS.get(s, "grey") for s in schemes]
+    plt = _plt()
+    written = []
+
+    # loss per scheme
+    losses = {}
+    if (run / "losses.jsonl").exists():
+        for line in (run / "losses.jsonl").read_text().splitlines():
+            d = json.loads(line)
+            losses[d["scheme"]] = d["losses"]
+    if losses:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for s, ls in losses.items():
+            w = max(1, len(ls) // 40)
+            ma = _moving_average(ls, w)
+            ax.plot(np.arange(len(ma)) + w, ma, label=s, color=SCHEME_COLOURS.get(s))
+        ax.set_xlabel("training step (all clients)")
+        ax.set_ylabel("loss (moving average)")
+        ax.set_yscale("log")
+        ax.set_title("Training loss per scheme (same data, seeds and steps)", fontsize=10)
+        ax.legend()
+        fig.tight_layout()
+        written.append(run / "loss.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+
+    # bytes per step each way
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = np.arange(len(rows))
+    up = [max(r["bytes_up_per_step"], 1e-1) for r in rows]
+    down = [max(r["bytes_down_per_step"], 1e-1) for r in rows]
+    b1 = ax.bar(x - 0.2, up, 0.4, label="client -> server", color=colour)
+    b2 = ax.bar(x + 0.2, down, 0.4, label="server -> client", color=colour, alpha=0.45, hatch="//")
+    for bars, vals in ((b1, up), (b2, down)):
+        for bar, v in zip(bars, vals):
+            ax.annotate(_human_bytes(v), (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, schemes)
+    ax.set_yscale("log")
+    ax.set_ylabel("bytes per training step")
+    ax.set_title("Communication per step (log scale; solid: up, hatched: down)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(run / "bytes.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    # client time and memory, trainable parameters
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
+    panels = [("client_s_per_step", "client compute s / step", 1.0),
+              ("client_model_mb", "client model + optimizer state (MiB)", 1.0),
+              ("client_trainable_params", "client trainable parameters", 1.0)]
+    for ax, (key, label, _) in zip(axes, panels):
+        vals = [float(r.get(key, 0) or 0) for r in rows]
+        ax.bar(x, vals, color=colour)
+        for xi, v in zip(x, vals):
+            ax.annotate(f"{v:.3g}", (xi, v), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(x, schemes)
+        ax.set_title(label, fontsize=9)
+    fig.suptitle("What the client device pays", fontsize=10)
+    fig.tight_layout()
+    written.append(run / "client_cost.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    # samples: condition | every scheme | target
+    if (run / "samples.npz").exists():
+        data = np.load(run / "samples.npz")
+        order = ["condition"] + [k for k in data.files if k not in ("condition", "target")] + ["target"]
+        written.append(save_rows_grid({k: data[k][:16] for k in order}, run / "samples.png",
+                                      title="condition | generated per scheme | target"))
+    return written
+
+
+def _human_bytes(v: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(v) < 1000:
+            return f"{v:.3g} {unit}"
+        v /= 1000
+    return f"{v:.3g} TB"

@@ -177,6 +177,17 @@ class SchemeClient:
         """Parameters this client trains: requires_grad over the modules it holds."""
         return sum(p.numel() for m in self.held_modules() for p in m.parameters() if p.requires_grad)
 
+    def model_state_bytes(self) -> int:
+        """Memory the client's models need at rest and in training, activations excluded: every
+        parameter and buffer it holds, plus a gradient and AdamW's two moments per trainable one."""
+        seen, total = set(), 0
+        for m in self.held_modules():
+            for t in list(m.parameters()) + list(m.buffers()):
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size() * (4 if t.requires_grad else 1)
+        return total
+
 
 class Channel:
     """The server's typed connection to its clients over a (recording) Flower grid.

@@ -45,3 +45,21 @@ def test_unknown_preset_lists_the_known_ones():
 def test_config_is_frozen():
     with pytest.raises(Exception):
         ExperimentConfig().steps = 3
+
+
+def test_flower_run_config_declares_every_key_with_the_default_values():
+    """pyproject's [tool.flwr.app.config] (what `flwr run` accepts) mirrors ExperimentConfig."""
+    import tomllib
+    from pathlib import Path
+
+    from sim.config import from_run_config, load_config, to_run_config
+
+    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    default = to_run_config(load_config("default"))
+    assert set(declared) == set(default) | {"out"}
+    assert {k: declared[k] for k in default} == default
+    assert from_run_config(declared) == load_config("default")
+    smoke = load_config("smoke")
+    assert from_run_config(to_run_config(smoke)) == smoke  # lists survive as comma-separated strings
+    with pytest.raises(ValueError, match="steps"):
+        from_run_config({"steps": "many"})

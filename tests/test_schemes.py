@@ -141,3 +141,33 @@ def test_prompt_dropout_replaces_prompts_with_the_empty_prompt(base):
     assert all(torch.equal(c, empty) for c in all_dropped.context)
     assert not any(torch.equal(c, empty) for c in none_dropped.context)
     assert torch.equal(all_dropped.x_t, none_dropped.x_t)  # same images, t and noise either way
+
+
+@pytest.mark.parametrize("scheme", ["fedavg", "vanilla", "nograd"])
+def test_flower_path_equals_a_bare_pytorch_loop(scheme, base, controlnet):
+    """The apps over the in-process grid compute what a plain loop computes: same batches, same losses."""
+    from sim.bench import BARE
+
+    settings = TrainSettings(lr=1e-3, steps=6, local_steps=2, batch_size=2, high_noise_weight=20.0)
+    res, envs = _run(scheme, base, controlnet, steps=6, local_steps=2, weight=20.0)
+    bare = BARE[scheme](_envs(base, controlnet, settings), controlnet, settings, turn_schedule(6, 2, 2))
+    assert len(bare) == len(res.losses) == 6
+    assert max(abs(a - b) for a, b in zip(bare, res.losses)) <= 1e-5
+
+
+def test_a_failing_client_stops_the_run_naming_it(base, controlnet):
+    settings = TrainSettings(lr=1e-3, steps=2, local_steps=1, batch_size=2)
+    envs = _envs(base, controlnet, settings)
+    envs[1].data.condition[:] = float("nan")  # client 1's hints are corrupt: its features will be NaN
+    grid = InProcessGrid(make_client_app(lambda ctx: envs[int(ctx.node_config["partition-id"])]), 2, {})
+    with pytest.raises(Exception, match="NaN"):
+        run_strategy("nograd", base, controlnet, settings, 0, grid, discover(grid, 2))
+
+
+def test_transcript_keeps_what_the_server_saw(base, controlnet):
+    res, _ = _run("vanilla", base, controlnet, keep=3)
+    t = res.transcript
+    assert len(t.seen) == 3 and t.messages == 6  # 2 turns x (2 steps + 1 head return)
+    stat, down, up = t.seen[0]
+    assert stat.client == 0 and stat.message_type == "query.vanilla"
+    assert "head" in down.array_records and "tensors" in up.array_records
