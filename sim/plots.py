@@ -135,10 +135,10 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
     # client time and memory, trainable parameters
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
-    panels = [("client_s_per_step", "client compute s / step", 1.0),
-              ("client_model_mb", "client model + optimizer state (MiB)", 1.0),
-              ("client_trainable_params", "client trainable parameters", 1.0)]
-    for ax, (key, label, _) in zip(axes, panels):
+    panels = [("client_s_per_step", "client compute s / step"),
+              ("client_model_mb", "client model + optimizer state (MiB)"),
+              ("client_trainable_params", "client trainable parameters")]
+    for ax, (key, label) in zip(axes, panels):
         vals = [float(r.get(key, 0) or 0) for r in rows]
         ax.bar(x, vals, color=colour)
         for xi, v in zip(x, vals):
