@@ -80,7 +80,9 @@ def discover(grid, num_clients: int) -> list[int]:
 
     from .client_app import HELLO
 
-    nodes = list(grid.get_node_ids())
+    deadline = time.monotonic() + 120  # SuperNodes that just started may not be registered yet
+    while len(nodes := list(grid.get_node_ids())) < num_clients and time.monotonic() < deadline:
+        time.sleep(1.0)
     replies = grid.send_and_receive([Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
                                              message_type=f"query.{HELLO}") for n in nodes])
     by_pid = {}

@@ -32,6 +32,33 @@ from .autoencoder import IdentityAutoencoder, KLAutoencoder
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_BASE_DIR = ASSETS / "tiny-base"
+TINY_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+
+
+def committed_tiny_base() -> Path:
+    """The committed tiny base model's folder.
+
+    ``flwr run`` ships the apps as a FAB (code and text files only, 10 MB cap: no
+    weights) and imports ``sim`` from that copy; then the weights come from the
+    installed ``sim`` (``pip install [-e] .``), found on ``sys.path`` or through the
+    import finder an editable install registers.
+    """
+    import sys
+
+    if (TINY_BASE_DIR / TINY_WEIGHTS).exists():
+        return TINY_BASE_DIR
+    locations = [Path(entry or ".") / "sim" for entry in sys.path]
+    for finder in sys.meta_path:  # editable installs map packages through a finder
+        try:
+            spec = finder.find_spec("sim", None)
+        except Exception:  # noqa: BLE001 - a foreign finder may fail in any way; skip it
+            continue
+        if spec is not None:
+            locations += [Path(p) for p in spec.submodule_search_locations or []]
+    for loc in locations:
+        if (loc / "assets" / "tiny-base" / TINY_WEIGHTS).exists():
+            return loc / "assets" / "tiny-base"
+    return TINY_BASE_DIR
 
 
 @dataclass(frozen=True)
@@ -268,7 +295,7 @@ def load_base(preset: str = "tiny", folder: str | Path | None = None, device: st
 
     p = get_preset(preset)
     if p.name == "tiny":
-        path = Path(folder) if folder is not None else TINY_BASE_DIR
+        path = Path(folder) if folder is not None else committed_tiny_base()
         if not (path / "unet" / "config.json").exists():
             raise FileNotFoundError(
                 f"no tiny base model at {path}; make one with `splitcontrol pretrain-base --out {path}`")

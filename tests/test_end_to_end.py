@@ -37,6 +37,22 @@ def test_compare_smoke_writes_a_row_per_scheme(tmp_path, capsys):
     assert summary["frozen_base_unchanged"] is True
     assert "fedavg" in (out / "config.toml").read_text()
     assert "outline_iou" in capsys.readouterr().out  # the table printed at the end
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert {r["scheme"] for r in rounds} == {"fedavg", "vanilla", "nograd"}
+    assert all(sum(r["steps"] for r in rounds if r["scheme"] == s) == 8 for s in ("fedavg", "vanilla", "nograd"))
+    transcript = [json.loads(line) for line in (out / "transcript.jsonl").read_text().splitlines()]
+    up = sum(t["bytes_up"] for t in transcript if t["scheme"] == "nograd")
+    assert up == pytest.approx(rows["nograd"]["bytes_up_per_step"] * 8)
+    for fig in ("loss.png", "bytes.png", "client_cost.png", "samples.png"):  # drawn at the end of the run
+        (out / fig).unlink()
+    assert main(["plot", str(out)]) == 0  # and again from the files alone
+    assert all((out / fig).stat().st_size > 10_000 for fig in ("loss.png", "bytes.png", "client_cost.png",
+                                                                 "samples.png"))
+
+
+def _measured(key: str) -> bool:
+    """Timings and memory: what legitimately differs between two identical runs."""
+    return key.endswith("_s") or key.endswith("_s_per_step") or "rss" in key
 
 
 def test_same_seed_same_metrics_with_one_or_two_worker_processes(tmp_path):
@@ -44,10 +60,9 @@ def test_same_seed_same_metrics_with_one_or_two_worker_processes(tmp_path):
     runs = []
     for jobs in (1, 2):
         out = tmp_path / f"jobs{jobs}"
-        assert main(["compare", "--preset", "smoke", "--set", f"jobs={jobs}", "--set", "schemes=vanilla,nograd",
-                     "--out", str(out)]) == 0
+        assert main(["compare", "--preset", "smoke", "--set", f"jobs={jobs}", "--out", str(out)]) == 0
         rows = json.loads((out / "summary.json").read_text())["rows"]
-        runs.append([{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows])  # drop timings
+        runs.append([{k: v for k, v in r.items() if not _measured(k)} for r in rows])
     assert runs[0] == runs[1]
 
 
