@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from .models import ddpm_scheduler
+from .models import configure_torch, ddpm_scheduler
 
 
 # ----------------------------------------------------------------------------- bare loops
@@ -111,7 +111,7 @@ def bench(cfg, repeats: int = 2, progress: bool = True) -> dict:
     from .grid import InProcessGrid
     from .transcript import Transcript
 
-    torch.set_num_threads(cfg.threads)
+    configure_torch(cfg.threads)
     base, _, controlnet, _ = _setup(cfg)
     clients, _ = client_datasets(cfg, base.preset.image_size)
     settings = TrainSettings.from_config(cfg)

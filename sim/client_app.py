@@ -21,7 +21,6 @@ import resource
 import time
 from collections.abc import Callable
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -44,9 +43,9 @@ def partition_id(context: Context) -> int:
 def _shared(cfg):
     """The frozen public model and every client's data for a config (cached per process)."""
     from .compare import client_datasets
-    from .models import build_controlnet, ddpm_scheduler, load_base
+    from .models import build_controlnet, configure_torch, ddpm_scheduler, load_base
 
-    torch.set_num_threads(cfg.threads)
+    configure_torch(cfg.threads)
     base = load_base(cfg.model, folder=cfg.base_model or None)
     clients, _ = client_datasets(cfg, base.preset.image_size)
     return base, ddpm_scheduler(base.preset), clients, build_controlnet(base.unet, base.preset)

@@ -27,7 +27,7 @@ from . import data as data_mod
 from .config import ExperimentConfig
 from .diffusion import BAR_POSITION_ENV, to_uint8
 from .evaluate import conditions_uint8, evaluate
-from .models import build_controlnet, count_params, ddpm_scheduler, get_preset, load_base
+from .models import build_controlnet, configure_torch, count_params, ddpm_scheduler, get_preset, load_base
 
 EVAL_SEED_OFFSET = 10_000  # eval data: a different generator stream from every client's data
 
@@ -176,7 +176,7 @@ def print_table(rows: list[dict]) -> None:
 @functools.lru_cache(maxsize=1)
 def _setup(cfg: ExperimentConfig):
     """What every job of a run shares on the server: the frozen base, the eval set, the initial ControlNet."""
-    torch.set_num_threads(cfg.threads)
+    configure_torch(cfg.threads)
     base = load_base(cfg.model, folder=cfg.base_model or None)
     _, eval_set = client_datasets(cfg, base.preset.image_size)
     torch.manual_seed(cfg.seed)

@@ -39,7 +39,7 @@ class ExperimentConfig:
     local_steps: int = 10                    # fedavg: local steps per round; split: steps per client turn
     eval_samples: int = 32
     ddim_steps: int = 50
-    guidance: float = 5.0
+    guidance: float = 7.5                    # classifier-free guidance at evaluation (SD's default)
     uncond_control: bool = False             # also apply the ControlNet in guidance's unconditional branch
     seed: int = 0
     threads: int = 1                         # torch threads per job (results are deterministic per value)
