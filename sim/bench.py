@@ -16,6 +16,8 @@ report includes the largest difference as a check that the two did the same work
 from __future__ import annotations
 
 import copy
+import logging
+import os
 import time
 
 import torch
@@ -102,7 +104,7 @@ BARE = {"fedavg": _bare_fedavg, "vanilla": _bare_vanilla, "nograd": _bare_nograd
 
 
 # ----------------------------------------------------------------------------- the benchmark
-def bench(cfg, repeats: int = 2, progress: bool = True) -> dict:
+def bench(cfg, repeats: int = 3, progress: bool = True) -> dict:
     """Flower-vs-bare wall time per scheme of ``cfg`` (same steps, same batches)."""
     from strategies.base import ClientEnv, TrainSettings, turn_schedule
 
@@ -111,7 +113,7 @@ def bench(cfg, repeats: int = 2, progress: bool = True) -> dict:
     from .grid import InProcessGrid
     from .transcript import Transcript
 
-    configure_torch(cfg.threads)
+    logging.getLogger("flwr").setLevel(os.environ.get("FLWR_LOG_LEVEL", "WARNING"))
     base, _, controlnet, _ = _setup(cfg)
     clients, _ = client_datasets(cfg, base.preset.image_size)
     settings = TrainSettings.from_config(cfg)

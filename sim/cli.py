@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--preset", default="default")
     b.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     b.add_argument("--steps", type=int, default=40, help="training steps per scheme and path")
-    b.add_argument("--repeats", type=int, default=2, help="alternating runs per path; the best is kept")
+    b.add_argument("--repeats", type=int, default=3, help="alternating runs per path; the best is kept")
     b.add_argument("--json", action="store_true", help="print only the JSON result")
     b.set_defaults(func=_cmd_bench)
 

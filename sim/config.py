@@ -43,7 +43,7 @@ class ExperimentConfig:
     uncond_control: bool = False             # also apply the ControlNet in guidance's unconditional branch
     seed: int = 0
     threads: int = 1                         # torch threads per job (results are deterministic per value)
-    jobs: int = 3                            # worker processes: schemes train in parallel, one per job
+    jobs: int = 4                            # worker processes: the schemes and the no-control baseline in parallel
 
     # ---------------------------------------------------------------- validation
     def __post_init__(self) -> None:
