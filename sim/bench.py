@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .models import configure_torch, ddpm_scheduler
+from .models import ddpm_scheduler
 
 
 # ----------------------------------------------------------------------------- bare loops
