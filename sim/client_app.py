@@ -17,14 +17,13 @@ random models); ``app`` is the one ``flwr run`` loads (see pyproject.toml).
 from __future__ import annotations
 
 import functools
-import resource
 import time
 from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .transcript import CLIENT_PEAK_MB, CLIENT_S
+from .transcript import CLIENT_PEAK_MB, CLIENT_S, peak_rss_mb
 from .wire import METRICS, decode, encode
 
 HELLO = "hello"
@@ -65,10 +64,6 @@ def env_from_run_config(context: Context):
     return ClientEnv(base, sched, TrainSettings.from_config(cfg), clients[pid], cfg.seed, template)
 
 
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
 def serve(msg: Message, context: Context, scheme: str, env_fn: Callable) -> Message:
     """Build the scheme's client, restore its state, answer the request, save the state."""
     from strategies import get_strategy
@@ -84,7 +79,7 @@ def serve(msg: Message, context: Context, scheme: str, env_fn: Callable) -> Mess
     content = encode(reply)
     metrics = content.metric_records.get(METRICS, MetricRecord())
     metrics[CLIENT_S] = time.perf_counter() - t0
-    metrics[CLIENT_PEAK_MB] = _peak_mb()
+    metrics[CLIENT_PEAK_MB] = peak_rss_mb()
     content[METRICS] = metrics
     return Message(content, reply_to=msg)
 

@@ -17,7 +17,6 @@ import json
 import logging
 import multiprocessing
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -121,7 +120,7 @@ def run_strategy(scheme: str, base, controlnet, settings, seed: int, grid, node_
     from strategies import get_strategy
     from strategies.base import Channel, ClientEnv
 
-    from .transcript import RecordingGrid, Transcript
+    from .transcript import RecordingGrid, Transcript, peak_rss_mb
 
     cls = get_strategy(scheme)
     sched = ddpm_scheduler(base.preset)
@@ -133,7 +132,7 @@ def run_strategy(scheme: str, base, controlnet, settings, seed: int, grid, node_
     public = cls.client_class(0, ClientEnv(base, sched, settings, None, seed, controlnet))
     result.client_trainable_params = public.trainable_parameters()
     result.extra["client_model_mb"] = round(public.model_state_bytes() / 2**20, 2)
-    result.extra["server_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result.extra["server_peak_rss_mb"] = round(peak_rss_mb(), 1)
     return result
 
 

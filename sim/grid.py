@@ -34,6 +34,7 @@ class InProcessGrid(Grid):
             raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
         self.client_app = client_app
         self._run = Run.create_empty(run_id)
+        self._pending: dict[str, Message] = {}
         self.contexts = {
             FIRST_CLIENT_NODE_ID + i: Context(run_id=run_id, node_id=FIRST_CLIENT_NODE_ID + i,
                                               node_config={"partition-id": i, "num-partitions": num_nodes},
@@ -58,7 +59,6 @@ class InProcessGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        self._pending = getattr(self, "_pending", {})
         ids = []
         for m in messages:
             if m.metadata.dst_node_id not in self.contexts:

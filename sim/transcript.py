@@ -17,18 +17,23 @@ step, so keeping a whole run in memory is a choice, not a default.
 """
 from __future__ import annotations
 
-import json
+import resource
+import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from .wire import record_nbytes
+from .wire import METRICS, record_nbytes
 
 CLIENT_S = "client-s"  # reply metric: seconds the client spent in its handler
 CLIENT_PEAK_MB = "client-peak-mb"  # reply metric: the client process's peak resident memory so far (MiB)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 @dataclass
@@ -94,17 +99,6 @@ class Transcript:
                 down[i] += s.bytes_down / n
         return {"bytes_up": up, "bytes_down": down}
 
-    def summary(self, steps: int) -> dict:
-        return {"messages": self.messages, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
-                "bytes_up_per_step": self.bytes_up / steps, "bytes_down_per_step": self.bytes_down / steps,
-                "messages_per_step": self.messages / steps, "client_s": round(self.client_s, 3),
-                "client_peak_mb": round(self.client_peak_mb, 1)}
-
-    def write_jsonl(self, path: str | Path) -> None:
-        with Path(path).open("w") as f:
-            for s in self.stats:
-                f.write(json.dumps(asdict(s)) + "\n")
-
 
 class RecordingGrid(Grid):
     """A Flower ``Grid`` that passes messages to ``inner`` and records each round trip.
@@ -144,8 +138,6 @@ class RecordingGrid(Grid):
         raise NotImplementedError("RecordingGrid records round trips: use send_and_receive")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        import time
-
         messages = list(messages)
         by_node = {m.metadata.dst_node_id: m for m in messages}
         if len(by_node) != len(messages):
@@ -166,9 +158,9 @@ class RecordingGrid(Grid):
                 raise RuntimeError(f"{self.scheme}: client {cid} (node {node}) failed on "
                                    f"{by_node[node].metadata.message_type!r}: {r.error.reason}")
             req = by_node[node]
-            m = r.content.metric_records.get("metrics", {})
-            stat = MessageStat(len(self.transcript.stats), self.round, self.scheme, cid, req.metadata.message_type, first, n,
-                               record_nbytes(req.content), record_nbytes(r.content),
+            m = r.content.metric_records.get(METRICS, {})
+            stat = MessageStat(len(self.transcript.stats), self.round, self.scheme, cid, req.metadata.message_type,
+                               first, n, record_nbytes(req.content), record_nbytes(r.content),
                                float(m.get(CLIENT_S, 0.0)), float(m.get(CLIENT_PEAK_MB, 0.0)),
                                elapsed / len(replies))
             self.transcript.add(stat, req.content, r.content)
