@@ -5,6 +5,7 @@ Sub-commands
 compare        train a ControlNet under each scheme on the same data, seed and budget
 run            run a preset's experiment (today: a comparison) with --set overrides
 plot           draw a results folder's figures from its files
+evaluate       sample and score a finished run's ControlNets again (other guidance, ...)
 bench          Flower engine overhead: the apps on the in-process grid vs a bare PyTorch loop
 pretrain-base  train the tiny frozen base model (text -> image) on Fill50K-style data
 eval-base      generate images with the base model and measure prompt-colour accuracy
@@ -74,6 +75,17 @@ def _cmd_plot(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from .compare import print_table, reevaluate
+
+    rows = reevaluate(a.run_dir, a.set or [])
+    if a.json:
+        print(json.dumps(rows))
+    else:
+        print_table(rows, ["scheme", "outline_iou", "fg_colour_acc", "bg_colour_acc", "colour_acc"])
+    return 0
+
+
 def _cmd_bench(a: argparse.Namespace) -> int:
     from .bench import bench
     from .config import load_config
@@ -102,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="draw loss, bytes, client cost and sample figures of a results folder")
     pl.add_argument("run_dir", help="a results folder (has summary.json)")
     pl.set_defaults(func=_cmd_plot)
+
+    ev = sub.add_parser("evaluate", help="sample and score a finished run's saved ControlNets again")
+    ev.add_argument("run_dir", help="a results folder with config.toml and controlnet_<scheme>/")
+    ev.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override an evaluation key: guidance, uncond-control, ddim-steps, eval-samples, seed")
+    ev.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ev.set_defaults(func=_cmd_evaluate)
 
     b = sub.add_parser("bench", help="Flower apps on the in-process grid vs a bare PyTorch loop, per scheme")
     b.add_argument("--preset", default="default")

@@ -167,11 +167,11 @@ def markdown_table(rows: list[dict], columns: list[str] = TABLE_COLUMNS) -> str:
     return "\n".join(lines)
 
 
-def print_table(rows: list[dict]) -> None:
-    widths = [max(len(c), *(len(_cell(r.get(c, ""))) for r in rows)) for c in TABLE_COLUMNS]
-    print("  ".join(c.rjust(w) for c, w in zip(TABLE_COLUMNS, widths)))
+def print_table(rows: list[dict], columns: list[str] = TABLE_COLUMNS) -> None:
+    widths = [max(len(c), *(len(_cell(r.get(c, ""))) for r in rows)) for c in columns]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for r in rows:
-        print("  ".join(_cell(r.get(c, "")).rjust(w) for c, w in zip(TABLE_COLUMNS, widths)))
+        print("  ".join(_cell(r.get(c, "")).rjust(w) for c, w in zip(columns, widths)))
 
 
 @functools.lru_cache(maxsize=1)
@@ -295,3 +295,39 @@ def run_compare(cfg: ExperimentConfig, out: str | Path, grid=None, node_ids=None
     print_table(rows)
     print(f"frozen base unchanged: {summary['frozen_base_unchanged']}; wrote {out} in {summary['total_wall_s']} s")
     return summary
+
+
+EVAL_KEYS = ("guidance", "uncond-control", "ddim-steps", "eval-samples", "seed")
+
+
+def reevaluate(run_dir: str | Path, overrides: list[str] = ()) -> list[dict]:
+    """Sample and score a finished run's saved ControlNets again, e.g. at another guidance.
+
+    ``overrides`` may change only the evaluation keys (:data:`EVAL_KEYS`); the run's
+    ``config.toml`` gives the rest. Returns a row per scheme plus the base without control.
+    """
+    from diffusers import ControlNetModel
+
+    from .config import load_config
+
+    run = Path(run_dir)
+    if not (run / "config.toml").exists():
+        raise FileNotFoundError(f"{run} has no config.toml: is it a results folder of `splitcontrol compare`?")
+    for item in overrides:
+        key = item.split("=", 1)[0].strip().replace("_", "-")
+        if key not in EVAL_KEYS:
+            raise ValueError(f"evaluate can only change the evaluation keys {list(EVAL_KEYS)}, not {key!r}")
+    cfg = load_config(str(run / "config.toml"), overrides)
+    base, eval_set, _, _ = _setup(cfg)
+    metrics, _ = evaluate(base, eval_set, None, None, cfg.ddim_steps, cfg.guidance, cfg.seed,
+                          "sampling base (no control)")
+    rows = [{"scheme": "base (no control)", **metrics}]
+    for scheme in cfg.schemes:
+        path = run / f"controlnet_{scheme}"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: the run did not save a ControlNet for {scheme!r}")
+        controlnet = ControlNetModel.from_pretrained(path).eval()
+        metrics, _ = evaluate(base, eval_set, scheme, controlnet, cfg.ddim_steps, cfg.guidance, cfg.seed,
+                              f"sampling {scheme}", uncond_control=cfg.uncond_control)
+        rows.append({"scheme": scheme, **metrics})
+    return rows

@@ -43,6 +43,15 @@ def test_compare_smoke_writes_a_row_per_scheme(tmp_path, capsys):
     transcript = [json.loads(line) for line in (out / "transcript.jsonl").read_text().splitlines()]
     up = sum(t["bytes_up"] for t in transcript if t["scheme"] == "nograd")
     assert up == pytest.approx(rows["nograd"]["bytes_up_per_step"] * 8)
+    # re-evaluating the saved ControlNets with the run's own settings reproduces its metrics
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--json"]) == 0
+    again = {r["scheme"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])}
+    for s, r in rows.items():
+        assert again[s]["outline_iou"] == r["outline_iou"] and again[s]["colour_acc"] == r["colour_acc"]
+    with pytest.raises(SystemExit) as e:  # only evaluation keys may change
+        main(["evaluate", str(out), "--set", "steps=3"])
+    assert e.value.code == 2
     for fig in ("loss.png", "bytes.png", "client_cost.png", "samples.png"):  # drawn at the end of the run
         (out / fig).unlink()
     assert main(["plot", str(out)]) == 0  # and again from the files alone
