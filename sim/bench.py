@@ -16,8 +16,6 @@ report includes the largest difference as a check that the two did the same work
 from __future__ import annotations
 
 import copy
-import logging
-import os
 import time
 
 import torch
@@ -108,12 +106,12 @@ def bench(cfg, repeats: int = 3, progress: bool = True) -> dict:
     """Flower-vs-bare wall time per scheme of ``cfg`` (same steps, same batches)."""
     from strategies.base import ClientEnv, TrainSettings, turn_schedule
 
-    from .client_app import make_client_app
+    from .client_app import client_app_for
     from .compare import _setup, client_datasets, discover, run_strategy
-    from .grid import InProcessGrid
+    from .grid import InProcessGrid, quiet_flower_logs
     from .transcript import Transcript
 
-    logging.getLogger("flwr").setLevel(os.environ.get("FLWR_LOG_LEVEL", "WARNING"))
+    quiet_flower_logs()
     base, _, controlnet, _ = _setup(cfg)
     clients, _ = client_datasets(cfg, base.preset.image_size)
     settings = TrainSettings.from_config(cfg)
@@ -128,8 +126,7 @@ def bench(cfg, repeats: int = 3, progress: bool = True) -> dict:
             bare_losses = BARE[scheme](envs, controlnet, settings, turns)
             bare_s.append(time.perf_counter() - t0)
 
-            grid = InProcessGrid(make_client_app(lambda ctx: envs[int(ctx.node_config["partition-id"])]),
-                                 len(envs), {})
+            grid = InProcessGrid(client_app_for(envs), len(envs), {})
             node_ids = discover(grid, len(envs))
             transcript = Transcript()
             t0 = time.perf_counter()

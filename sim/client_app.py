@@ -84,6 +84,11 @@ def serve(msg: Message, context: Context, scheme: str, env_fn: Callable) -> Mess
     return Message(content, reply_to=msg)
 
 
+def client_app_for(envs: list) -> ClientApp:
+    """A ClientApp whose client with partition id i lives in ``envs[i]`` (tests, benchmarks)."""
+    return make_client_app(lambda context: envs[partition_id(context)])
+
+
 def make_client_app(env_fn: Callable[[Context], object] = env_from_run_config) -> ClientApp:
     """A ClientApp whose clients live in ``env_fn(context)``."""
     app = ClientApp()

@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import logging
 import multiprocessing
 import os
 import time
@@ -27,6 +26,7 @@ from . import data as data_mod
 from .config import ExperimentConfig
 from .diffusion import BAR_POSITION_ENV, to_uint8
 from .evaluate import conditions_uint8, evaluate
+from .grid import quiet_flower_logs
 from .models import build_controlnet, configure_torch, count_params, ddpm_scheduler, get_preset, load_base
 
 EVAL_SEED_OFFSET = 10_000  # eval data: a different generator stream from every client's data
@@ -193,7 +193,7 @@ def run_job(cfg: ExperimentConfig, scheme: str | None, position: int = 0, out: P
     (and ``grid``: where the clients run; default: an in-process grid).
     """
     os.environ[BAR_POSITION_ENV] = str(position)
-    logging.getLogger("flwr").setLevel(os.environ.get("FLWR_LOG_LEVEL", "WARNING"))  # FedAvg logs every round
+    quiet_flower_logs()
     base, eval_set, controlnet, frozen_before = _setup(cfg)
     transcript, rounds = [], []
     if scheme is None:

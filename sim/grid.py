@@ -13,6 +13,8 @@ apps (see ``sim/server_app.py`` and ``sim/client_app.py``).
 """
 from __future__ import annotations
 
+import logging
+import os
 import uuid
 from collections.abc import Iterable
 
@@ -24,6 +26,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 SERVER_NODE_ID = 1  # Flower's SUPERLINK_NODE_ID
 FIRST_CLIENT_NODE_ID = 100
+
+
+def quiet_flower_logs() -> None:
+    """Flower's logger at ``$FLWR_LOG_LEVEL`` (default WARNING): its FedAvg logs every round at INFO."""
+    logging.getLogger("flwr").setLevel(os.environ.get("FLWR_LOG_LEVEL", "WARNING"))
 
 
 class InProcessGrid(Grid):

@@ -10,7 +10,6 @@ nothing, so the files are the result).
 """
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -24,8 +23,9 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     from .compare import discover, run_compare
     from .config import from_run_config
+    from .grid import quiet_flower_logs
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    quiet_flower_logs()
     cfg = from_run_config(context.run_config)
     out = str(context.run_config.get("out", "") or "")
     out_dir = Path(out) if out else Path("results") / cfg.experiment / time.strftime("flower-%Y%m%d-%H%M%S")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_base, perturb_zero_convs
-from sim.client_app import make_client_app
+from sim.client_app import client_app_for
 from sim.compare import discover, fingerprint, run_strategy
 from sim.cuts import controlled_eps
 from sim.grid import InProcessGrid
@@ -36,7 +36,7 @@ def _envs(base, controlnet, settings, seed=0):
 def _run(scheme, base, controlnet, steps=4, local_steps=2, batch=2, lr=1e-3, seed=0, weight=1.0, keep=0):
     settings = TrainSettings(lr=lr, steps=steps, local_steps=local_steps, batch_size=batch, high_noise_weight=weight)
     envs = _envs(base, controlnet, settings, seed)
-    grid = InProcessGrid(make_client_app(lambda ctx: envs[int(ctx.node_config["partition-id"])]), len(envs), {})
+    grid = InProcessGrid(client_app_for(envs), len(envs), {})
     res = run_strategy(scheme, base, controlnet, settings, seed, grid, discover(grid, len(envs)), Transcript(keep))
     return res, envs
 
@@ -159,7 +159,7 @@ def test_a_failing_client_stops_the_run_naming_it(base, controlnet):
     settings = TrainSettings(lr=1e-3, steps=2, local_steps=1, batch_size=2)
     envs = _envs(base, controlnet, settings)
     envs[1].data.condition[:] = float("nan")  # client 1's hints are corrupt: its features will be NaN
-    grid = InProcessGrid(make_client_app(lambda ctx: envs[int(ctx.node_config["partition-id"])]), 2, {})
+    grid = InProcessGrid(client_app_for(envs), 2, {})
     with pytest.raises(Exception, match="NaN"):
         run_strategy("nograd", base, controlnet, settings, 0, grid, discover(grid, 2))
 
