@@ -1,5 +1,146 @@
-"""Defenses as swappable components (one file per defense, registered by name).
+"""Defenses: swappable components at declared hook points (see defenses/base.py).
 
-Empty until the defenses issue: timestep policies, the symmetric-sigmoid activation,
-wire quantisation, prompt protection, noise and accounted DP.
+Select them per run with the config key ``defenses`` (a list of spec strings such as
+``"symsigmoid"``, ``"noise:std=0.5"`` or a bundle name) and list them with
+``splitcontrol defenses --json``. A defense selected for a scheme it cannot serve fails
+at config time with the reason. :class:`DefenseStack` runs the client-side pipeline of
+the split schemes in hook order (timestep, latent, feature, wire, prompt); FedAvg
+defenses hook into the client's local training or the server's aggregation.
+
+Bundles
+-------
+``pp-reference``: the paper's privacy-preserving variant as its Plato code does it: t ~
+U{226..T-1}, symsigmoid on the control branch, fp16 wire with the fixed per-client
+offset, prompts kept home -- and, as in the reference, the noise target eps, t and the
+UNet first-conv features of x_t still go to the server (so the algebraic attack works).
+``pp-protected``: ours. Client-private noise on x_t accounted as (epsilon, delta)-DP for z0
+with eps known to the server (latent-dp, which also sets t_start), the same for the
+SD (unet) branch, symsigmoid, fp16 and prompts kept home.
 """
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Sequence
+
+import torch
+
+from .base import HOOKS, REGISTRY, Defense, HookContext, make_defense, parse_spec, register  # noqa: F401
+
+BUNDLES: dict[str, tuple[str, ...]] = {
+    "pp-reference": ("timestep:t-start=226", "symsigmoid", "fp16:offset=true", "prompt-local"),
+    "pp-protected": ("latent-dp", "symsigmoid", "fp16", "prompt-local"),
+}
+
+for _m in pkgutil.iter_modules(__path__):
+    if _m.name not in ("base", "accounting"):
+        importlib.import_module(f"{__name__}.{_m.name}")
+
+
+def expand(specs: Sequence[str]) -> list[str]:
+    """Replace bundle names by their members."""
+    out = []
+    for s in specs:
+        out += list(BUNDLES[s.strip()]) if s.strip() in BUNDLES else [s]
+    return out
+
+
+class DefenseStack:
+    """The defenses of one scheme in a run, applied in hook order (listed order within a hook).
+
+    Parameters
+    ----------
+    specs : defense spec strings or bundle names (``()``: undefended)
+    scheme : the scheme they serve; an inapplicable defense raises ValueError with the reason
+    latent_dim : size of one latent (C*H*W), for defaults such as the DP sensitivity
+    """
+
+    def __init__(self, specs: Sequence[str], scheme: str, latent_dim: int = 3 * 32 * 32):
+        self.specs = tuple(specs)
+        self.scheme = scheme
+        self.defenses: list[Defense] = [make_defense(s) for s in expand(specs)]
+        names = [d.name for d in self.defenses]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"defense(s) {dup} selected twice for scheme {scheme!r}: {list(self.specs)}")
+        for d in self.defenses:
+            d.check_scheme(scheme)
+            d.bind(latent_dim)
+        if len(self.with_hook("latent")) > 1:
+            raise ValueError(f"at most one defense may act on x_t (hook 'latent'), got "
+                             f"{[d.name for d in self.with_hook('latent')]}")
+
+    def __bool__(self) -> bool:
+        return bool(self.defenses)
+
+    def with_hook(self, hook: str) -> list[Defense]:
+        return [d for d in self.defenses if hook in d.hooks]
+
+    # ------------------------------------------------------------------ the client pipeline
+    def t_start(self, scheduler) -> int:
+        return max((d.t_start(scheduler) for d in self.with_hook("timestep")), default=0)
+
+    def latent(self, x_t: torch.Tensor, ctx: HookContext) -> tuple[torch.Tensor, torch.Tensor]:
+        for d in self.with_hook("latent"):
+            if not (ctx.inference and not d.at_inference):
+                return d.latent(x_t, ctx)
+        return x_t, x_t
+
+    def feature(self, name: str, x: torch.Tensor, ctx: HookContext) -> torch.Tensor:
+        for d in self.with_hook("feature"):
+            if not (ctx.inference and not d.at_inference):
+                x = d.feature(name, x, ctx)
+        return x
+
+    def wire(self, x: torch.Tensor, ctx: HookContext) -> torch.Tensor:
+        for d in self.with_hook("wire"):
+            x = d.wire(x, ctx)
+        return x
+
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        return torch.float16 if any(d.wire_dtype == torch.float16 for d in self.defenses) else torch.float32
+
+    @property
+    def sends_prompt(self) -> bool:
+        return all(d.sends_prompt for d in self.defenses)
+
+    def client_loss(self, inputs: torch.Tensor, activation: torch.Tensor) -> torch.Tensor | None:
+        terms = [t for d in self.with_hook("loss") if (t := d.client_loss(inputs, activation)) is not None]
+        return sum(terms) if terms else None
+
+    def describe(self, scheduler=None, releases: float = 1.0) -> list[dict]:
+        return [d.describe(scheduler, releases) for d in self.defenses]
+
+
+def split_client_features(stack: DefenseStack, scheme: str, autoencoder, unet, x_t: torch.Tensor,
+                          hint: torch.Tensor, ctx: HookContext, head=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a split client sends at the cut, through the defense pipeline, as float32 values.
+
+    Returns ``(control, unet_features)``: ``control`` is h = E(hint) + x_t (nograd) or the
+    head's output (vanilla, ``head`` given), after the feature and wire hooks;
+    ``unet_features`` is ``unet.conv_in`` of the unet branch's x_t, likewise. Used by the
+    clients in training and by sampling (``ctx.inference``), so both see the same transform.
+    """
+    from sim.cuts import control_head, nograd_control_input, unet_first_conv
+
+    x_unet, x_control = stack.latent(x_t, ctx)
+    if scheme == "nograd":
+        control = nograd_control_input(autoencoder, x_control, hint)
+    elif scheme == "vanilla":
+        control = control_head(head, x_control, hint)
+    else:
+        raise ValueError(f"split_client_features: {scheme!r} is not a split scheme")
+    control = stack.wire(stack.feature("control", control, ctx), ctx)
+    feats = stack.wire(stack.feature("unet", unet_first_conv(unet, x_unet), ctx), ctx)
+    return control, feats
+
+
+def list_defenses(scheduler=None) -> list[dict]:
+    """Every registered defense with its declarations (defaults), and the bundles."""
+    rows = []
+    for cls in REGISTRY.values():
+        d = cls()
+        d.bind(3 * 32 * 32)
+        rows.append(d.describe(scheduler))
+    return rows

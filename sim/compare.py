@@ -126,7 +126,7 @@ def run_strategy(scheme: str, base, controlnet, settings, seed: int, grid, node_
     sched = ddpm_scheduler(base.preset)
     transcript = transcript if transcript is not None else Transcript()
     rgrid = RecordingGrid(grid, transcript, {n: i for i, n in enumerate(node_ids)}, scheme)
-    strategy = cls(base.unet, controlnet, sched, settings)
+    strategy = cls(base.unet, controlnet, sched, settings, null_context=base.encode_prompts([""]))
     result = strategy.start(Channel(rgrid, node_ids, cls.message_type))
     # what a client of this scheme trains: a property of the scheme, computed on a public client
     public = cls.client_class(0, ClientEnv(base, sched, settings, None, seed, controlnet))
@@ -203,7 +203,7 @@ def run_job(cfg: ExperimentConfig, scheme: str | None, position: int = 0, out: P
     else:
         res = train_scheme(scheme, cfg, base, controlnet, grid=grid, node_ids=node_ids)
         metrics, imgs = evaluate(base, eval_set, scheme, res.controlnet, cfg.ddim_steps, cfg.guidance, cfg.seed,
-                                 f"sampling {scheme}", uncond_control=cfg.uncond_control)
+                                 f"sampling {scheme}", uncond_control=cfg.uncond_control, defenses=cfg.defenses)
         row, losses = summary_row(res, metrics), res.losses
         transcript = [dataclasses.asdict(s) for s in res.transcript.stats]
         rounds = round_metrics(res)
@@ -328,6 +328,6 @@ def reevaluate(run_dir: str | Path, overrides: list[str] = ()) -> list[dict]:
             raise FileNotFoundError(f"{path} is missing: the run did not save a ControlNet for {scheme!r}")
         controlnet = ControlNetModel.from_pretrained(path).eval()
         metrics, _ = evaluate(base, eval_set, scheme, controlnet, cfg.ddim_steps, cfg.guidance, cfg.seed,
-                              f"sampling {scheme}", uncond_control=cfg.uncond_control)
+                              f"sampling {scheme}", uncond_control=cfg.uncond_control, defenses=cfg.defenses)
         rows.append({"scheme": scheme, **metrics})
     return rows

@@ -44,6 +44,8 @@ class ExperimentConfig:
     seed: int = 0
     threads: int = 1                         # torch threads per job (results are deterministic per value)
     jobs: int = 4                            # worker processes: the schemes and the no-control baseline in parallel
+    defenses: tuple[str, ...] = ()           # defense specs or bundles, e.g. ["pp-protected"], ["noise:std=0.5"]
+    keep_messages: int = 0                   # round trips per scheme whose payloads are saved (seen_<scheme>.pt) for attacks
 
     # ---------------------------------------------------------------- validation
     def __post_init__(self) -> None:
@@ -79,6 +81,13 @@ class ExperimentConfig:
             if self.partition == "dirichlet":
                 raise ValueError("partition='dirichlet' needs colour labels, which dataset='faces' does not have; "
                                  "use partition='iid'")
+        if self.keep_messages < 0:
+            raise ValueError(f"keep-messages must be >= 0, got {self.keep_messages}")
+        if self.defenses:
+            from defenses import DefenseStack
+
+            for scheme in self.schemes:  # fails naming the defense and why it cannot serve the scheme
+                DefenseStack(self.defenses, scheme)
         if self.num_clients > self.num_samples:
             raise ValueError(f"num-clients={self.num_clients} is larger than num-samples={self.num_samples}")
 
@@ -127,7 +136,7 @@ def _coerce(key: str, value):
         # tuple[str, ...]
         if isinstance(value, str):
             value = tomllib.loads(f"v = {value}")["v"] if value.strip().startswith("[") else value.split(",")
-        return tuple(str(x).strip() for x in value)
+        return tuple(str(x).strip() for x in value if str(x).strip())
     except (TypeError, ValueError, tomllib.TOMLDecodeError):
         raise ValueError(f"bad value {value!r} for key {_kebab(key)!r}: expected {typ}") from None
 
@@ -165,11 +174,12 @@ def load_config(preset: str = "default", overrides: typing.Iterable[str] = ()) -
 
 # ----------------------------------------------------------------------------- Flower run config
 def to_run_config(cfg: ExperimentConfig) -> dict[str, bool | int | float | str]:
-    """The config as a Flower run config: kebab-case keys, scalar values (lists comma-joined)."""
+    """The config as a Flower run config: kebab-case keys, scalar values (lists as TOML list strings,
+    since defense specs may contain commas)."""
     out = {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        out[_kebab(f.name)] = ",".join(v) if isinstance(v, tuple) else v
+        out[_kebab(f.name)] = _toml_value(v) if isinstance(v, tuple) else v
     return out
 
 

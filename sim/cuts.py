@@ -227,17 +227,32 @@ def control_features(scheme: str, controlnet: nn.Module, autoencoder: nn.Module,
 
 def controlled_eps(scheme: str, unet: nn.Module, controlnet: nn.Module | None, autoencoder: nn.Module,
                    x_t: torch.Tensor, t, context: torch.Tensor, hint: torch.Tensor | None,
-                   control_scale: torch.Tensor | None = None) -> torch.Tensor:
+                   control_scale: torch.Tensor | None = None, defenses=None, defense_ctx=None,
+                   control_context: torch.Tensor | None = None) -> torch.Tensor:
     """The whole model of a scheme composed in one place: noise prediction with control.
 
     ``controlnet=None`` gives the base model without control. ``control_scale`` (one
     factor per sample) multiplies the ControlNet's residuals; sampling uses 0 in the
-    unconditional half of a guided batch (see :func:`sim.evaluate.generate`).
+    unconditional half of a guided batch (see :func:`sim.evaluate.generate`). With a
+    split scheme's ``defenses`` (a :class:`defenses.DefenseStack`) the cut-layer features
+    go through the same client pipeline as in training (``defense_ctx``: its hook
+    context), and the ControlNet reads ``control_context`` (e.g. the empty prompt's,
+    when prompts stay on the client) instead of ``context``.
     """
-    feats = unet_first_conv(unet, x_t)
-    if controlnet is None:
-        return unet_rest(unet, feats, t, context)
-    down, mid = control_rest(controlnet, control_features(scheme, controlnet, autoencoder, x_t, hint), t, context)
+    if controlnet is not None and defenses and scheme != "fedavg":
+        from defenses import split_client_features
+
+        head = controlnet if scheme == "vanilla" else None
+        control, feats = split_client_features(defenses, scheme, autoencoder, unet, x_t, hint, defense_ctx, head)
+        if scheme == "nograd":
+            control = controlnet.conv_in(control)
+    else:
+        feats = unet_first_conv(unet, x_t)
+        if controlnet is None:
+            return unet_rest(unet, feats, t, context)
+        control = control_features(scheme, controlnet, autoencoder, x_t, hint)
+    cn_context = context if control_context is None else control_context
+    down, mid = control_rest(controlnet, control, t, cn_context)
     if control_scale is not None:
         s = control_scale.view(-1, 1, 1, 1).to(mid.dtype)
         down, mid = [d * s for d in down], mid * s

@@ -28,23 +28,39 @@ from .models import ddpm_scheduler
 @torch.no_grad()
 def generate(base, prompts: list[str], scheme: str | None = None, controlnet=None,
              hints: torch.Tensor | None = None, steps: int = 20, guidance: float = 5.0, seed: int = 0,
-             progress: bool = True, desc: str = "sampling", uncond_control: bool = False) -> torch.Tensor:
+             progress: bool = True, desc: str = "sampling", uncond_control: bool = False,
+             defenses: tuple[str, ...] = ()) -> torch.Tensor:
     """Images in [-1, 1] from the frozen base model, controlled by ``controlnet`` when given.
 
     ``scheme`` decides how the ControlNet reads the hint (see :func:`sim.cuts.control_features`);
     ``uncond_control`` whether guidance's unconditional branch gets the control too (module doc).
+    ``defenses`` (the run's defense specs) apply the split client's pipeline at inference
+    as in training (activation, wire quantisation, offsets, noise; the ControlNet gets the
+    empty prompt when prompts stay home), from the generating client 0's side.
     """
+    from defenses import DefenseStack, HookContext
+
+    from .models import ddpm_scheduler as _sched
+
     p = base.preset
     ctx = base.encode_prompts(prompts)
     null = base.encode_prompts([""])
     n = len(prompts)
+    stack = DefenseStack(defenses, scheme, p.latent_channels * p.latent_size ** 2) \
+        if defenses and scheme in ("vanilla", "nograd") else None
+    defense_gen = torch.Generator().manual_seed(seed + 1)
 
     def eps_fn(x, t, c):
         h = None if hints is None else hints.repeat(x.shape[0] // hints.shape[0], 1, 1, 1)
         scale = None
         if controlnet is not None and not uncond_control and x.shape[0] == 2 * n:  # [cond, uncond] halves
             scale = torch.cat([torch.ones(n), torch.zeros(n)])
-        return controlled_eps(scheme or "fedavg", base.unet, controlnet, base.autoencoder, x, t, c, h, scale)
+        if stack is None:
+            return controlled_eps(scheme or "fedavg", base.unet, controlnet, base.autoencoder, x, t, c, h, scale)
+        hook_ctx = HookContext(t, _sched(p), 0, defense_gen, inference=True)
+        cn_ctx = None if stack.sends_prompt else null.expand(x.shape[0], *null.shape[1:])
+        return controlled_eps(scheme, base.unet, controlnet, base.autoencoder, x, t, c, h, scale, stack, hook_ctx,
+                              cn_ctx)
 
     g = torch.Generator().manual_seed(seed)
     shape = (len(prompts), p.latent_channels, p.latent_size, p.latent_size)
@@ -70,10 +86,10 @@ def score(images_uint8, conditions_uint8, fgs=None, bgs=None) -> dict:
 
 
 def evaluate(base, eval_set: dict, scheme: str | None, controlnet, steps: int, guidance: float, seed: int,
-             desc: str, uncond_control: bool = False) -> tuple[dict, np.ndarray]:
+             desc: str, uncond_control: bool = False, defenses: tuple[str, ...] = ()) -> tuple[dict, np.ndarray]:
     """Generate one image per eval condition and score it; returns (metrics, uint8 images)."""
     images = generate(base, eval_set["prompt"], scheme, controlnet, eval_set["condition"], steps=steps,
-                      guidance=guidance, seed=seed, desc=desc, uncond_control=uncond_control)
+                      guidance=guidance, seed=seed, desc=desc, uncond_control=uncond_control, defenses=defenses)
     imgs = to_uint8(images)
     conds = conditions_uint8(eval_set["condition"])
     return score(imgs, conds, eval_set.get("fg"), eval_set.get("bg")), imgs

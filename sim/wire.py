@@ -32,6 +32,9 @@ CONFIG = "config"
 METRICS = "metrics"
 
 
+FEATURE_DTYPES = (torch.float32, torch.float16)  # sent features: fp32, or fp16 under wire quantisation
+
+
 class WireError(ValueError):
     """A payload that does not match its declared message type."""
 
@@ -47,8 +50,9 @@ class Spec:
     optional: bool = False
 
 
-def tensor(dtype: torch.dtype, ndim: int, optional: bool = False, key: str | None = None):
-    """A tensor field of fixed dtype and rank (``optional``: may be None and is then not sent)."""
+def tensor(dtype, ndim: int, optional: bool = False, key: str | None = None):
+    """A tensor field of fixed dtype (or a tuple of allowed dtypes) and rank (``optional``: may be
+    None and is then not sent)."""
     return field(default=None if optional else dataclasses.MISSING,
                  metadata={"wire": Spec("tensor", key, dtype, ndim, optional)})
 
@@ -108,8 +112,9 @@ def _fail(cls, name: str, why: str):
 
 
 def _check_tensor(cls, name: str, t: torch.Tensor, dtype, ndim: int | None) -> torch.Tensor:
-    if dtype is not None and t.dtype != dtype:
-        _fail(cls, name, f"dtype {t.dtype}, expected {dtype}")
+    allowed = dtype if isinstance(dtype, tuple) else (dtype,)
+    if dtype is not None and t.dtype not in allowed:
+        _fail(cls, name, f"dtype {t.dtype}, expected {' or '.join(map(str, allowed))}")
     if ndim is not None and t.ndim != ndim:
         _fail(cls, name, f"shape {tuple(t.shape)} has {t.ndim} dims, expected {ndim}")
     if t.is_floating_point() and not torch.isfinite(t).all():

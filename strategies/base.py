@@ -55,15 +55,19 @@ class Batch:
     x_t: torch.Tensor
     context: torch.Tensor
     hint: torch.Tensor
+    idx: torch.Tensor | None = None  # which of the client's samples (for scoring attacks; never sent)
+    prompts: list[str] | None = None  # the prompts after dropout (never sent as text)
 
 
-def client_generator(seed: int, cid: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed) * 100_003 + int(cid))
+def client_generator(seed: int, cid: int, stream: int = 0) -> torch.Generator:
+    """The client's generator: stream 0 draws batches, t and noise; stream 1 is the defenses'
+    private randomness (so a defense never changes which images, t and noise a batch gets)."""
+    return torch.Generator().manual_seed(int(seed) * 100_003 + int(cid) + 7_777_777 * int(stream))
 
 
 def sample_batch(base, scheduler, data: ClientData, batch_size: int, gen: torch.Generator,
-                 prompt_dropout: float = 0.0) -> Batch:
-    """Draw a batch, t ~ U{0..T-1} and noise from the client's generator; encode with the frozen parts.
+                 prompt_dropout: float = 0.0, t_start: int = 0) -> Batch:
+    """Draw a batch, t ~ U{t_start..T-1} and noise from the client's generator; encode with the frozen parts.
 
     With ``prompt_dropout`` > 0 that fraction of prompts (drawn from the same generator)
     is replaced by the empty prompt, as ControlNet training does, so the ControlNet also
@@ -77,8 +81,8 @@ def sample_batch(base, scheduler, data: ClientData, batch_size: int, gen: torch.
         z0 = base.autoencoder.encode(data.target[idx])
         context = base.encode_prompts(prompts)
     noise = torch.randn(z0.shape, generator=gen)
-    t = sample_timesteps(batch_size, scheduler.config.num_train_timesteps, gen)
-    return Batch(z0, noise, t, noisy_latents(scheduler, z0, noise, t), context, data.condition[idx])
+    t = sample_timesteps(batch_size, scheduler.config.num_train_timesteps, gen, t_start)
+    return Batch(z0, noise, t, noisy_latents(scheduler, z0, noise, t), context, data.condition[idx], idx, prompts)
 
 
 def turn_schedule(steps: int, num_clients: int, local_steps: int) -> list[tuple[int, int]]:
@@ -108,12 +112,14 @@ class TrainSettings:
     batch_size: int
     high_noise_weight: float = 1.0  # see sim.diffusion.high_noise_weights; 1 = plain epsilon MSE
     prompt_dropout: float = 0.0  # fraction of training prompts replaced by the empty prompt
+    defenses: tuple[str, ...] = ()  # defense specs (public: the server knows which defenses run)
 
     @classmethod
     def from_config(cls, cfg) -> "TrainSettings":
         """The recipe of a :class:`sim.config.ExperimentConfig`."""
         return cls(lr=cfg.lr, steps=cfg.steps, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
-                   high_noise_weight=cfg.high_noise_weight, prompt_dropout=cfg.prompt_dropout)
+                   high_noise_weight=cfg.high_noise_weight, prompt_dropout=cfg.prompt_dropout,
+                   defenses=tuple(cfg.defenses))
 
 
 def diffusion_loss(eps_hat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler,
@@ -149,25 +155,39 @@ class SchemeClient:
     """
 
     request_type: type = object
+    scheme: str = ""
 
     def __init__(self, cid: int, env: ClientEnv):
+        from defenses import DefenseStack
+
         self.cid = cid
         self.env = env
         self.base, self.scheduler, self.data, self.settings = env.base, env.scheduler, env.data, env.settings
         self.gen = client_generator(env.seed, cid)
+        self.defense_gen = client_generator(env.seed, cid, stream=1)
+        p = self.base.preset
+        self.defenses = DefenseStack(self.settings.defenses, self.scheme,
+                                     p.latent_channels * p.latent_size ** 2)
 
     def next_batch(self) -> Batch:
         return sample_batch(self.base, self.scheduler, self.data, self.settings.batch_size, self.gen,
-                            self.settings.prompt_dropout)
+                            self.settings.prompt_dropout, self.defenses.t_start(self.scheduler))
+
+    def hook_context(self, batch: Batch):
+        """What the defense hooks of this client may use for ``batch``."""
+        from defenses import HookContext
+
+        return HookContext(batch.t, self.scheduler, self.cid, self.defense_gen)
 
     def serve(self, request):
         raise NotImplementedError
 
     def get_state(self) -> dict[str, torch.Tensor]:
-        return {"generator": self.gen.get_state()}
+        return {"generator": self.gen.get_state(), "defense-generator": self.defense_gen.get_state()}
 
     def set_state(self, state: dict[str, torch.Tensor]) -> None:
         self.gen.set_state(state["generator"])
+        self.defense_gen.set_state(state["defense-generator"])
 
     def held_modules(self) -> list[nn.Module]:
         """The modules this client holds and runs (frozen ones included)."""
@@ -230,16 +250,26 @@ class SplitServer:
     minus the modules the scheme's cut keeps off the server, one AdamW, and the loss
     from the ControlNet's first-conv features on."""
 
-    def __init__(self, unet, controlnet, scheduler, settings: TrainSettings, off_server: tuple[str, ...]):
+    def __init__(self, unet, controlnet, scheduler, settings: TrainSettings, off_server: tuple[str, ...],
+                 null_context: torch.Tensor | None = None):
         self.unet = unet  # the server's frozen UNet
         self.scheduler, self.settings = scheduler, settings
+        self.null_context = null_context  # public embedding of "" (used when clients keep prompts home)
         self.controlnet = copy.deepcopy(controlnet).train()
         for name in off_server:
             resolve(name, controlnet=self.controlnet).requires_grad_(False)
         self.opt = torch.optim.AdamW([p for p in self.controlnet.parameters() if p.requires_grad], lr=settings.lr)
 
     def server_step(self, control_features, unet_features, t, noise, context) -> float:
-        """One optimizer step of the server's ControlNet part; returns the loss."""
+        """One optimizer step of the server's ControlNet part; returns the loss.
+
+        Features may arrive as float16 (wire quantisation); ``context`` None means the
+        client kept its prompt: the server uses the empty prompt's public embedding."""
+        control_features, unet_features = control_features.float(), unet_features.float()
+        if context is None:
+            if self.null_context is None:
+                raise RuntimeError("the client sent no text context and the server has no empty-prompt embedding")
+            context = self.null_context.expand(t.shape[0], *self.null_context.shape[1:])
         down, mid = control_rest(self.controlnet, control_features, t, context)
         loss = diffusion_loss(unet_rest(self.unet, unet_features, t, context, down, mid), noise, t,
                               self.scheduler, self.settings)

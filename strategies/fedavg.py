@@ -56,6 +56,7 @@ class FitRes:
 
 class FedAvgClient(SchemeClient):
     request_type = FitIns
+    scheme = "fedavg"
 
     def __init__(self, cid, env):
         super().__init__(cid, env)
@@ -141,7 +142,7 @@ class FedAvgStrategy:
     client_class = FedAvgClient
     message_type = MESSAGE_TYPE
 
-    def __init__(self, unet, controlnet, scheduler, settings: TrainSettings):
+    def __init__(self, unet, controlnet, scheduler, settings: TrainSettings, null_context=None):
         self.unet = unet  # the server's frozen UNet (fedavg: unused)
         self.controlnet = controlnet
         self.settings = settings

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sim.cuts import CUTS, nograd_control_input, unet_first_conv
-from sim.wire import config, same_leading_dims, tensor
+from sim.cuts import CUTS
+from sim.wire import FEATURE_DTYPES, config, same_leading_dims, tensor
 
 from .base import Channel, SchemeClient, SchemeResult, SplitServer, TrainSettings, progress, turn_schedule
 
@@ -42,11 +42,11 @@ class FeaturesRequest:
 class Features:
     """Client -> server: ``k`` batches of what the server needs, stacked on a leading K axis."""
 
-    control_input: torch.Tensor = tensor(torch.float32, 5)  # (K, B, C, H, W): E(hint) + x_t
-    unet_features: torch.Tensor = tensor(torch.float32, 5)  # (K, B, C0, H, W): frozen unet.conv_in(x_t)
+    control_input: torch.Tensor = tensor(FEATURE_DTYPES, 5)  # (K, B, C, H, W): E(hint) + x_t (after defenses)
+    unet_features: torch.Tensor = tensor(FEATURE_DTYPES, 5)  # (K, B, C0, H, W): frozen unet.conv_in(x_t)
     t: torch.Tensor = tensor(torch.int64, 2)  # (K, B)
     noise: torch.Tensor = tensor(torch.float32, 5)  # (K, B, C, H, W): the epsilon target
-    context: torch.Tensor = tensor(torch.float32, 4)  # (K, B, L, D): text-encoder states
+    context: torch.Tensor | None = tensor(torch.float32, 4, optional=True)  # (K, B, L, D); None: prompt kept home
 
     def check(self) -> None:
         same_leading_dims(self, ["control_input", "unet_features", "t", "noise", "context"], 2)
@@ -56,18 +56,21 @@ class NoGradClient(SchemeClient):
     """Frozen feature producer: answers a :class:`FeaturesRequest` with ``k`` batches."""
 
     request_type = FeaturesRequest
+    scheme = "nograd"
 
     @torch.no_grad()
     def serve(self, request: FeaturesRequest) -> Features:
+        from defenses import split_client_features
+
         parts = []
+        dtype = self.defenses.wire_dtype
         for _ in range(request.k):
             b = self.next_batch()
-            parts.append(dict(
-                control_input=nograd_control_input(self.base.autoencoder, b.x_t, b.hint),
-                unet_features=unet_first_conv(self.base.unet, b.x_t),
-                t=b.t, noise=b.noise, context=b.context,
-            ))
-        return Features(**{k: torch.stack([p[k] for p in parts]) for k in parts[0]})
+            control, feats = split_client_features(self.defenses, "nograd", self.base.autoencoder, self.base.unet,
+                                                   b.x_t, b.hint, self.hook_context(b))
+            parts.append(dict(control_input=control.to(dtype), unet_features=feats.to(dtype), t=b.t, noise=b.noise,
+                              context=b.context if self.defenses.sends_prompt else None))
+        return Features(**{k: None if parts[0][k] is None else torch.stack([p[k] for p in parts]) for k in parts[0]})
 
 
 class NoGradStrategy(SplitServer):
@@ -77,11 +80,12 @@ class NoGradStrategy(SplitServer):
     client_class = NoGradClient
     message_type = MESSAGE_TYPE
 
-    def __init__(self, unet, controlnet, scheduler, settings: TrainSettings):
-        super().__init__(unet, controlnet, scheduler, settings, off_server=CUTS["nograd"].unused)
+    def __init__(self, unet, controlnet, scheduler, settings: TrainSettings, null_context=None):
+        super().__init__(unet, controlnet, scheduler, settings, off_server=CUTS["nograd"].unused,
+                         null_context=null_context)
 
     def train_step(self, control_input, unet_features, t, noise, context) -> float:
-        return self.server_step(self.controlnet.conv_in(control_input), unet_features, t, noise, context)
+        return self.server_step(self.controlnet.conv_in(control_input.float()), unet_features, t, noise, context)
 
     def start(self, channel: Channel) -> SchemeResult:
         t0 = time.perf_counter()
@@ -92,8 +96,9 @@ class NoGradStrategy(SplitServer):
             reply = channel.call(cid, FeaturesRequest(k), Features, steps=(len(losses), k), round=turn)
             s0 = time.perf_counter()
             for i in range(k):
+                context = None if reply.context is None else reply.context[i]
                 losses.append(self.train_step(reply.control_input[i], reply.unet_features[i], reply.t[i],
-                                              reply.noise[i], reply.context[i]))
+                                              reply.noise[i], context))
                 bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             server_s += time.perf_counter() - s0

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sim.cuts import CUTS, control_head, resolve, unet_first_conv
-from sim.wire import config, same_leading_dims, state, tensor
+from sim.cuts import CUTS, control_head, resolve
+from sim.wire import FEATURE_DTYPES, config, same_leading_dims, state, tensor
 
 from .base import Channel, SchemeClient, SchemeResult, SplitServer, TrainSettings, progress, turn_schedule
 
@@ -52,8 +52,8 @@ class VanillaRequest:
 class VanillaReply:
     """Client -> server: the next batch at the cut, or (end of turn) the trained head."""
 
-    control_features: torch.Tensor | None = tensor(torch.float32, 4, optional=True)  # head(x_t, hint)
-    unet_features: torch.Tensor | None = tensor(torch.float32, 4, optional=True)  # frozen unet.conv_in(x_t)
+    control_features: torch.Tensor | None = tensor(FEATURE_DTYPES, 4, optional=True)  # head(x_t, hint), defended
+    unet_features: torch.Tensor | None = tensor(FEATURE_DTYPES, 4, optional=True)  # frozen unet.conv_in(x_t)
     t: torch.Tensor | None = tensor(torch.int64, 1, optional=True)
     noise: torch.Tensor | None = tensor(torch.float32, 4, optional=True)
     context: torch.Tensor | None = tensor(torch.float32, 3, optional=True)
@@ -61,8 +61,9 @@ class VanillaReply:
 
     def check(self) -> None:
         present = [n for n in BATCH_FIELDS if getattr(self, n) is not None]
-        if present and len(present) != len(BATCH_FIELDS):
-            raise ValueError(f"a batch needs all of {BATCH_FIELDS}, got only {present}")
+        required = [n for n in BATCH_FIELDS if n != "context"]  # no context: the prompt stayed home
+        if present and not set(required) <= set(present):
+            raise ValueError(f"a batch needs all of {required}, got only {present}")
         if not present and self.head is None:
             raise ValueError("neither a batch nor the head")
         same_leading_dims(self, BATCH_FIELDS, 1)
@@ -90,12 +91,14 @@ class VanillaClient(SchemeClient):
     """Trains the head with the cut-layer gradients the server returns."""
 
     request_type = VanillaRequest
+    scheme = "vanilla"
 
     def __init__(self, cid, env):
         super().__init__(cid, env)
         self.head = ControlHead(env.controlnet_template).train()
         self.opt: torch.optim.Optimizer | None = None
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (x_t, hint) of the batch the server has
+        # (x_t, hint, t, defense generator state before the batch) of the batch the server has
+        self.pending: tuple[torch.Tensor, ...] | None = None
 
     def held_modules(self) -> list[nn.Module]:
         return super().held_modules() + [self.head]
@@ -109,7 +112,7 @@ class VanillaClient(SchemeClient):
                 out.update({f"opt.{i}.{k}": torch.as_tensor(v) for k, v in st.items()})
             out["opt.present"] = torch.ones(1)
         if self.pending is not None:
-            out["pending.x_t"], out["pending.hint"] = self.pending
+            out["pending.x_t"], out["pending.hint"], out["pending.t"], out["pending.gen"] = self.pending
         return out
 
     def set_state(self, st: dict[str, torch.Tensor]) -> None:
@@ -122,7 +125,7 @@ class VanillaClient(SchemeClient):
             sd["state"] = {i: _prefixed(st, f"opt.{i}") for i in range(n) if f"opt.{i}.step" in st}
             self.opt.load_state_dict(sd)
         if "pending.x_t" in st:
-            self.pending = (st["pending.x_t"], st["pending.hint"])
+            self.pending = tuple(st[f"pending.{k}"] for k in ("x_t", "hint", "t", "gen"))
 
     # ----------------------------------------------------------- the step
     def serve(self, request: VanillaRequest) -> VanillaReply:
@@ -133,19 +136,32 @@ class VanillaClient(SchemeClient):
         if request.control_features_grad is not None:
             if self.pending is None or self.opt is None:
                 raise RuntimeError(f"client {self.cid} got a gradient but has no pending batch")
-            activation = self.head(*self.pending)  # bit-identical to the one sent: same inputs, same weights
+            activation, _ = self._features(*self.pending)  # bit-identical to the one sent: same inputs and weights
             self.opt.zero_grad(set_to_none=True)
-            activation.backward(request.control_features_grad)
+            extra = self.defenses.client_loss(self.pending[0], activation)  # e.g. NoPeek's decorrelation term
+            if extra is not None:
+                extra.backward(retain_graph=True)
+            activation.backward(request.control_features_grad.float())
             self.opt.step()
             self.pending = None
         if not request.want_batch:
             return VanillaReply(head=self.head.state_dict())
         b = self.next_batch()
-        self.pending = (b.x_t, b.hint)
+        self.pending = (b.x_t, b.hint, b.t, self.defense_gen.get_state())
         with torch.no_grad():
-            control_features = self.head(b.x_t, b.hint)
-            unet_features = unet_first_conv(self.base.unet, b.x_t)
-        return VanillaReply(control_features, unet_features, b.t, b.noise, b.context)
+            control_features, unet_features = self._features(*self.pending)
+        dtype = self.defenses.wire_dtype
+        return VanillaReply(control_features.to(dtype), unet_features.to(dtype), b.t, b.noise,
+                            b.context if self.defenses.sends_prompt else None)
+
+    def _features(self, x_t, hint, t, gen_state) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cut-layer features through the defense pipeline, replaying its private randomness."""
+        from defenses import HookContext, split_client_features
+
+        self.defense_gen.set_state(gen_state)
+        ctx = HookContext(t, self.scheduler, self.cid, self.defense_gen)
+        return split_client_features(self.defenses, "vanilla", self.base.autoencoder, self.base.unet, x_t, hint,
+                                     ctx, head=self.head)
 
 
 class VanillaStrategy(SplitServer):
@@ -155,12 +171,13 @@ class VanillaStrategy(SplitServer):
     client_class = VanillaClient
     message_type = MESSAGE_TYPE
 
-    def __init__(self, unet, controlnet, scheduler, settings: TrainSettings):
-        super().__init__(unet, controlnet, scheduler, settings, off_server=CUT.client_trainable)
+    def __init__(self, unet, controlnet, scheduler, settings: TrainSettings, null_context=None):
+        super().__init__(unet, controlnet, scheduler, settings, off_server=CUT.client_trainable,
+                         null_context=null_context)
         self.head_state = ControlHead(controlnet).state_dict()
 
     def train_step(self, control_features, unet_features, t, noise, context) -> tuple[float, torch.Tensor]:
-        control_features = control_features.requires_grad_(True)
+        control_features = control_features.float().requires_grad_(True)
         loss = self.server_step(control_features, unet_features, t, noise, context)
         return loss, control_features.grad
 

@@ -69,7 +69,7 @@ def test_nograd_client_has_nothing_to_train_and_gets_nothing_back(base, controln
     client = get_strategy("nograd").client_class(0, envs[0])
     client.serve(client.request_type(k=2))
     assert not any(isinstance(v, torch.optim.Optimizer) for v in vars(client).values())
-    assert set(client.get_state()) == {"generator"}  # all a nograd client carries between messages
+    assert set(client.get_state()) == {"generator", "defense-generator"}  # all a nograd client carries: its RNGs
     t = res.transcript
     # server -> client carries only the request (k: one number): 8 bytes per message, no tensor
     assert t.bytes_down == 8 * t.messages

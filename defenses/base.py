@@ -1,0 +1,179 @@
+"""The defense interface: one base class, hook points, typed parameters, a registry.
+
+A defense is a small object with a name, the hook point(s) where it acts, the schemes
+it can serve, typed parameters with defaults, and the methods of its hooks. The
+client-side pipeline of both split schemes (:class:`defenses.DefenseStack`) calls the
+hooks in this order for every batch it sends::
+
+    timestep  t ~ U{t_start..T-1}                     (t_start(scheduler))
+    latent    x_t -> what the unet / control branch read (latent(...), before anything reads x_t)
+    feature   each sent feature: "control", "unet"    (feature(...): activation, noise, shuffle, ...)
+    wire      quantise what is sent                    (wire(...), wire_dtype)
+    prompt    whether the text context is sent at all  (sends_prompt)
+    loss      a client-side loss term (vanilla)        (client_loss(...))
+
+FedAvg defenses act at ``fl-client`` (the client's local training, e.g. DP-SGD) or
+``fl-server`` (the server's aggregation, e.g. Flower's DP clipping wrapper).
+
+A spec string selects a defense and sets its parameters:
+``"noise:std=0.5"``, ``"timestep:t-start=226"``, ``"fp16:offset=true"``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+HOOKS = ("timestep", "latent", "feature", "wire", "prompt", "loss", "fl-client", "fl-server")
+SPLIT = ("vanilla", "nograd")
+ALL = ("fedavg", "vanilla", "nograd")
+
+
+@dataclass
+class HookContext:
+    """What a hook may use: the batch's timesteps, the public scheduler, the client id, a
+    client-private generator (never the batch generator: defenses must not change which
+    images, t and noise a batch draws), and whether this is training or inference."""
+
+    t: torch.Tensor
+    scheduler: object
+    cid: int
+    gen: torch.Generator
+    inference: bool = False
+
+
+class Defense:
+    """Base class. Subclasses set the class attributes and override the hooks they declare.
+
+    Class attributes
+    ----------------
+    name : registry name used in config (``defenses = ["name:key=value"]``)
+    hooks : the hook points it acts at (see :data:`HOOKS`)
+    schemes : the schemes it can serve; ``why_not`` says why the others cannot
+    params : parameter defaults (their types are the parameters' types)
+    at_inference : whether the same transform is applied when sampling (train/test consistency)
+    threat_model : one line: what it protects against and what it assumes
+    """
+
+    name: str = ""
+    hooks: tuple[str, ...] = ()
+    schemes: tuple[str, ...] = ALL
+    why_not: str = ""
+    params: dict = {}
+    at_inference: bool = True
+    threat_model: str = ""
+    accounted: bool = False  # does it make a differential-privacy claim (epsilon, delta)?
+
+    def __init__(self, **params):
+        unknown = set(params) - set(self.params)
+        if unknown:
+            raise ValueError(f"defense {self.name!r} has no parameter(s) {sorted(unknown)}; "
+                             f"its parameters: {self.params or 'none'}")
+        self.p = {**self.params, **{k: _coerce(self.name, k, v, self.params[k]) for k, v in params.items()}}
+        self.validate()
+
+    def __repr__(self) -> str:
+        return spec_string(self)
+
+    def validate(self) -> None:
+        """Raise ValueError naming a bad parameter."""
+
+    def check_scheme(self, scheme: str) -> None:
+        if scheme not in self.schemes:
+            raise ValueError(f"defense {self.name!r} does not apply to scheme {scheme!r}: {self.why_not}")
+
+    # ------------------------------------------------------------------ hooks (defaults: no-ops)
+    def t_start(self, scheduler) -> int:
+        return 0
+
+    def bind(self, latent_dim: int) -> None:
+        """Called once with the size of one latent (e.g. to set a default sensitivity)."""
+
+    def latent(self, x_t: torch.Tensor, ctx: HookContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t as the (unet, control) branches will read it."""
+        return x_t, x_t
+
+    def feature(self, name: str, x: torch.Tensor, ctx: HookContext) -> torch.Tensor:
+        return x
+
+    def wire(self, x: torch.Tensor, ctx: HookContext) -> torch.Tensor:
+        return x
+
+    wire_dtype: torch.dtype = torch.float32
+    sends_prompt: bool = True
+
+    def client_loss(self, inputs: torch.Tensor, activation: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    # ------------------------------------------------------------------ description
+    def accounting(self, scheduler, releases: float = 1.0) -> dict | None:
+        """For accounted defenses: epsilon, delta, sensitivity, mechanism, assumptions."""
+        return None
+
+    def describe(self, scheduler=None, releases: float = 1.0) -> dict:
+        doc = (type(self).__doc__ or "").strip().splitlines()
+        out = {"name": self.name, "hooks": list(self.hooks), "schemes": list(self.schemes),
+               "not_applicable": {s: self.why_not for s in ALL if s not in self.schemes},
+               "params": self.p, "at_inference": self.at_inference, "accounted": self.accounted,
+               "threat_model": self.threat_model, "summary": doc[0] if doc else ""}
+        if scheduler is not None and self.accounted:
+            out["accounting"] = self.accounting(scheduler, releases)
+        return out
+
+
+def _coerce(name: str, key: str, value, default):
+    typ = type(default)
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if typ is int and isinstance(value, str):
+            return int(value)
+        return typ(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"defense {name!r}: bad value {value!r} for {key!r} (expected {typ.__name__})") from None
+
+
+def spec_string(d: Defense) -> str:
+    changed = {k: v for k, v in d.p.items() if v != d.params[k]}
+    if not changed:
+        return d.name
+    return d.name + ":" + ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changed.items())
+
+
+# ---------------------------------------------------------------------- registry
+REGISTRY: dict[str, type[Defense]] = {}
+
+
+def register(cls: type[Defense]) -> type[Defense]:
+    """Class decorator: add a defense to the registry under ``cls.name``."""
+    if not cls.name or cls.name in REGISTRY:
+        raise ValueError(f"defense name {cls.name!r} is empty or taken")
+    bad = set(cls.hooks) - set(HOOKS)
+    if bad or not cls.hooks:
+        raise ValueError(f"defense {cls.name!r} declares unknown hooks {sorted(bad)}; known: {HOOKS}")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``"noise:std=0.5,seed=1"`` -> ("noise", {"std": "0.5", "seed": "1"})."""
+    name, _, rest = spec.strip().partition(":")
+    params = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"defense spec {spec!r}: parameter {item!r} needs the form key=value")
+        params[key.strip().replace("_", "-")] = value.strip()
+    return name.strip(), params
+
+
+def make_defense(spec: str) -> Defense:
+    name, params = parse_spec(spec)
+    if name not in REGISTRY:
+        raise ValueError(f"unknown defense {name!r}; known: {sorted(REGISTRY)} "
+                         f"(bundles: see defenses.BUNDLES)")
+    return REGISTRY[name](**params)

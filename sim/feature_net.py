@@ -1,0 +1,340 @@
+"""The project's own feature network: a small CNN trained on the project's offline data.
+
+No Inception (or CLIP, LPIPS, ...) weights can be downloaded on this project's
+machines, so the distribution metrics of :mod:`sim.fidelity` (``fid_project``,
+``kid_project``) embed images with this network instead. It is a supervised
+classifier trained from scratch on procedural Fill50K-style circles (and the 100
+LFW faces of scikit-image) at 32x32; its penultimate layer, a
+:data:`FEATURE_DIM`-dimensional vector, is the feature space.
+
+Heads (each a linear layer on ``relu(features)``):
+
+- ``fg``, ``bg``: circle and background colour, 8 classes each (the palette
+  :data:`sim.data.COLOURS`);
+- ``cx``, ``cy``: circle centre column / row, :data:`POS_BINS` equal bins over
+  the image side;
+- ``r``: circle radius, :data:`RADIUS_BINS` equal bins over
+  ``[MIN_RADIUS, MAX_RADIUS_FRAC] * size``;
+- ``domain``: circle image (0) or face (1).
+
+Faces train only the ``domain`` head (their other labels are ignored).
+
+Training data use seeds disjoint from the experiments' (client data: ``data_seed``,
+1 by default; evaluation: ``data_seed + 10000``; base-model pretraining: 1000):
+training circles come from ``seed`` (default :data:`TRAIN_SEED` = 5000), held-out
+circles from ``seed + 1``; 20 of the 100 faces (a permutation seeded by ``seed``)
+are held out.
+
+Train (and write ``feature_net.safetensors``, ``train_log.json``)::
+
+    .venv/bin/python -m sim.feature_net --out sim/assets/feature-net --steps 1500 --seed 5000
+
+Load the committed weights with :func:`load_feature_net`.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import COLOURS, MIN_RADIUS, make_faces, make_fill50k
+
+FEATURE_DIM = 128
+IMAGE_SIZE = 32
+POS_BINS = 8
+RADIUS_BINS = 4
+MAX_RADIUS_FRAC = 0.35  # largest radius make_fill50k draws by default
+TRAIN_SEED = 5000
+NUM_TRAIN_CIRCLES = 20_000
+NUM_HELDOUT_CIRCLES = 2_000
+NUM_HELDOUT_FACES = 20
+FACE_FRACTION = 0.125  # share of faces in a training batch
+WEIGHTS_FILE = "feature_net.safetensors"
+DEFAULT_DIR = Path(__file__).resolve().parent / "assets" / "feature-net"
+COLOUR_INDEX = {name: i for i, name in enumerate(COLOURS)}
+HEADS = {"fg": len(COLOURS), "bg": len(COLOURS), "cx": POS_BINS, "cy": POS_BINS, "r": RADIUS_BINS, "domain": 2}
+IGNORE = -100  # label of a head that does not apply (faces have no colours or circle)
+
+
+class FeatureNet(nn.Module):
+    """A 5-conv CNN (GroupNorm, no batch statistics) + a linear embedding + linear heads.
+
+    Input: float (N, 3, 32, 32) in [-1, 1]. :meth:`features` returns the
+    (N, :data:`FEATURE_DIM`) embedding (the pre-activation of the penultimate
+    layer); :meth:`forward` returns a dict of logits, one entry per head.
+    A sample's features never depend on the other samples of its batch.
+    """
+
+    def __init__(self, feature_dim: int = FEATURE_DIM):
+        super().__init__()
+
+        def block(c_in, c_out, stride):
+            return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.GroupNorm(8, c_out), nn.ReLU()]
+
+        self.trunk = nn.Sequential(
+            *block(3, 32, 1),     # 32x32
+            *block(32, 64, 2),    # 16x16
+            *block(64, 64, 1),
+            *block(64, 128, 2),   # 8x8
+            *block(128, 64, 2),   # 4x4
+            nn.Flatten(),
+        )
+        self.embed = nn.Linear(64 * 4 * 4, feature_dim)
+        self.heads = nn.ModuleDict({name: nn.Linear(feature_dim, k) for name, k in HEADS.items()})
+        self.feature_dim = feature_dim
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+            x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True,
+                              align_corners=False)
+        return self.embed(self.trunk(x))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = F.relu(self.features(x))
+        return {name: head(h) for name, head in self.heads.items()}
+
+
+# ---------------------------------------------------------------------------
+# Data and labels
+# ---------------------------------------------------------------------------
+
+
+def uint8_to_input(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1] (as :func:`sim.data.to_tensors`)."""
+    arr = np.ascontiguousarray(np.asarray(images, dtype=np.uint8).transpose(0, 3, 1, 2))
+    return torch.from_numpy(arr).float() / 127.5 - 1.0
+
+
+def circle_labels(columns: dict, size: int = IMAGE_SIZE) -> dict[str, np.ndarray]:
+    """Per-head int64 labels of Fill50K columns (``fg``, ``bg``, ``cx``, ``cy``, ``r``)."""
+    n = len(columns["fg"])
+    r_lo, r_hi = MIN_RADIUS * size, MAX_RADIUS_FRAC * size
+    r_bin = np.floor((np.asarray(columns["r"]) - r_lo) / (r_hi - r_lo) * RADIUS_BINS)
+    return {
+        "fg": np.array([COLOUR_INDEX[c] for c in columns["fg"]], dtype=np.int64),
+        "bg": np.array([COLOUR_INDEX[c] for c in columns["bg"]], dtype=np.int64),
+        "cx": np.clip(np.asarray(columns["cx"]) / size * POS_BINS, 0, POS_BINS - 1).astype(np.int64),
+        "cy": np.clip(np.asarray(columns["cy"]) / size * POS_BINS, 0, POS_BINS - 1).astype(np.int64),
+        "r": np.clip(r_bin, 0, RADIUS_BINS - 1).astype(np.int64),
+        "domain": np.zeros(n, dtype=np.int64),
+    }
+
+
+def circle_set(n: int, seed: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``n`` circle targets (uint8) and labels; half with max_radius 0.35, half with 0.25.
+
+    (The base model pretrains on 0.35, the experiments' clients use 0.25 by default.)
+    """
+    half = n // 2
+    a = make_fill50k(n - half, size=size, seed=seed, max_radius=0.35)
+    b = make_fill50k(half, size=size, seed=seed, max_radius=0.25)
+    la, lb = circle_labels(a, size), circle_labels(b, size)
+    images = np.concatenate([a["target"], b["target"]])
+    return images, {k: np.concatenate([la[k], lb[k]]) for k in la}
+
+
+def face_split(seed: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """The 100 LFW faces split into (train, held-out) uint8 arrays, 80 / 20, by ``seed``."""
+    faces = make_faces(size=size)["target"]
+    order = np.random.default_rng(seed).permutation(len(faces))
+    return faces[order[NUM_HELDOUT_FACES:]], faces[order[:NUM_HELDOUT_FACES]]
+
+
+def _augment_faces(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random horizontal flips, shifts of up to 2 px (edge padding) and contrast/brightness."""
+    n = x.shape[0]
+    flip = torch.rand(n, generator=g) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    padded = F.pad(x, (2, 2, 2, 2), mode="replicate")
+    dx, dy = torch.randint(0, 5, (2, n), generator=g)
+    x = torch.stack([padded[i, :, dy[i]:dy[i] + IMAGE_SIZE, dx[i]:dx[i] + IMAGE_SIZE] for i in range(n)])
+    scale = 0.8 + 0.4 * torch.rand(n, 1, 1, 1, generator=g)
+    shift = 0.2 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
+    return (x * scale + shift).clamp(-1, 1)
+
+
+def _add_noise(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Gaussian noise of a random std in [0, 0.1] on half the samples (generated images are never clean)."""
+    n = x.shape[0]
+    std = 0.1 * torch.rand(n, 1, 1, 1, generator=g) * (torch.rand(n, 1, 1, 1, generator=g) < 0.5)
+    return (x + std * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+
+
+# ---------------------------------------------------------------------------
+# Training and evaluation
+# ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def heldout_accuracy(net: FeatureNet, seed: int = TRAIN_SEED + 1, n: int = NUM_HELDOUT_CIRCLES,
+                     faces: np.ndarray | None = None) -> dict[str, float]:
+    """Accuracy of every head on ``n`` fresh circles from ``seed`` (and on ``faces`` for ``domain``).
+
+    ``domain_acc`` is measured on the circles plus the given faces (uint8), when any.
+    """
+    images, labels = circle_set(n, seed)
+    logits = _predict(net, uint8_to_input(images))
+    out = {f"{k}_acc": float((logits[k].argmax(1).numpy() == labels[k]).mean()) for k in HEADS}
+    if faces is not None and len(faces):
+        face_pred = _predict(net, uint8_to_input(faces))["domain"].argmax(1).numpy()
+        correct = (logits["domain"].argmax(1).numpy() == 0).sum() + (face_pred == 1).sum()
+        out["domain_acc"] = float(correct / (n + len(faces)))
+        out["face_domain_acc"] = float((face_pred == 1).mean())
+    return out
+
+
+def _predict(net: FeatureNet, x: torch.Tensor, batch_size: int = 500) -> dict[str, torch.Tensor]:
+    was_training = net.training
+    net.eval()
+    parts = [net(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    net.train(was_training)
+    return {k: torch.cat([p[k] for p in parts]) for k in HEADS}
+
+
+def train_feature_net(out_dir: str | Path | None = None, steps: int = 1500, seed: int = TRAIN_SEED,
+                      batch_size: int = 64, lr: float = 2e-3, log_every: int = 100,
+                      verbose: bool = True) -> tuple[FeatureNet, dict]:
+    """Train the feature network from scratch and (when ``out_dir`` is given) save it there.
+
+    Parameters
+    ----------
+    out_dir : path or None
+        Folder for ``feature_net.safetensors`` (weights + config in its metadata)
+        and ``train_log.json`` (config, loss log, held-out accuracies, wall time).
+    steps : int
+        Optimiser steps (AdamW, cosine learning-rate decay to 0).
+    seed : int
+        Seeds the training circles (``seed``), the held-out circles (``seed + 1``),
+        the face split, the initialisation and the batches.
+    batch_size : int
+        Samples per step; :data:`FACE_FRACTION` of them are augmented faces.
+
+    Returns
+    -------
+    (FeatureNet, dict)
+        The trained net (eval mode) and the training record.
+    """
+    t0 = time.time()
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    images, labels = circle_set(NUM_TRAIN_CIRCLES, seed)
+    x_circles = uint8_to_input(images)
+    y_circles = {k: torch.from_numpy(v) for k, v in labels.items()}
+    train_faces, heldout_faces = face_split(seed)
+    x_faces = uint8_to_input(train_faces)
+    n_faces = max(1, round(FACE_FRACTION * batch_size))
+    n_circ = batch_size - n_faces
+
+    net = FeatureNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)))
+    log, running = [], None
+    net.train()
+    for step in range(1, steps + 1):
+        ci = torch.randint(0, len(x_circles), (n_circ,), generator=g)
+        fi = torch.randint(0, len(x_faces), (n_faces,), generator=g)
+        x = torch.cat([x_circles[ci], _augment_faces(x_faces[fi], g)])
+        x = _add_noise(x, g)
+        out = net(x)
+        loss = 0.0
+        for k in HEADS:
+            face_label = torch.ones(n_faces, dtype=torch.int64) if k == "domain" else torch.full((n_faces,), IGNORE)
+            y = torch.cat([y_circles[k][ci], face_label])
+            loss = loss + F.cross_entropy(out[k], y, ignore_index=IGNORE)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if step % log_every == 0 or step == steps:
+            log.append({"step": step, "loss": round(running, 5), "elapsed_s": round(time.time() - t0, 1)})
+            if verbose:
+                print(json.dumps(log[-1]), flush=True)
+    net.eval()
+    train_s = time.time() - t0
+    acc = heldout_accuracy(net, seed=seed + 1, faces=heldout_faces)
+    record = {
+        "config": {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr,
+                   "feature_dim": net.feature_dim, "num_train_circles": NUM_TRAIN_CIRCLES,
+                   "heldout_seed": seed + 1, "num_heldout_circles": NUM_HELDOUT_CIRCLES,
+                   "num_heldout_faces": NUM_HELDOUT_FACES, "torch_threads": torch.get_num_threads()},
+        "heldout_accuracy": acc,
+        "train_wall_s": round(train_s, 1),
+        "params": sum(p.numel() for p in net.parameters()),
+        "log": log,
+    }
+    if verbose:
+        print(json.dumps({"heldout_accuracy": acc, "train_wall_s": record["train_wall_s"]}), flush=True)
+    if out_dir is not None:
+        save_feature_net(net, out_dir, record)
+    return net, record
+
+
+def save_feature_net(net: FeatureNet, out_dir: str | Path, record: dict | None = None) -> Path:
+    """Write ``feature_net.safetensors`` (and ``train_log.json`` when ``record`` is given)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"feature_dim": str(net.feature_dim), "format": "sim.feature_net.FeatureNet"}
+    path = out / WEIGHTS_FILE
+    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(path), metadata=meta)
+    if record is not None:
+        (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
+    return path
+
+
+def load_feature_net(path: str | Path | None = None) -> FeatureNet:
+    """The trained feature network, in eval mode with gradients off.
+
+    Parameters
+    ----------
+    path : path or None
+        A ``feature_net.safetensors`` file or a folder holding one; None means the
+        committed weights in ``sim/assets/feature-net/``. Loaded once per path and
+        cached: do not modify the returned module.
+    """
+    p = Path(path) if path is not None else DEFAULT_DIR
+    if p.is_dir():
+        p = p / WEIGHTS_FILE
+    return _load_cached(str(p.resolve()))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(path: str) -> FeatureNet:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"no feature-network weights at {path}; train them with "
+            f"`python -m sim.feature_net --out {Path(path).parent} --steps 1500 --seed {TRAIN_SEED}`")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    net = FeatureNet(feature_dim=int(meta.get("feature_dim", FEATURE_DIM)))
+    net.load_state_dict(load_file(path))
+    return net.eval().requires_grad_(False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m sim.feature_net", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(DEFAULT_DIR), help="output folder (default: %(default)s)")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--seed", type=int, default=TRAIN_SEED)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    train_feature_net(args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
+
+
+if __name__ == "__main__":
+    main()
