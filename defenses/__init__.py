@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import HOOKS, REGISTRY, Defense, HookContext, make_defense, parse_spec, register  # noqa: F401
+from .base import HOOKS, REGISTRY, Defense, HookContext, make_defense, register  # noqa: F401
 
 BUNDLES: dict[str, tuple[str, ...]] = {
     "pp-reference": ("timestep:t-start=226", "symsigmoid", "fp16:offset=true", "prompt-local"),

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sim.components import Component, Registry
+
 HOOKS = ("timestep", "latent", "feature", "wire", "prompt", "loss", "fl-client", "fl-server")
 SPLIT = ("vanilla", "nograd")
 ALL = ("fedavg", "vanilla", "nograd")
@@ -42,7 +44,7 @@ class HookContext:
     inference: bool = False
 
 
-class Defense:
+class Defense(Component):
     """Base class. Subclasses set the class attributes and override the hooks they declare.
 
     Class attributes
@@ -50,33 +52,18 @@ class Defense:
     name : registry name used in config (``defenses = ["name:key=value"]``)
     hooks : the hook points it acts at (see :data:`HOOKS`)
     schemes : the schemes it can serve; ``why_not`` says why the others cannot
-    params : parameter defaults (their types are the parameters' types)
+    params : parameter defaults (their types are the parameters' types; keys kebab-case)
     at_inference : whether the same transform is applied when sampling (train/test consistency)
     threat_model : one line: what it protects against and what it assumes
     """
 
-    name: str = ""
+    kind = "defense"
     hooks: tuple[str, ...] = ()
     schemes: tuple[str, ...] = ALL
     why_not: str = ""
-    params: dict = {}
     at_inference: bool = True
     threat_model: str = ""
     accounted: bool = False  # does it make a differential-privacy claim (epsilon, delta)?
-
-    def __init__(self, **params):
-        unknown = set(params) - set(self.params)
-        if unknown:
-            raise ValueError(f"defense {self.name!r} has no parameter(s) {sorted(unknown)}; "
-                             f"its parameters: {self.params or 'none'}")
-        self.p = {**self.params, **{k: _coerce(self.name, k, v, self.params[k]) for k, v in params.items()}}
-        self.validate()
-
-    def __repr__(self) -> str:
-        return spec_string(self)
-
-    def validate(self) -> None:
-        """Raise ValueError naming a bad parameter."""
 
     def check_scheme(self, scheme: str) -> None:
         if scheme not in self.schemes:
@@ -121,59 +108,17 @@ class Defense:
         return out
 
 
-def _coerce(name: str, key: str, value, default):
-    typ = type(default)
-    try:
-        if typ is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                return value.lower() in ("true", "1")
-            return bool(value)
-        if typ is int and isinstance(value, str):
-            return int(value)
-        return typ(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"defense {name!r}: bad value {value!r} for {key!r} (expected {typ.__name__})") from None
-
-
-def spec_string(d: Defense) -> str:
-    changed = {k: v for k, v in d.p.items() if v != d.params[k]}
-    if not changed:
-        return d.name
-    return d.name + ":" + ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changed.items())
-
-
 # ---------------------------------------------------------------------- registry
-REGISTRY: dict[str, type[Defense]] = {}
+REGISTRY = Registry("defense")
 
 
 def register(cls: type[Defense]) -> type[Defense]:
     """Class decorator: add a defense to the registry under ``cls.name``."""
-    if not cls.name or cls.name in REGISTRY:
-        raise ValueError(f"defense name {cls.name!r} is empty or taken")
     bad = set(cls.hooks) - set(HOOKS)
     if bad or not cls.hooks:
         raise ValueError(f"defense {cls.name!r} declares unknown hooks {sorted(bad)}; known: {HOOKS}")
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """``"noise:std=0.5,seed=1"`` -> ("noise", {"std": "0.5", "seed": "1"})."""
-    name, _, rest = spec.strip().partition(":")
-    params = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"defense spec {spec!r}: parameter {item!r} needs the form key=value")
-        params[key.strip().replace("_", "-")] = value.strip()
-    return name.strip(), params
+    return REGISTRY.register(cls)
 
 
 def make_defense(spec: str) -> Defense:
-    name, params = parse_spec(spec)
-    if name not in REGISTRY:
-        raise ValueError(f"unknown defense {name!r}; known: {sorted(REGISTRY)} "
-                         f"(bundles: see defenses.BUNDLES)")
-    return REGISTRY[name](**params)
+    return REGISTRY.make(spec)

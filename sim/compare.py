@@ -201,7 +201,10 @@ def run_job(cfg: ExperimentConfig, scheme: str | None, position: int = 0, out: P
                                  "sampling base (no control)")
         row, losses = {"scheme": "base (no control)", **metrics, "steps": 0}, []
     else:
-        res = train_scheme(scheme, cfg, base, controlnet, grid=grid, node_ids=node_ids)
+        from .transcript import Transcript, save_seen
+
+        res = train_scheme(scheme, cfg, base, controlnet, grid=grid, node_ids=node_ids,
+                           transcript=Transcript(keep=cfg.keep_messages))
         metrics, imgs = evaluate(base, eval_set, scheme, res.controlnet, cfg.ddim_steps, cfg.guidance, cfg.seed,
                                  f"sampling {scheme}", uncond_control=cfg.uncond_control, defenses=cfg.defenses)
         row, losses = summary_row(res, metrics), res.losses
@@ -209,6 +212,8 @@ def run_job(cfg: ExperimentConfig, scheme: str | None, position: int = 0, out: P
         rounds = round_metrics(res)
         if out is not None:  # the trained ControlNet, so the run can be re-evaluated later
             res.controlnet.save_pretrained(out / f"controlnet_{scheme}")
+            if cfg.keep_messages:  # what the server saw, for the attacks
+                save_seen(res.transcript, out / f"seen_{scheme}.pt")
     return {"row": row, "losses": losses, "images": imgs, "frozen_before": frozen_before,
             "transcript": transcript, "rounds": rounds,
             "frozen_after": fingerprint(base.unet, base.autoencoder, base.text_encoder),

@@ -71,7 +71,8 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cuts import CUTS, SCHEMES, control_head, control_rest, nograd_control_input, resolve, unet_first_conv, unet_rest
+from .cuts import (CUTS, SCHEMES, control_head, control_rest, controlled_eps, nograd_control_input, resolve,
+                   unet_first_conv, unet_rest)
 from .models import ModelPreset, build_autoencoder, build_controlnet, build_unet, get_preset
 
 MiB = 2**20
@@ -325,7 +326,7 @@ class _Trace:
     down: dict = dataclasses.field(default_factory=dict)
 
 
-def trace_step(scheme: str, models: MetaModels) -> _Trace:
+def trace_step(scheme: str, models: MetaModels, server: bool = True) -> _Trace:
     """Run one training step of ``scheme`` at batch 1 on meta tensors, metering client and server apart.
 
     The client part mirrors the strategy's client: draw a batch (VAE-encode the target,
@@ -333,8 +334,16 @@ def trace_step(scheme: str, models: MetaModels) -> _Trace:
     loss and backward; ``vanilla``: the head's forward to send, and later its forward
     again plus backward with the returned gradient, as ``VanillaClient`` recomputes the
     activation; ``nograd``: ``E(hint) + x_t`` and ``unet.conv_in(x_t)``). The server part
-    mirrors :meth:`strategies.base.SplitServer.server_step`.
+    mirrors :meth:`strategies.base.SplitServer.server_step` (skipped with ``server=False``:
+    the client's figures and the tensors it sends are complete without it).
     """
+    try:
+        return _trace_step(scheme, models, server)
+    finally:
+        _set_trainable(models, ())  # leave the models frozen and gradient-free
+
+
+def _trace_step(scheme: str, models: MetaModels, server: bool) -> _Trace:
     cut = CUTS[scheme]
     p = models.preset
     unet, cn, ae = models.unet, models.controlnet, models.autoencoder
@@ -362,8 +371,6 @@ def trace_step(scheme: str, models: MetaModels) -> _Trace:
         backward = 0
         with FlopCounterMode(display=False) as f_step:
             if scheme == "fedavg":
-                from .cuts import controlled_eps
-
                 eps_hat = controlled_eps("fedavg", unet, cn, ae, x_t, t, context, hint)
                 loss = F.mse_loss(eps_hat, noise)
                 fwd = _flops(f_step)
@@ -374,7 +381,8 @@ def trace_step(scheme: str, models: MetaModels) -> _Trace:
                 with torch.no_grad():
                     tr.up = dict(control_features=control_head(cn, x_t, hint), unet_features=unet_first_conv(unet, x_t),
                                  t=t, noise=noise, context=context)
-                grad = torch.empty_like(tr.up["control_features"])  # arrives from the server
+                grad = torch.empty_like(tr.up["control_features"])  # arrives from the server:
+                tr.down = dict(control_features_grad=grad)  # d loss / d control_features, its shape
                 fwd = _flops(f_step)
                 activation = control_head(cn, x_t, hint)  # recomputed: the very activation the server used
                 act_fwd = _flops(f_step) - fwd
@@ -394,8 +402,8 @@ def trace_step(scheme: str, models: MetaModels) -> _Trace:
     tr.client_peak_activation_bytes = mem.peak
 
     # ------------------------------------------------------------------ server
-    if scheme == "fedavg":
-        return tr  # averaging: element-wise, once per round (not counted)
+    if scheme == "fedavg" or not server:
+        return tr  # FedAvg's averaging: element-wise, once per round (not counted)
     with _PeakLive(ignore) as mem, FlopCounterMode(display=False) as f_srv:
         up = {k: v.detach().clone() for k, v in tr.up.items()}  # the received message: fresh tensors
         if scheme == "vanilla":
@@ -410,8 +418,6 @@ def trace_step(scheme: str, models: MetaModels) -> _Trace:
         loss.backward()
         tr.server_flops = _flops(f_srv)
         tr.server_flops_backward = tr.server_flops - fwd
-        if scheme == "vanilla":
-            tr.down = dict(control_features_grad=features.grad.detach())
         del loss, features, up
     tr.server_peak_activation_bytes = mem.peak
     return tr
@@ -477,39 +483,43 @@ def message_bytes(cls, tensors: dict[str, torch.Tensor], precision: str = "fp32"
     return dict(payload=payload, message=framed)
 
 
-def wire_costs(scheme: str, models: MetaModels, tr: _Trace) -> dict:
-    """Bytes per sample per step each way (split schemes) or per round (FedAvg), fp32 and fp16 wire."""
+def wire_costs(scheme: str, models: MetaModels, up: dict | None = None, down: dict | None = None) -> dict:
+    """Bytes per sample per step each way (split schemes) or per round (FedAvg), fp32 and fp16 wire.
+
+    ``up``/``down`` are the tensors one step sends each way at batch 1 (``trace_step``'s
+    ``up``/``down``; none for FedAvg, whose round bytes come from the ControlNet's state).
+    """
     from strategies.fedavg import FitIns, FitRes
     from strategies.nograd import Features, FeaturesRequest
     from strategies.vanilla import ControlHead, VanillaReply, VanillaRequest
 
     cut = CUTS[scheme]
-    if set(tr.up) != set(cut.up) or set(tr.down) != set(cut.down):
-        raise AssertionError(f"{scheme}: traced fields {sorted(tr.up)}/{sorted(tr.down)} differ from the cut's "
-                             f"{sorted(cut.up)}/{sorted(cut.down)}")
+    up, down = dict(up or {}), dict(down or {})
+    if set(up) != set(cut.up) or set(down) != set(cut.down):
+        raise ValueError(f"{scheme}: fields {sorted(up)}/{sorted(down)} differ from the cut's "
+                         f"{sorted(cut.up)}/{sorted(cut.down)}")
     out: dict = {}
     if scheme == "fedavg":
         sd = dict(models.controlnet.state_dict())
-        up, down = message_bytes(FitRes, {"arrays": sd}), message_bytes(FitIns, {"arrays": sd})
+        res, ins = message_bytes(FitRes, {"arrays": sd}), message_bytes(FitIns, {"arrays": sd})
         out.update(up_bytes_per_sample=0, down_bytes_per_sample=0,
-                   round_up_payload=up["payload"], round_up_message=up["message"],
-                   round_down_payload=down["payload"], round_down_message=down["message"])
+                   round_up_payload=res["payload"], round_up_message=res["message"],
+                   round_down_payload=ins["payload"], round_down_message=ins["message"])
         return out
     if scheme == "vanilla":
-        up_cls, down_cls, down_t = VanillaReply, VanillaRequest, tr.down
+        up_cls, down_cls = VanillaReply, VanillaRequest
         head = ControlHead(models.controlnet).state_dict()
         h = message_bytes(VanillaReply, {"head": head})
         out.update(turn_head_payload=h["payload"], turn_head_message=h["message"])
     else:
-        up_cls, down_cls, down_t = Features, FeaturesRequest, {}
+        up_cls, down_cls = Features, FeaturesRequest
     for precision, suffix in (("fp32", ""), ("fp16", "_fp16"), ("all-fp16", "_all_fp16")):
-        up = message_bytes(up_cls, tr.up, precision)
-        down = message_bytes(down_cls, down_t, precision)
-        out[f"up_bytes_per_sample{suffix}"] = up["payload"]
-        out[f"down_bytes_per_sample{suffix}"] = down["payload"]
-        out[f"up_message_bytes{suffix}"] = up["message"]
-        out[f"down_message_bytes{suffix}"] = down["message"]
-    out["up_fields"] = {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in tr.up.items()}
+        u, d = message_bytes(up_cls, up, precision), message_bytes(down_cls, down, precision)
+        out[f"up_bytes_per_sample{suffix}"] = u["payload"]
+        out[f"down_bytes_per_sample{suffix}"] = d["payload"]
+        out[f"up_message_bytes{suffix}"] = u["message"]
+        out[f"down_message_bytes{suffix}"] = d["message"]
+    out["up_fields"] = {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in up.items()}
     return out
 
 
@@ -581,12 +591,13 @@ def cost_table(preset: str = "sd15", image_size: int | None = None, attention: s
             row["client_model_state_bytes"] = _model_state_bytes(_resolve_all(cut.client, models), trainable)
             row.update(
                 client_flops=tr.client_flops, client_flops_cacheable=tr.client_flops_cacheable,
+                client_flops_cached=tr.client_flops - tr.client_flops_cacheable,
                 client_flops_backward=tr.client_flops_backward,
                 client_peak_activation_bytes=tr.client_peak_activation_bytes,
                 server_flops=tr.server_flops, server_flops_backward=tr.server_flops_backward,
                 server_peak_activation_bytes=tr.server_peak_activation_bytes,
             )
-            row.update(wire_costs(scheme, models, tr))
+            row.update(wire_costs(scheme, models, tr.up, tr.down))
             rows.append(row)
         _set_trainable(models, ())
     return dict(preset=p.name, image_size=p.image_size,
@@ -597,11 +608,16 @@ def cost_table(preset: str = "sd15", image_size: int | None = None, attention: s
 
 # ----------------------------------------------------------------------------- markdown
 def _m(n: int) -> str:
-    return f"{n / 1e6:,.1f} M"
+    """Parameter counts: M above a million, k below, 0 for none."""
+    if n == 0:
+        return "0"
+    return f"{n / 1e6:,.1f} M" if n >= 1e6 else f"{n / 1e3:,.1f} k"
 
 
 def _g(n: int) -> str:
-    return f"{n / 1e9:,.1f}"
+    """GFLOP with three significant digits below 100."""
+    v = n / 1e9
+    return "0" if n == 0 else (f"{v:,.0f}" if v >= 100 else f"{v:.3g}")
 
 
 def _mib(n: int) -> str:
@@ -609,30 +625,33 @@ def _mib(n: int) -> str:
 
 
 def markdown(table: dict) -> str:
-    """A README-ready markdown rendering of :func:`cost_table`'s result (two tables and the notes' gist)."""
+    """A README-ready markdown rendering of :func:`cost_table`'s result: compute and memory, then bytes."""
     ref = table["reference"]
     by = {r["scheme"]: r for r in table["rows"]}
     lines = [
         f"Cost per sample per training step, preset `{table['preset']}` at {table['image_size']} px "
-        f"(latent {'x'.join(map(str, table['latent_shape']))}); computed by `sim.cost` on the meta device.",
+        f"(latent {'x'.join(map(str, table['latent_shape']))}), computed by `sim.cost` from the configuration "
+        "(meta device, no weights).",
         "",
-        "| scheme | client params (trainable) | server params (trainable) | client GFLOP/step (of which cacheable encodings) "
-        "| server GFLOP/step | client peak activations MiB | client model state MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| scheme | client params (trainable) | server params (trainable) | client GFLOP/step as run "
+        "(encodings cached) | server GFLOP/step | client peak activations MiB | server peak activations MiB "
+        "| client model state MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in table["rows"]:
+        server_act = _mib(r["server_peak_activation_bytes"]) if r["scheme"] != "fedavg" else "-"
         lines.append(
             f"| {r['scheme']} | {_m(r['client_params'])} ({_m(r['client_trainable_params'])}) "
             f"| {_m(r['server_params'])} ({_m(r['server_trainable_params'])}) "
-            f"| {_g(r['client_flops'])} ({_g(r['client_flops_cacheable'])}) | {_g(r['server_flops'])} "
-            f"| {_mib(r['client_peak_activation_bytes'])} | {_mib(r['client_model_state_bytes'])} |")
+            f"| {_g(r['client_flops'])} ({_g(r['client_flops_cached'])}) | {_g(r['server_flops'])} "
+            f"| {_mib(r['client_peak_activation_bytes'])} | {server_act} | {_mib(r['client_model_state_bytes'])} |")
     lines += [
         "",
-        "| scheme | up per sample MiB fp32 (fp16) | down per sample MiB fp32 (fp16) | per round / turn | paper |",
+        "| scheme | up MiB/sample fp32 (fp16 wire) | down MiB/sample fp32 (fp16 wire) | per round / turn | paper |",
         "|---|---|---|---|---|",
     ]
     paper = {
-        "fedavg": f"~{ref['fedavg_up_gb_per_round']} GB up per round; >1 B params on the device",
+        "fedavg": f"~{ref['fedavg_up_gb_per_round']:g} GB up per round; >1 B params on the device",
         "vanilla": f"~{ref['vanilla_up_mib_per_sample']:g} MiB up, ~{ref['vanilla_down_mib_per_sample']:g} MiB down",
         "nograd": f"~{ref['nograd_up_mib_per_sample']:g} MiB up (pp mode), nothing down",
     }
@@ -641,21 +660,23 @@ def markdown(table: dict) -> str:
         if r is None:
             continue
         if s == "fedavg":
-            lines.append(f"| fedavg | 0 | 0 | {r['round_up_payload'] / GB:.3f} GB up, {r['round_down_payload'] / GB:.3f} "
-                         f"GB down per client (fp32 ControlNet) | {paper[s]} |")
+            lines.append(f"| fedavg | - | - | {r['round_up_payload'] / GB:.3f} GB up, {r['round_down_payload'] / GB:.3f} "
+                         f"GB down per client per round (fp32 ControlNet) | {paper[s]} |")
             continue
-        turn = (f"head {r['turn_head_payload'] / MiB:.2f} MiB each way per turn" if s == "vanilla"
-                else "8 B request per turn of K batches")
+        turn = (f"+ head {r['turn_head_payload'] / MiB:.2f} MiB each way per turn" if s == "vanilla"
+                else "+ 8 B request per turn of K batches")
         lines.append(f"| {s} | {_mib(r['up_bytes_per_sample'])} ({_mib(r['up_bytes_per_sample_fp16'])}) "
                      f"| {_mib(r['down_bytes_per_sample'])} ({_mib(r['down_bytes_per_sample_fp16'])}) "
                      f"| {turn} | {paper[s]} |")
     lines += [
         "",
-        "FLOPs: FlopCounterMode, 2 per multiply-accumulate, matmuls/convolutions/attention only, forward + "
-        "backward (frozen UNet: input gradients only). Cacheable: the VAE/text encodings each step repeats "
-        "(deterministic per image and prompt). Peak activations: live tensor storages traced on meta tensors, "
-        f"batch 1, {table.get('attention', 'fused')} attention, model state excluded. Model state: fp32 "
-        "params + gradient + 2 AdamW moments per trainable one. Bytes: the strategies' message fields; "
-        f"paper figures: {ref['source']}.",
+        "FLOPs: `torch.utils.flop_counter`, 2 per multiply-accumulate, matmuls/convolutions/attention only, "
+        "forward + backward (the frozen UNet: input gradients only). \"As run\": every step re-encodes the "
+        "target (nograd: and the hint) with the VAE and the prompt with the text encoder, as the code does; "
+        "these encodings are deterministic, so a client could cache them (the figure in brackets). Peak "
+        f"activations: live tensor storages traced on meta tensors, batch 1, {table.get('attention', 'fused')} "
+        "attention; model state (fp32 params and buffers + gradient + 2 AdamW moments per trainable one) "
+        "excluded and shown apart. Bytes: tensor fields of the strategies' messages; fp16 wire = the fields "
+        f"that may travel as fp16 (the cut-layer features). MiB = 2^20 B, GB = 10^9 B. Paper: {ref['source']}.",
     ]
     return "\n".join(lines)

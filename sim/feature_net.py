@@ -59,17 +59,25 @@ FACE_FRACTION = 0.125  # share of faces in a training batch
 WEIGHTS_FILE = "feature_net.safetensors"
 DEFAULT_DIR = Path(__file__).resolve().parent / "assets" / "feature-net"
 COLOUR_INDEX = {name: i for i, name in enumerate(COLOURS)}
-HEADS = {"fg": len(COLOURS), "bg": len(COLOURS), "cx": POS_BINS, "cy": POS_BINS, "r": RADIUS_BINS, "domain": 2}
+DEGRADATIONS = ("clean", "blur", "noise", "colour")
+CLEAN_FRACTION = 0.4  # share of training images left undegraded
+HEADS = {"fg": len(COLOURS), "bg": len(COLOURS), "cx": POS_BINS, "cy": POS_BINS, "r": RADIUS_BINS, "domain": 2,
+         "deg": len(DEGRADATIONS)}
+NUM_STAT_IMAGES = 4000  # clean training circles + train faces that fix the feature standardisation
 IGNORE = -100  # label of a head that does not apply (faces have no colours or circle)
 
 
 class FeatureNet(nn.Module):
     """A 5-conv CNN (GroupNorm, no batch statistics) + a linear embedding + linear heads.
 
-    Input: float (N, 3, 32, 32) in [-1, 1]. :meth:`features` returns the
-    (N, :data:`FEATURE_DIM`) embedding (the pre-activation of the penultimate
-    layer); :meth:`forward` returns a dict of logits, one entry per head.
-    A sample's features never depend on the other samples of its batch.
+    Input: float (N, 3, 32, 32) in [-1, 1] (other sizes are resized to 32x32).
+    :meth:`embedding` is the (N, :data:`FEATURE_DIM`) pre-activation of the
+    penultimate layer; :meth:`features` is that embedding standardised per
+    dimension with the mean and std it has on clean training images (buffers
+    ``feat_mean``, ``feat_std``, set by :func:`train_feature_net`), so that one
+    unit of a feature is one training standard deviation. :meth:`forward`
+    returns a dict of logits, one entry per head of :data:`HEADS`, computed
+    from ``relu(embedding)``. A sample's outputs never depend on the rest of its batch.
     """
 
     def __init__(self, feature_dim: int = FEATURE_DIM):
@@ -88,16 +96,21 @@ class FeatureNet(nn.Module):
         )
         self.embed = nn.Linear(64 * 4 * 4, feature_dim)
         self.heads = nn.ModuleDict({name: nn.Linear(feature_dim, k) for name, k in HEADS.items()})
+        self.register_buffer("feat_mean", torch.zeros(feature_dim))
+        self.register_buffer("feat_std", torch.ones(feature_dim))
         self.feature_dim = feature_dim
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def embedding(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
             x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True,
                               align_corners=False)
         return self.embed(self.trunk(x))
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.embedding(x) - self.feat_mean) / self.feat_std
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = F.relu(self.features(x))
+        h = F.relu(self.embedding(x))
         return {name: head(h) for name, head in self.heads.items()}
 
 
@@ -160,11 +173,43 @@ def _augment_faces(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (x * scale + shift).clamp(-1, 1)
 
 
-def _add_noise(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Gaussian noise of a random std in [0, 0.1] on half the samples (generated images are never clean)."""
+def _gaussian_kernel(sigma: float, radius: int = 3) -> torch.Tensor:
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def degrade(x: torch.Tensor, kind: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Apply degradation ``DEGRADATIONS[kind[i]]`` to image ``x[i]`` (float (N, 3, H, W) in [-1, 1]).
+
+    - ``clean``: unchanged;
+    - ``blur``: Gaussian blur, sigma uniform in [0.6, 1.6] px (reflect padding);
+    - ``noise``: additive Gaussian noise, std uniform in [0.04, 0.2] (5-25 grey levels of 255);
+    - ``colour``: per-channel gain in [0.5, 0.9] and offset in [-0.3, 0.3] (colours off the palette).
+    """
+    x = x.clone()
     n = x.shape[0]
-    std = 0.1 * torch.rand(n, 1, 1, 1, generator=g) * (torch.rand(n, 1, 1, 1, generator=g) < 0.5)
-    return (x + std * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    u = torch.rand(n, 3, generator=g)
+    for i in torch.nonzero(kind == 1).flatten().tolist():
+        k = _gaussian_kernel(0.6 + 1.0 * float(u[i, 0]))
+        img = F.pad(x[i:i + 1], (3, 3, 3, 3), mode="reflect")
+        img = F.conv2d(img, k.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
+        x[i] = F.conv2d(img, k.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)[0]
+    noise = kind == 2
+    std = (0.04 + 0.16 * u[:, 1])[:, None, None, None]
+    x = torch.where(noise[:, None, None, None], x + std * torch.randn(x.shape, generator=g), x)
+    colour = kind == 3
+    gain = 0.5 + 0.4 * torch.rand(n, 3, 1, 1, generator=g)
+    offset = 0.6 * (torch.rand(n, 3, 1, 1, generator=g) - 0.5)
+    x = torch.where(colour[:, None, None, None], x * gain + offset, x)
+    return x.clamp(-1, 1)
+
+
+def _draw_degradations(n: int, g: torch.Generator) -> torch.Tensor:
+    """Degradation labels: clean with probability CLEAN_FRACTION, else one of the others uniformly."""
+    clean = torch.rand(n, generator=g) < CLEAN_FRACTION
+    other = torch.randint(1, len(DEGRADATIONS), (n,), generator=g)
+    return torch.where(clean, torch.zeros_like(other), other)
 
 
 # ---------------------------------------------------------------------------
@@ -175,19 +220,32 @@ def _add_noise(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 @torch.no_grad()
 def heldout_accuracy(net: FeatureNet, seed: int = TRAIN_SEED + 1, n: int = NUM_HELDOUT_CIRCLES,
                      faces: np.ndarray | None = None) -> dict[str, float]:
-    """Accuracy of every head on ``n`` fresh circles from ``seed`` (and on ``faces`` for ``domain``).
+    """Accuracy of every head on ``n`` fresh circles drawn from ``seed``.
 
-    ``domain_acc`` is measured on the circles plus the given faces (uint8), when any.
+    ``<head>_acc``: on the clean circles (``deg_acc_clean``: predicted "clean").
+    ``deg_acc``: degradation type on degraded copies of the same circles (the 4
+    types of :data:`DEGRADATIONS` in turn, random strengths seeded by ``seed``);
+    ``<head>_acc_degraded``: the content heads on those copies.
+    ``domain_acc`` covers the circles plus ``faces`` (uint8, e.g. the held-out
+    faces) when given; ``face_domain_acc`` the faces alone.
     """
     images, labels = circle_set(n, seed)
-    logits = _predict(net, uint8_to_input(images))
-    out = {f"{k}_acc": float((logits[k].argmax(1).numpy() == labels[k]).mean()) for k in HEADS}
+    x = uint8_to_input(images)
+    logits = _predict(net, x)
+    pred = {k: v.argmax(1).numpy() for k, v in logits.items()}
+    out = {f"{k}_acc": float((pred[k] == labels[k]).mean()) for k in HEADS if k != "deg"}
+    out["deg_acc_clean"] = float((pred["deg"] == 0).mean())
+    kind = torch.arange(n) % len(DEGRADATIONS)
+    pred_d = {k: v.argmax(1).numpy() for k, v in _predict(net, degrade(x, kind, torch.Generator().manual_seed(seed))).items()}
+    out["deg_acc"] = float((pred_d["deg"] == kind.numpy()).mean())
+    for k in ("fg", "bg", "cx", "cy", "r"):
+        out[f"{k}_acc_degraded"] = float((pred_d[k] == labels[k]).mean())
     if faces is not None and len(faces):
         face_pred = _predict(net, uint8_to_input(faces))["domain"].argmax(1).numpy()
-        correct = (logits["domain"].argmax(1).numpy() == 0).sum() + (face_pred == 1).sum()
+        correct = (pred["domain"] == 0).sum() + (face_pred == 1).sum()
         out["domain_acc"] = float(correct / (n + len(faces)))
         out["face_domain_acc"] = float((face_pred == 1).mean())
-    return out
+    return {k: round(v, 4) for k, v in out.items()}
 
 
 def _predict(net: FeatureNet, x: torch.Tensor, batch_size: int = 500) -> dict[str, torch.Tensor]:
@@ -240,11 +298,13 @@ def train_feature_net(out_dir: str | Path | None = None, steps: int = 1500, seed
     for step in range(1, steps + 1):
         ci = torch.randint(0, len(x_circles), (n_circ,), generator=g)
         fi = torch.randint(0, len(x_faces), (n_faces,), generator=g)
-        x = torch.cat([x_circles[ci], _augment_faces(x_faces[fi], g)])
-        x = _add_noise(x, g)
+        kind = _draw_degradations(batch_size, g)
+        x = degrade(torch.cat([x_circles[ci], _augment_faces(x_faces[fi], g)]), kind, g)
         out = net(x)
-        loss = 0.0
+        loss = F.cross_entropy(out["deg"], kind)
         for k in HEADS:
+            if k == "deg":
+                continue
             face_label = torch.ones(n_faces, dtype=torch.int64) if k == "domain" else torch.full((n_faces,), IGNORE)
             y = torch.cat([y_circles[k][ci], face_label])
             loss = loss + F.cross_entropy(out[k], y, ignore_index=IGNORE)
@@ -258,13 +318,16 @@ def train_feature_net(out_dir: str | Path | None = None, steps: int = 1500, seed
             if verbose:
                 print(json.dumps(log[-1]), flush=True)
     net.eval()
+    set_feature_stats(net, torch.cat([x_circles[:NUM_STAT_IMAGES - len(x_faces)], x_faces]))
     train_s = time.time() - t0
     acc = heldout_accuracy(net, seed=seed + 1, faces=heldout_faces)
     record = {
         "config": {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr,
                    "feature_dim": net.feature_dim, "num_train_circles": NUM_TRAIN_CIRCLES,
                    "heldout_seed": seed + 1, "num_heldout_circles": NUM_HELDOUT_CIRCLES,
-                   "num_heldout_faces": NUM_HELDOUT_FACES, "torch_threads": torch.get_num_threads()},
+                   "num_heldout_faces": NUM_HELDOUT_FACES, "face_fraction": FACE_FRACTION,
+                   "clean_fraction": CLEAN_FRACTION, "degradations": list(DEGRADATIONS),
+                   "num_stat_images": NUM_STAT_IMAGES, "torch_threads": torch.get_num_threads()},
         "heldout_accuracy": acc,
         "train_wall_s": round(train_s, 1),
         "params": sum(p.numel() for p in net.parameters()),
@@ -275,6 +338,14 @@ def train_feature_net(out_dir: str | Path | None = None, steps: int = 1500, seed
     if out_dir is not None:
         save_feature_net(net, out_dir, record)
     return net, record
+
+
+@torch.no_grad()
+def set_feature_stats(net: FeatureNet, x: torch.Tensor, batch_size: int = 500) -> None:
+    """Set ``feat_mean`` / ``feat_std`` to the embedding's per-dimension mean and std on images ``x``."""
+    emb = torch.cat([net.embedding(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    net.feat_mean.copy_(emb.mean(0))
+    net.feat_std.copy_(emb.std(0).clamp_min(1e-6))
 
 
 def save_feature_net(net: FeatureNet, out_dir: str | Path, record: dict | None = None) -> Path:

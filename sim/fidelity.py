@@ -197,16 +197,21 @@ def _poly_mmd2_unbiased(x: np.ndarray, y: np.ndarray, degree: int, gamma: float,
                  - 2 * kxy.sum() / (m * m))
 
 
-def kid_from_features(feats1: np.ndarray, feats2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+def kid_from_features(feats1: np.ndarray, feats2: np.ndarray, subsets: int = 100, subset_size: int | None = None,
                       degree: int = 3, gamma: float | None = None, coef: float = 1.0,
                       seed: int = 0) -> tuple[float, float]:
-    """Unbiased polynomial-kernel MMD^2 averaged over random subsets: (mean, std) over subsets."""
+    """Unbiased polynomial-kernel MMD^2 averaged over random subsets: (mean, std) over subsets.
+
+    ``subset_size`` None: ``min(1000, N // 2)`` with ``N`` the smaller set (at
+    least 2); a given size is capped at ``N``.
+    """
     f1, f2 = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
     if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1] or min(len(f1), len(f2)) < 2:
         raise ValueError(f"need two (N >= 2, D) feature arrays of the same D, got {f1.shape} and {f2.shape}")
     if subsets < 1:
         raise ValueError(f"subsets must be >= 1, got {subsets}")
-    m = min(subset_size, len(f1), len(f2))
+    n_min = min(len(f1), len(f2))
+    m = max(2, min(1000, n_min // 2)) if subset_size is None else min(subset_size, n_min)
     if m < 2:
         raise ValueError(f"subset_size must be >= 2, got {subset_size}")
     gamma = 1.0 / f1.shape[1] if gamma is None else gamma
@@ -219,7 +224,7 @@ def kid_from_features(feats1: np.ndarray, feats2: np.ndarray, subsets: int = 100
     return float(vals.mean()), float(vals.std())
 
 
-def kid_project(real_uint8, fake_uint8, net=None, subsets: int = 100, subset_size: int = 1000,
+def kid_project(real_uint8, fake_uint8, net=None, subsets: int = 100, subset_size: int | None = None,
                 degree: int = 3, gamma: float | None = None, coef: float = 1.0,
                 seed: int = 0) -> tuple[float, float]:
     """KID (project features): kernel distance of real and generated images on the project's feature net.
@@ -227,8 +232,8 @@ def kid_project(real_uint8, fake_uint8, net=None, subsets: int = 100, subset_siz
     The squared maximum mean discrepancy between the two feature distributions
     under the polynomial kernel ``k(x, y) = (gamma x.y + coef)^degree``
     (default ``(x.y / D + 1)^3`` as in Binkowski et al. 2018), estimated without
-    bias on ``subsets`` random subsets of ``min(subset_size, N_real, N_fake)``
-    images from each set.
+    bias on ``subsets`` random subsets of ``subset_size`` images from each set
+    (default ``min(1000, N // 2)``, ``N`` the smaller set; capped at ``N``).
 
     Parameters
     ----------
@@ -250,8 +255,9 @@ def kid_project(real_uint8, fake_uint8, net=None, subsets: int = 100, subset_siz
     Notes
     -----
     Unlike FID, KID has no small-N bias, but its variance grows as N falls.
-    Subsets overlap when ``subset_size`` is near N, so ``std`` understates the
-    uncertainty then. Values are on the project feature network's scale, not
+    The subsets are drawn from the same N images, so ``std`` describes the
+    spread over subsets, not the uncertainty of the estimate (it understates
+    it, and is 0 when the subsets are the whole sets). Values are on the project feature network's scale, not
     Inception's: report it as "KID (project features)".
     """
     return kid_from_features(_features_of(real_uint8, net, "real_uint8"),

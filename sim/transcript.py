@@ -165,3 +165,29 @@ class RecordingGrid(Grid):
                                elapsed / len(replies))
             self.transcript.add(stat, req.content, r.content)
         return replies
+
+
+# ----------------------------------------------------------------------------- what the server saw, on disk
+def record_to_dict(content: RecordDict) -> dict:
+    """Flower records as plain Python: array records as {name: tensor}, config/metric records as dicts."""
+    import numpy as np
+    import torch
+
+    out: dict = {}
+    for key, rec in content.array_records.items():
+        out[key] = {k: torch.from_numpy(np.ascontiguousarray(a.numpy())) for k, a in rec.items()}
+    for key, rec in list(content.config_records.items()) + list(content.metric_records.items()):
+        out[key] = dict(rec)
+    return out
+
+
+def save_seen(transcript: Transcript, path) -> int:
+    """Write the kept round trips (what the server sent and received) for attacks; returns how many."""
+    import dataclasses
+
+    import torch
+
+    seen = [{"stat": dataclasses.asdict(stat), "down": record_to_dict(down), "up": record_to_dict(up)}
+            for stat, down, up in transcript.seen]
+    torch.save(seen, path)
+    return len(seen)
