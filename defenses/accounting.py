@@ -30,7 +30,7 @@ def delta_for(epsilon: float, s: float) -> float:
     if s <= 0:
         return 1.0
     a, b = 1.0 / (2 * s), epsilon * s
-    return float(norm.cdf(a - b) - math.exp(epsilon) * norm.cdf(-a - b)) if epsilon < 700 else 0.0
+    return max(0.0, float(norm.cdf(a - b) - math.exp(epsilon + norm.logcdf(-a - b))))  # log space: no overflow
 
 
 def epsilon_for(s: float, delta: float) -> float:

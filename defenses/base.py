@@ -92,6 +92,21 @@ class Defense(Component):
     def client_loss(self, inputs: torch.Tensor, activation: torch.Tensor) -> torch.Tensor | None:
         return None
 
+    def private_step(self, model: torch.nn.Module, per_sample_loss, opt: torch.optim.Optimizer,
+                     gen: torch.Generator, records: torch.Tensor | None = None,
+                     dataset_size: int | None = None) -> float | None:
+        """fl-client: do one optimizer step of the FedAvg client's local training in the defense's
+        own way (e.g. DP-SGD) and return the batch's mean loss. ``per_sample_loss()`` runs the
+        forward pass and returns one loss per sample; ``records`` says which of the client's
+        samples each one is (duplicates allowed); ``gen`` is the client-private generator.
+        Default: None, i.e. not handled (the client takes its ordinary step)."""
+        return None
+
+    def wrap_strategy(self, strategy, num_clients: int):
+        """fl-server: the Flower strategy the FedAvg server runs, wrapped (e.g. by a DP
+        clipping wrapper). Default: unchanged."""
+        return strategy
+
     # ------------------------------------------------------------------ description
     def accounting(self, scheduler, releases: float = 1.0) -> dict | None:
         """For accounted defenses: epsilon, delta, sensitivity, mechanism, assumptions."""

@@ -9,6 +9,10 @@ evaluate       sample and score a finished run's ControlNets again (other guidan
 bench          Flower engine overhead: the apps on the in-process grid vs a bare PyTorch loop
 pretrain-base  train the tiny frozen base model (text -> image) on Fill50K-style data
 eval-base      generate images with the base model and measure prompt-colour accuracy
+defenses       list the defenses (hook points, schemes, parameters, accounting)
+attacks        list the attacks (threat model: what each needs, where it applies)
+attack         run attacks on a finished run's kept round trips and score them
+cost           parameters, FLOPs, memory and bytes per scheme at SD1.5 scale, without the hardware
 """
 from __future__ import annotations
 
@@ -96,6 +100,75 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_defenses(a: argparse.Namespace) -> int:
+    from defenses import BUNDLES, list_defenses
+    from defenses.timestep_target import epsilon_at, t_start_for
+
+    from .models import ddpm_scheduler, get_preset
+
+    preset = get_preset(a.model)
+    sched = ddpm_scheduler(preset)
+    dim = preset.latent_channels * preset.latent_size ** 2
+    sens = 2.0 * dim ** 0.5
+    table = []
+    for eps in (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024):
+        try:
+            t0 = t_start_for(sched, eps, a.delta, sens)
+            table.append({"epsilon": eps, "delta": a.delta, "t_start": t0,
+                          "abar_t_start": float(sched.alphas_cumprod[t0]),
+                          "epsilon_at_t_start": epsilon_at(float(sched.alphas_cumprod[t0]), sens, a.delta)})
+        except ValueError:
+            table.append({"epsilon": eps, "delta": a.delta, "t_start": None})
+    res = {"defenses": list_defenses(sched), "bundles": {k: list(v) for k, v in BUNDLES.items()},
+           "timestep_table": {"model": a.model, "sensitivity": sens, "assumes": "eps secret; latents in [-1, 1]",
+                              "rows": table}}
+    if a.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    for d in res["defenses"]:
+        print(f"{d['name']:<16} hooks={','.join(d['hooks']):<18} schemes={','.join(d['schemes']):<22} "
+              f"params={d['params']}\n{'':16} {d['summary']}")
+    for k, v in res["bundles"].items():
+        print(f"bundle {k}: {v}")
+    print(f"\nt_start from a privacy target (model {a.model}, forward noise as the mechanism, eps secret, "
+          f"delta={a.delta}, sensitivity {sens:.1f}):")
+    print("  epsilon  t_start  abar_t_start")
+    for r in table:
+        print(f"  {r['epsilon']:>7}  {str(r['t_start']):>7}  " +
+              (f"{r['abar_t_start']:.3g}" if r["t_start"] is not None else "unreachable"))
+    return 0
+
+
+def _cmd_attacks(a: argparse.Namespace) -> int:
+    from attacks import list_attacks
+
+    rows = list_attacks()
+    if a.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            print(f"{r['name']:<18} schemes={','.join(r['schemes']):<22} needs={','.join(r['needs'])}\n"
+                  f"{'':18} {r['summary']}")
+    return 0
+
+
+def _cmd_attack(a: argparse.Namespace) -> int:
+    from attacks import run_attacks
+
+    rows = run_attacks(a.run, a.attack, a.scheme or None)
+    if a.json:
+        print(json.dumps(rows))
+    return 0
+
+
+def _cmd_cost(a: argparse.Namespace) -> int:
+    from .cost import cost_table, markdown
+
+    table = cost_table(a.preset)
+    print(json.dumps(table, indent=1) if a.json else markdown(table))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="splitcontrol", description="Split learning vs federated learning of ControlNet: cost, utility, leakage.",
                                  epilog=__doc__.split("------------", 1)[1],
@@ -129,6 +202,29 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="alternating runs per path; the best is kept")
     b.add_argument("--json", action="store_true", help="print only the JSON result")
     b.set_defaults(func=_cmd_bench)
+
+    d = sub.add_parser("defenses", help="list the defenses and the t_start-vs-epsilon table")
+    d.add_argument("--model", default="tiny", help="model preset whose noise schedule the table uses")
+    d.add_argument("--delta", type=float, default=1e-5)
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=_cmd_defenses)
+
+    al = sub.add_parser("attacks", help="list the attacks with their threat models")
+    al.add_argument("--json", action="store_true")
+    al.set_defaults(func=_cmd_attacks)
+
+    at = sub.add_parser("attack", help="run attacks on a finished run (needs keep-messages > 0)")
+    at.add_argument("--run", required=True, help="a results folder with seen_<scheme>.pt")
+    at.add_argument("--attack", action="append", required=True, metavar="SPEC",
+                    help="attack name or spec, e.g. noise-target or inverse-net:steps=300 (repeatable)")
+    at.add_argument("--scheme", action="append", help="only these schemes (repeatable; default: all of the run)")
+    at.add_argument("--json", action="store_true")
+    at.set_defaults(func=_cmd_attack)
+
+    co = sub.add_parser("cost", help="per-scheme parameters, FLOPs, memory and bytes at a preset's scale")
+    co.add_argument("--preset", default="sd15", help="model preset (sd15, tiny)")
+    co.add_argument("--json", action="store_true")
+    co.set_defaults(func=_cmd_cost)
 
     p = sub.add_parser("pretrain-base", help="train the tiny base diffusion model")
     p.add_argument("--out", required=True, help="output folder (diffusers format + logs)")

@@ -298,6 +298,12 @@ def run_compare(cfg: ExperimentConfig, out: str | Path, grid=None, node_ids=None
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(markdown_table(rows) + "\n")
     print_table(rows)
+    if cfg.attacks:
+        from attacks import run_attacks
+
+        summary["attacks"] = {}
+        for r in run_attacks(out, list(cfg.attacks)):
+            summary["attacks"].setdefault(r["scheme"], []).append(r)
     print(f"frozen base unchanged: {summary['frozen_base_unchanged']}; wrote {out} in {summary['total_wall_s']} s")
     return summary
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
+DEFAULT_KEEP_FOR_ATTACKS = 4  # round trips kept per scheme when attacks are listed and keep-messages is 0
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class ExperimentConfig:
     jobs: int = 4                            # worker processes: the schemes and the no-control baseline in parallel
     defenses: tuple[str, ...] = ()           # defense specs or bundles, e.g. ["pp-protected"], ["noise:std=0.5"]
     keep_messages: int = 0                   # round trips per scheme whose payloads are saved (seen_<scheme>.pt) for attacks
+    attacks: tuple[str, ...] = ()            # attacks run on the saved round trips after training (keep-messages >= 4 then)
 
     # ---------------------------------------------------------------- validation
     def __post_init__(self) -> None:
@@ -83,6 +85,13 @@ class ExperimentConfig:
                                  "use partition='iid'")
         if self.keep_messages < 0:
             raise ValueError(f"keep-messages must be >= 0, got {self.keep_messages}")
+        if self.attacks:
+            from attacks import make_attack
+
+            for spec in self.attacks:
+                make_attack(spec)  # unknown names and bad parameters fail here
+            if self.keep_messages == 0:
+                object.__setattr__(self, "keep_messages", DEFAULT_KEEP_FOR_ATTACKS)
         if self.defenses:
             from defenses import DefenseStack
 

@@ -17,7 +17,9 @@ FLOPs
     (:mod:`sim.cuts`). It counts matrix products (``mm``/``addmm``/``bmm``), convolutions
     and their backward, and fused attention, at 2 FLOPs per multiply-accumulate;
     element-wise operators (normalisation, activations, additions, the loss, the noising
-    of latents) and the optimizer step are *not* counted (they are a few percent at most).
+    of latents) and the optimizer step are *not* counted (small next to the convolutions).
+    Fused attention's backward counts the recomputation of the attention scores, as
+    flash/memory-efficient kernels do it (about 3% of the SD1.5 server step).
     Backward counts what autograd actually computes: weight gradients only where
     parameters are trained, input gradients only where something upstream needs them.
     So the frozen UNet's backward from the loss to the ControlNet residuals counts
@@ -41,19 +43,26 @@ Bytes on the wire
     From the message dataclasses the strategies send (:class:`strategies.nograd.Features`,
     :class:`strategies.vanilla.VanillaReply`/``VanillaRequest``,
     :class:`strategies.fedavg.FitIns`/``FitRes``): each tensor field the step produces, at
-    the field's declared dtype (fp32 wire) or with floating fields at fp16 (fp16 wire,
-    the paper's precision defense; ``t`` stays int64). ``*_payload`` = tensor bytes per
-    sample (exact from shapes; per-sample because every field scales with the batch);
-    ``*_message`` = the serialised size :func:`sim.wire.record_nbytes` reports for one
-    message of batch 1 (and K = 1 for no-gradient-return): payload + each array's
+    the field's declared dtype (fp32 wire); ``_fp16``: float16 for the fields declared to
+    allow it (the cut-layer features: the paper's fp16 wire defense); ``_all_fp16``: every
+    floating field at float16 (``t`` stays int64). ``*_bytes_per_sample`` = tensor bytes
+    per sample (exact from shapes; per sample because every field scales with the batch);
+    ``*_message_bytes`` = the serialised size :func:`sim.wire.record_nbytes` reports for
+    one message of batch 1 (and K = 1 for no-gradient-return): payload + each array's
     ``.npy`` header + 8 bytes per config/metric number.
 
-What is assumed: every step re-encodes the target (and, for no-gradient-return, the
-hint) with the VAE and encodes the prompt, as ``strategies.base.sample_batch`` does.
-Those encodings are deterministic (posterior mean; the text encoder already caches per
-prompt), so a client could compute them once per image; ``client_flops_cacheable`` says
-how much of the client's per-step FLOPs that would save. At SD1.5 scale the VAE encoder is
-the client's biggest cost in both split schemes (~1 TFLOP per 512 px image).
+What is assumed: ``client_flops`` counts every encoder a step needs for a sample seen
+the first time: the VAE on the target (and, for no-gradient-return, on the hint) and the
+text encoder on the prompt (``client_flops_text``). The code re-runs the VAE every step
+(``strategies.base.sample_batch``) but caches text encodings per prompt (:mod:`sim.text`).
+All these encodings are deterministic (VAE posterior mean), so a client could compute
+them once per image; ``client_flops_cacheable`` is their share and
+``client_flops_cached`` what remains per step. At SD1.5 scale the VAE encoder is
+the client's biggest cost in both split schemes (~1.1 TFLOP per 512 px image), so as the
+code runs, the nograd client (two encodings per step) computes more than the vanilla one.
+The schemes are traced without defenses (the defenses' transforms are element-wise;
+keeping prompts on the client removes ``context`` from the up bytes: 77x768x4 B =
+231 KiB per sample at SD1.5).
 """
 from __future__ import annotations
 
@@ -248,7 +257,8 @@ def _flops(counter: FlopCounterMode) -> int:
 @contextlib.contextmanager
 def _fused_attention(mode: str):
     """Route meta-device ``scaled_dot_product_attention`` through the fused (memory-efficient)
-    kernel, which has meta and FLOP formulas; the default meta path is the unfused math one."""
+    kernel, which has meta and FLOP formulas; the default meta path is the unfused math one.
+    Tensors on real devices are untouched; the original function is restored on exit."""
     if mode == "math":
         yield
         return
@@ -314,10 +324,14 @@ def _encode_text(models: MetaModels) -> torch.Tensor:
 
 
 @dataclass
-class _Trace:
+class StepTrace:
+    """What :func:`trace_step` measures for one step at batch 1 (FLOPs, bytes of live activations)
+    and the tensors (meta) it sends each way, by wire field name."""
+
     client_flops: int = 0
     client_flops_backward: int = 0
     client_flops_cacheable: int = 0
+    client_flops_text: int = 0
     client_peak_activation_bytes: int = 0
     server_flops: int = 0
     server_flops_backward: int = 0
@@ -326,7 +340,7 @@ class _Trace:
     down: dict = dataclasses.field(default_factory=dict)
 
 
-def trace_step(scheme: str, models: MetaModels, server: bool = True) -> _Trace:
+def trace_step(scheme: str, models: MetaModels, server: bool = True) -> StepTrace:
     """Run one training step of ``scheme`` at batch 1 on meta tensors, metering client and server apart.
 
     The client part mirrors the strategy's client: draw a batch (VAE-encode the target,
@@ -343,7 +357,7 @@ def trace_step(scheme: str, models: MetaModels, server: bool = True) -> _Trace:
         _set_trainable(models, ())  # leave the models frozen and gradient-free
 
 
-def _trace_step(scheme: str, models: MetaModels, server: bool) -> _Trace:
+def _trace_step(scheme: str, models: MetaModels, server: bool) -> StepTrace:
     cut = CUTS[scheme]
     p = models.preset
     unet, cn, ae = models.unet, models.controlnet, models.autoencoder
@@ -351,7 +365,7 @@ def _trace_step(scheme: str, models: MetaModels, server: bool) -> _Trace:
     ignore = _storage_keys(models.named().values())
     s = p.image_size
     lat = (1, p.latent_channels, p.latent_size, p.latent_size)
-    tr = _Trace()
+    tr = StepTrace()
 
     # ------------------------------------------------------------------ client
     with _PeakLive(ignore) as mem:
@@ -398,6 +412,7 @@ def _trace_step(scheme: str, models: MetaModels, server: bool) -> _Trace:
                 raise ValueError(f"unknown scheme {scheme!r}")
         tr.client_flops = vae_flops + _flops(f_text) + _flops(f_step)
         tr.client_flops_cacheable = cacheable
+        tr.client_flops_text = _flops(f_text)
         tr.client_flops_backward = backward
     tr.client_peak_activation_bytes = mem.peak
 
@@ -446,11 +461,11 @@ def message_bytes(cls, tensors: dict[str, torch.Tensor], precision: str = "fp32"
     declared one (the first where a field allows several), with ``"fp16"`` float16 where
     the field allows it (what the project's fp16 wire defense sends: the cut-layer
     features), with ``"all-fp16"`` float16 for every floating field (a hypothetical
-    half-precision wire: noise, context and returned gradient too). a field declared one dimension higher than the tensor (``Features``' K axis)
-    gets a leading 1. State fields (model weights) are given as dicts of tensors. Config
-    and metric numbers count 8 bytes each (lists: ``list_len`` numbers), as
-    :func:`sim.wire.record_nbytes` counts them. Returns ``payload`` (tensor bytes) and
-    ``message`` (+ ``.npy`` headers + numbers).
+    half-precision wire: noise, context and returned gradient too). A field declared one
+    dimension higher than the tensor (``Features``' K axis) gets a leading 1. State fields
+    (model weights) are given as dicts of tensors. Config and metric numbers count 8 bytes
+    each (lists: ``list_len`` numbers), as :func:`sim.wire.record_nbytes` counts them.
+    Returns ``payload`` (tensor bytes) and ``message`` (+ ``.npy`` headers + numbers).
     """
     payload = framed = 0
     names = {f.name for f in dataclasses.fields(cls)}
@@ -535,9 +550,10 @@ NOTES = [
     "the loss and the AdamW step are not counted. Backward counts what autograd computes: weight gradients "
     "of trained modules only; the frozen UNet contributes input gradients only, and only from its mid/up "
     "blocks (ControlNet residuals join at the skips).",
-    "client_flops is what the code runs each step: the target is VAE-encoded (and the hint too, for "
-    "nograd) and the prompt text-encoded every step. These encodings are deterministic, so "
-    "client_flops_cacheable could be paid once per image instead; the vanilla client also runs its head "
+    "client_flops includes every encoder a step needs for a new sample: the VAE on the target (and on the "
+    "hint, for nograd) and the text encoder (client_flops_text). The code re-runs the VAE every step and "
+    "caches text encodings per prompt. All these encodings are deterministic, so client_flops_cacheable "
+    "could be paid once per image; client_flops_cached is the rest. The vanilla client runs its head "
     "forward twice (to send, and again to backpropagate the returned gradient).",
     "Peak activation memory: live-set peak of the tensor storages the step creates (dispatch-mode tracing on "
     "meta tensors), batch 1; parameters, buffers, gradients and optimizer state excluded (they are "
@@ -545,7 +561,8 @@ NOTES = [
     "traced as a fused (memory-efficient) kernel unless attention='math'.",
     "Bytes: tensor fields of the messages the strategies send (strategies/nograd.py Features, "
     "strategies/vanilla.py VanillaReply/VanillaRequest, strategies/fedavg.py FitIns/FitRes) at their "
-    "declared dtypes; fp16 = floating fields at 2 bytes (t stays int64). *_bytes_per_sample = tensor "
+    "declared dtypes; _fp16 = float16 where a field allows it (the cut-layer features, the fp16 wire "
+    "defense); _all_fp16 = every floating field at 2 bytes (t stays int64). *_bytes_per_sample = tensor "
     "payload per sample; *_message_bytes = serialised size of one batch-1 message (payload + .npy headers "
     "+ 8 bytes per config/metric number), what sim.wire.record_nbytes reports. MiB = 2^20 B, GB = 10^9 B.",
     "vanilla also relays its head (controlnet_cond_embedding + conv_in) through the server once per turn "
@@ -566,8 +583,10 @@ def cost_table(preset: str = "sd15", image_size: int | None = None, attention: s
         Image side in pixels; default the preset's (512 for ``sd15``). Latents are
         ``image_size / 8`` for KL-autoencoder presets.
     attention : {"fused", "math"}
-        How attention is traced for the memory estimate (FLOPs are the same either way
-        up to the backward's recomputation; see the module docstring).
+        How attention is traced: ``fused`` (memory-efficient kernel: no stored attention
+        probabilities; its backward recomputes the scores) or ``math`` (unfused: the
+        probabilities are stored for backward, which multiplies the peak activations at
+        64x64 latents). Forward FLOPs are identical.
 
     Returns
     -------
@@ -592,7 +611,7 @@ def cost_table(preset: str = "sd15", image_size: int | None = None, attention: s
             row.update(
                 client_flops=tr.client_flops, client_flops_cacheable=tr.client_flops_cacheable,
                 client_flops_cached=tr.client_flops - tr.client_flops_cacheable,
-                client_flops_backward=tr.client_flops_backward,
+                client_flops_text=tr.client_flops_text, client_flops_backward=tr.client_flops_backward,
                 client_peak_activation_bytes=tr.client_peak_activation_bytes,
                 server_flops=tr.server_flops, server_flops_backward=tr.server_flops_backward,
                 server_peak_activation_bytes=tr.server_peak_activation_bytes,
@@ -633,7 +652,7 @@ def markdown(table: dict) -> str:
         f"(latent {'x'.join(map(str, table['latent_shape']))}), computed by `sim.cost` from the configuration "
         "(meta device, no weights).",
         "",
-        "| scheme | client params (trainable) | server params (trainable) | client GFLOP/step as run "
+        "| scheme | client params (trainable) | server params (trainable) | client GFLOP/step "
         "(encodings cached) | server GFLOP/step | client peak activations MiB | server peak activations MiB "
         "| client model state MiB |",
         "|---|---|---|---|---|---|---|---|",
@@ -660,8 +679,9 @@ def markdown(table: dict) -> str:
         if r is None:
             continue
         if s == "fedavg":
-            lines.append(f"| fedavg | - | - | {r['round_up_payload'] / GB:.3f} GB up, {r['round_down_payload'] / GB:.3f} "
-                         f"GB down per client per round (fp32 ControlNet) | {paper[s]} |")
+            lines.append(f"| fedavg | - | - | {r['round_up_payload'] / GB:.3f} GB up, "
+                         f"{r['round_down_payload'] / GB:.3f} GB down per client per round (fp32 ControlNet) "
+                         f"| {paper[s]} |")
             continue
         turn = (f"+ head {r['turn_head_payload'] / MiB:.2f} MiB each way per turn" if s == "vanilla"
                 else "+ 8 B request per turn of K batches")
@@ -671,9 +691,10 @@ def markdown(table: dict) -> str:
     lines += [
         "",
         "FLOPs: `torch.utils.flop_counter`, 2 per multiply-accumulate, matmuls/convolutions/attention only, "
-        "forward + backward (the frozen UNet: input gradients only). \"As run\": every step re-encodes the "
-        "target (nograd: and the hint) with the VAE and the prompt with the text encoder, as the code does; "
-        "these encodings are deterministic, so a client could cache them (the figure in brackets). Peak "
+        "forward + backward (the frozen UNet: input gradients only). Client FLOPs include the encoders a new "
+        "sample needs: the VAE on the target (nograd: and on the hint; the code re-runs it every step) and "
+        "the text encoder (the code caches it per prompt); these encodings are deterministic, so a client "
+        "could compute them once per image (the figure in brackets). Peak "
         f"activations: live tensor storages traced on meta tensors, batch 1, {table.get('attention', 'fused')} "
         "attention; model state (fp32 params and buffers + gradient + 2 AdamW moments per trainable one) "
         "excluded and shown apart. Bytes: tensor fields of the strategies' messages; fp16 wire = the fields "

@@ -1,0 +1,325 @@
+"""Learning-based inversion with a known client model (He et al. 2019; the paper's first effective attack).
+
+Threat model: a passive, honest-but-curious server that knows the client's model
+(white-box: under nograd the client holds only public frozen parts, E and
+``unet.conv_in``; under vanilla the trainable head's weights are relayed through the
+server at every turn start, so it knows the head each turn began with), the public
+defense stack of the run (Kerckhoffs) and has public auxiliary data. It does NOT use the
+noise target eps (``use-noise=false``, the default: that is the noise-target attack's
+job; ``use-noise=true`` is an ablation that feeds eps to the decoder as well).
+
+1. Simulate the client on auxiliary data: t from the run's public timestep policy,
+   fresh noise, x_t, then :func:`defenses.split_client_features` with the public stack
+   (its private randomness drawn from the attacker's own generator; a per-client fixed
+   offset, if the stack has one, from "shadow" client ids the real clients never use).
+   Under vanilla every simulated batch goes through one of the heads relayed in the
+   transcript (those of the attacked batches' turns).
+2. Train a small CNN decoder from the sent features -- the control branch, the UNet
+   branch and the public t (as sqrt(abar_t), sqrt(1 - abar_t) planes) -- to the target's
+   latent z0 and the hint's latent E(hint); MSE. With the identity autoencoder of the
+   tiny preset the latents are the images; at SD scale the public decoder maps them back.
+3. Apply it to every sent batch; decode.
+
+Against a fixed per-client offset (``fp16:offset=true``) both training and attack
+subtract the client's mean control feature over the client's sent samples (for the
+simulated clients: over as many simulated samples), so the unknown offset cancels up to
+the data's own mean, which the decoder learns.
+
+What it can reach: the UNet branch is conv_in(x_t), injective, so x_t is in reach; without
+eps the best image estimate is E[z0 | x_t, t], sharp at low t and a blur of the aux mean at
+high t (the timestep policy helps exactly here). The hint enters the control branch at full
+scale under nograd (h = E(hint) + x_t) but only through the head's zero-initialised
+``controlnet_cond_embedding`` under vanilla (weak until the head has trained).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Attack, Reconstruction, ServerView, register
+from .common import signed_to_hint
+
+SHADOW_CID = 1_000_000  # simulated ("shadow") client ids start here: no real client has one
+ATTACK_SEED = 31_337  # the attacker's own randomness (aux batches, t, noise, defense draws)
+
+
+# ----------------------------------------------------------------------------- public knowledge
+def offset_used(stack) -> bool:
+    """Does the public stack add a fixed per-client offset to the control branch (fp16:offset=true)?"""
+    return any(d.name == "fp16" and d.p.get("offset") for d in stack.defenses)
+
+
+def vanilla_heads(view: ServerView) -> dict[int, dict]:
+    """The head states the server relayed to a client at a turn's start, by message index."""
+    return {i: m["down"]["head"] for i, m in enumerate(view.messages) if m["down"].get("head") is not None}
+
+
+def head_for(view: ServerView, msg: int, heads: dict[int, dict] | None = None):
+    """The vanilla client's head as the server knows it for message ``msg``: the one relayed at the start
+    of that turn (exact for the turn's first batch; later batches of the turn ran a few client AdamW steps
+    further, which the server cannot replay without the private inputs)."""
+    from strategies.vanilla import ControlHead
+
+    heads = vanilla_heads(view) if heads is None else heads
+    prior = [i for i in heads if i <= msg]
+    head = ControlHead(view.controlnet_init)
+    if prior:
+        head.load_state_dict(heads[max(prior)])
+    elif view.controlnet_final is not None:  # no relay kept: the final head, which the server also relayed
+        head = ControlHead(view.controlnet_final)
+    return head.eval().requires_grad_(False)
+
+
+def attacked_heads(view: ServerView, batches: list[dict]) -> list:
+    """One head per distinct relay among the turns of the attacked batches (vanilla)."""
+    relayed = vanilla_heads(view)
+    keys = sorted({max([j for j in relayed if j <= b["ref"][0]], default=-1) for b in batches})
+    return [head_for(view, k, relayed if k >= 0 else {}) for k in keys]
+
+
+def t_planes(t: torch.Tensor, scheduler, like: torch.Tensor) -> torch.Tensor:
+    """sqrt(abar_t) and sqrt(1 - abar_t) as two constant planes per sample (t is sent in the clear)."""
+    abar = scheduler.alphas_cumprod[t.cpu()].float().view(-1, 1, 1, 1)
+    planes = torch.cat([abar.sqrt(), (1 - abar).sqrt()], dim=1)
+    return planes.expand(-1, -1, *like.shape[-2:])
+
+
+class ClientSimulator:
+    """The split client on auxiliary data, through the run's public defense stack.
+
+    ``head`` (vanilla) is a module or a list of modules (one is drawn per batch); ``cids``
+    the client ids the simulated clients use (shadow ids: a per-client offset is then a
+    fresh unknown, as the real one is to the server).
+    """
+
+    def __init__(self, view: ServerView, aux: dict, head=None, seed: int = ATTACK_SEED):
+        self.view, self.aux = view, aux
+        self.stack = view.defenses
+        self.scheduler = view.scheduler
+        self.t_start = self.stack.t_start(view.scheduler)
+        self.heads = head if isinstance(head, (list, tuple)) else [head]
+        self.gen = torch.Generator().manual_seed(seed)
+        self.defense_gen = torch.Generator().manual_seed(seed + 1)
+        self.T = view.scheduler.config.num_train_timesteps
+
+    def draw(self, n: int, idx: torch.Tensor | None = None, cid: int | torch.Tensor | None = None,
+             head=None, grad: bool = False) -> dict:
+        """Simulate ``n`` samples; returns control, unet (features as sent), t, noise, z0, e_hint, idx, cid."""
+        from defenses import HookContext, split_client_features
+
+        ae, unet = self.view.base.autoencoder, self.view.base.unet
+        N = len(self.aux["target"])
+        idx = torch.randint(0, N, (n,), generator=self.gen) if idx is None else idx
+        cid = SHADOW_CID if cid is None else cid
+        with torch.no_grad():
+            z0 = ae.encode(self.aux["target"][idx])
+            e_hint = ae.encode(self.aux["condition"][idx] * 2 - 1)
+        hint = self.aux["condition"][idx]
+        t = torch.randint(self.t_start, self.T, (n,), generator=self.gen, dtype=torch.int64)
+        noise = torch.randn(z0.shape, generator=self.gen)
+        x_t = self.scheduler.add_noise(z0, noise, t)
+        if head is None and self.view.scheme == "vanilla":
+            head = self.heads[int(torch.randint(0, len(self.heads), (1,), generator=self.gen))]
+        cids = cid if isinstance(cid, torch.Tensor) else torch.full((n,), int(cid))
+        parts, feats, order = [], [], []
+        with torch.set_grad_enabled(grad):
+            for c in cids.unique().tolist():  # a per-client offset depends on the cid
+                sel = (cids == c).nonzero().flatten()
+                ctx = HookContext(t[sel], self.scheduler, int(c), self.defense_gen)
+                ctl, ft = split_client_features(self.stack, self.view.scheme, ae, unet, x_t[sel], hint[sel], ctx,
+                                                head=head)
+                parts.append(ctl.float())
+                feats.append(ft.float())
+                order.append(sel)
+            back = torch.cat(order).argsort()
+            control, unet_f = torch.cat(parts)[back], torch.cat(feats)[back]
+        return {"control": control, "unet": unet_f, "t": t, "noise": noise, "z0": z0, "e_hint": e_hint,
+                "idx": idx, "cid": cids}
+
+
+# ----------------------------------------------------------------------------- the decoder
+class _Res(nn.Module):
+    def __init__(self, width: int, dilation: int):
+        super().__init__()
+        groups = math.gcd(8, width)
+        self.n1, self.c1 = nn.GroupNorm(groups, width), nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation)
+        self.n2, self.c2 = nn.GroupNorm(groups, width), nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.c2(F.gelu(self.n2(self.c1(F.gelu(self.n1(x))))))
+
+
+class InverseNet(nn.Module):
+    """Fully convolutional decoder: sent features (+ t planes) -> (z0, E(hint)) latents.
+
+    Dilated residual blocks (dilations 1, 2, 4, 8, 1, ...) give a receptive field of the
+    whole 32x32 tiny image at a few thousand parameters per block; inputs are standardised
+    per channel with statistics of the simulated features.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, width: int = 48, depth: int = 5):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(1, in_ch, 1, 1))
+        self.register_buffer("std", torch.ones(1, in_ch, 1, 1))
+        self.inp = nn.Conv2d(in_ch, width, 3, padding=1)
+        self.blocks = nn.Sequential(*[_Res(width, (1, 2, 4, 8)[i % 4]) for i in range(depth)])
+        self.out = nn.Sequential(nn.GELU(), nn.Conv2d(width, out_ch, 3, padding=1))
+
+    def fit_normaliser(self, x: torch.Tensor) -> None:
+        self.mean.copy_(x.mean(dim=(0, 2, 3), keepdim=True))
+        self.std.copy_(x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6))
+
+    def forward(self, x):
+        return self.out(self.blocks(self.inp((x - self.mean) / self.std)))
+
+
+def decoder_input(control: torch.Tensor, unet_f: torch.Tensor, t: torch.Tensor, scheduler,
+                  branches: str = "both", noise: torch.Tensor | None = None) -> torch.Tensor:
+    """What the decoder reads: the chosen sent branches, t planes and (ablation only) the noise target."""
+    parts = []
+    if branches in ("both", "control"):
+        parts.append(control.float())
+    if branches in ("both", "unet"):
+        parts.append(unet_f.float())
+    parts.append(t_planes(t, scheduler, unet_f))
+    if noise is not None:
+        parts.append(noise.float())
+    return torch.cat(parts, dim=1)
+
+
+class OffsetCentering:
+    """Cancels a fixed per-client offset on the control branch: subtract the client's mean control
+    over its sent samples. The simulated side uses a pool of shadow clients, each with the same number
+    of samples as a real client sent, so training and attack see the same statistic."""
+
+    def __init__(self, sim: ClientSimulator, real_batches: list[dict], pool: int = 24):
+        per_client: dict[int, list[torch.Tensor]] = {}
+        for b in real_batches:
+            per_client.setdefault(b["cid"], []).append(b["control"])
+        self.real = {c: torch.cat(v).mean(0) for c, v in per_client.items()}
+        n = max(1, int(sorted(sum(v.shape[0] for v in vs) for vs in per_client.values())[len(per_client) // 2]))
+        self.pool_ids = [SHADOW_CID + 1 + k for k in range(pool)]
+        self.pool_mean = {}
+        for c in self.pool_ids:
+            d = sim.draw(n, cid=c)
+            self.pool_mean[c] = d["control"].mean(0)
+        self.n = n
+
+    def draw_cids(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.tensor(self.pool_ids)[torch.randint(0, len(self.pool_ids), (n,), generator=gen)]
+
+    def center_sim(self, control: torch.Tensor, cids: torch.Tensor) -> torch.Tensor:
+        return control - torch.stack([self.pool_mean[int(c)] for c in cids])
+
+    def center_real(self, control: torch.Tensor, cid: int) -> torch.Tensor:
+        return control - self.real[cid]
+
+
+def train_inverse(sim: ClientSimulator, steps: int, batch: int, width: int, depth: int, lr: float,
+                  branches: str = "both", use_noise: bool = False, centering: OffsetCentering | None = None,
+                  seed: int = ATTACK_SEED) -> tuple[InverseNet, dict]:
+    """Train the decoder on simulated client features; returns it and a few training statistics."""
+    scheduler = sim.scheduler
+    gen = torch.Generator().manual_seed(seed + 2)
+    torch.manual_seed(seed + 3)
+
+    def sample(n):
+        cids = centering.draw_cids(n, gen) if centering is not None else None
+        d = sim.draw(n, cid=cids)
+        control = centering.center_sim(d["control"], d["cid"]) if centering is not None else d["control"]
+        x = decoder_input(control, d["unet"], d["t"], scheduler, branches, d["noise"] if use_noise else None)
+        return x, torch.cat([d["z0"], d["e_hint"]], dim=1)
+
+    x0, y0 = sample(max(batch, 128))
+    net = InverseNet(x0.shape[1], y0.shape[1], width, depth)
+    net.fit_normaliser(x0)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.1)
+    losses = []
+    net.train()
+    for _ in range(steps):
+        x, y = sample(batch)
+        loss = F.mse_loss(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    net.eval()
+    tail = losses[-max(1, len(losses) // 10):]
+    return net, {"train_loss_first": round(losses[0], 4) if losses else None,
+                 "train_loss_last": round(sum(tail) / len(tail), 4) if tail else None}
+
+
+@torch.no_grad()
+def apply_inverse(view: ServerView, net: InverseNet, batches: list[dict], branches: str = "both",
+                  use_noise: bool = False, centering: OffsetCentering | None = None, max_samples: int = 64
+                  ) -> Reconstruction:
+    """Decode every sent batch (up to ``max_samples`` samples) with the trained decoder."""
+    ae, C = view.base.autoencoder, view.base.preset.latent_channels
+    refs, images, hints = [], [], []
+    for b in batches:
+        if len(refs) >= max_samples:
+            break
+        control = centering.center_real(b["control"], b["cid"]) if centering is not None else b["control"]
+        x = decoder_input(control, b["unet_features"], b["t"], view.scheduler, branches,
+                          b["noise"] if use_noise else None)
+        out = net(x)
+        images.append(ae.decode(out[:, :C]).clamp(-1, 1))
+        hints.append(signed_to_hint(ae.decode(out[:, C:])))
+        refs += [(b["ref"][0], b["ref"][1], j) for j in range(x.shape[0])]
+    n = min(max_samples, len(refs))
+    return Reconstruction(refs[:n], torch.cat(images)[:n], torch.cat(hints)[:n])
+
+
+def check_branches(value: str) -> None:
+    if value not in ("both", "control", "unet"):
+        raise ValueError(f"branches must be one of both, control, unet; got {value!r}")
+
+
+@register
+class InverseNetAttack(Attack):
+    """Train a decoder from sent features to images and hints on auxiliary data pushed through the known client model."""
+
+    name = "inverse-net"
+    needs = ("sent-features", "aux-data", "white-box-client")
+    schemes = ("vanilla", "nograd")
+    why_not = "FedAvg sends no per-step features"
+    targets = ("image", "hint")
+    params = {"steps": 300, "aux": 512, "width": 48, "depth": 5, "batch": 32, "lr": 0.003,
+              "branches": "both", "use-noise": False, "max-samples": 64}
+    threat_model = ("passive server that knows the client model (public frozen parts; vanilla: the relayed head), "
+                    "the public defenses and t, and has auxiliary data; does not use eps")
+
+    def validate(self) -> None:
+        check_branches(self.p["branches"])
+
+    def not_applicable(self, view: ServerView) -> str | None:
+        reason = super().not_applicable(view)
+        if reason is None and self.p["use-noise"] and "noise-target" not in view.available():
+            return "use-noise=true needs the noise target eps, which this run's clients do not send"
+        return reason
+
+    def run(self, view: ServerView) -> Reconstruction:
+        torch.manual_seed(ATTACK_SEED)
+        p = self.p
+        batches = view.batches()
+        info: dict = {"aux": p["aux"], "steps": p["steps"], "t_start": view.defenses.t_start(view.scheduler)}
+        heads = None
+        if view.scheme == "vanilla":
+            heads = attacked_heads(view, batches)
+            info["heads_used"] = len(heads)
+        aux = view.aux(p["aux"])
+        sim = ClientSimulator(view, aux, head=heads)
+        centering = OffsetCentering(sim, batches) if offset_used(view.defenses) else None
+        info["offset_centering"] = centering is not None
+        net, stats = train_inverse(sim, p["steps"], p["batch"], p["width"], p["depth"], p["lr"], p["branches"],
+                                   p["use-noise"], centering)
+        info.update(stats)
+        rec = apply_inverse(view, net, batches, p["branches"], p["use-noise"], centering, p["max-samples"])
+        rec.info = info
+        return rec
