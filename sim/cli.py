@@ -12,6 +12,7 @@ eval-base      generate images with the base model and measure prompt-colour acc
 defenses       list the defenses (hook points, schemes, parameters, accounting)
 attacks        list the attacks (threat model: what each needs, where it applies)
 attack         run attacks on a finished run's kept round trips and score them
+sweep          run a baselines/*.toml preset's variants and tabulate utility, cost and leakage
 cost           parameters, FLOPs, memory and bytes per scheme at SD1.5 scale, without the hardware
 """
 from __future__ import annotations
@@ -161,6 +162,19 @@ def _cmd_attack(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .sweep import load_sweep, run_sweep
+
+    name = load_sweep(a.preset).get("name", Path(a.preset).stem)
+    out = a.out or str(Path("results") / (name + ("-smoke" if a.smoke else "")))
+    rows = run_sweep(a.preset, out, smoke=a.smoke, only=a.only)
+    if a.json:
+        print(json.dumps(rows))
+    return 0
+
+
 def _cmd_cost(a: argparse.Namespace) -> int:
     from .cost import cost_table, markdown
 
@@ -220,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--scheme", action="append", help="only these schemes (repeatable; default: all of the run)")
     at.add_argument("--json", action="store_true")
     at.set_defaults(func=_cmd_attack)
+
+    sw = sub.add_parser("sweep", help="run a sweep preset (baselines/*.toml): one compare run per variant")
+    sw.add_argument("preset", help="a sweep TOML, e.g. baselines/defense-sweep.toml")
+    sw.add_argument("--out", default=None, help="output folder (default results/<name>[-smoke])")
+    sw.add_argument("--smoke", action="store_true", help="apply the preset's smoke overrides (CI-sized)")
+    sw.add_argument("--only", action="append", metavar="VARIANT", help="run only these variants (repeatable)")
+    sw.add_argument("--json", action="store_true")
+    sw.set_defaults(func=_cmd_sweep)
 
     co = sub.add_parser("cost", help="per-scheme parameters, FLOPs, memory and bytes at a preset's scale")
     co.add_argument("--preset", default="sd15", help="model preset (sd15, tiny)")
