@@ -27,6 +27,10 @@ probability is 1 - (1 - 1/n)^B <= B/n; inclusions are not independent). The guar
 record-level for one client's data, for everything its updates reveal (its ControlNet
 weights at the end of each round), by post-processing.
 
+Parameters: ``clip`` (C), ``noise-multiplier`` (sigma/C), ``delta`` (for the reported
+epsilon), ``sample-rate`` (q for the accountant; 0 = B/n, taken from the client's batch
+and data size at its first step; until then q = 1, i.e. no amplification).
+
 Hook: fl-client (``private_step``; strategies/fedavg.py calls it for each local step).
 Schemes: fedavg only.
 Threat model: honest-but-curious server (and anyone who sees the updates, e.g. gradient

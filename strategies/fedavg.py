@@ -12,6 +12,11 @@ SD1.5 scale: >1 B parameters, ~1.4 GB upload per round).
 
 Threat model: the server sees model updates only; gradient-inversion attacks (a later
 issue) work on those.
+
+Defenses: an ``fl-client`` defense (e.g. ``dp-sgd``) takes each local optimizer step
+itself, from per-sample losses (``Defense.private_step``); an ``fl-server`` defense
+(e.g. ``server-dp``) wraps the Flower strategy (``Defense.wrap_strategy``). Without them
+the code path is the plain one above.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp.strategy import FedAvg
 
 from sim.cuts import controlled_eps
+from sim.diffusion import high_noise_weights
 from sim.wire import config, decode, metric, state
 
 from .base import Channel, SchemeClient, SchemeResult, TrainSettings, diffusion_loss, progress, turn_schedule
@@ -70,8 +76,14 @@ class FedAvgClient(SchemeClient):
         self.controlnet.train()
         opt = torch.optim.AdamW(self.controlnet.parameters(), lr=self.settings.lr)
         losses = []
+        private = self.defenses.with_hook("fl-client")  # e.g. dp-sgd: it takes the optimizer step
+        if len(private) > 1:
+            raise ValueError(f"at most one fl-client defense, got {[d.name for d in private]}")
         for _ in range(request.local_steps):
             b = self.next_batch()
+            if private:
+                losses.append(self._private_step(private[0], b, opt))
+                continue
             eps_hat = controlled_eps("fedavg", self.base.unet, self.controlnet, self.base.autoencoder,
                                      b.x_t, b.t, b.context, b.hint)
             loss = diffusion_loss(eps_hat, b.noise, b.t, self.scheduler, self.settings)
@@ -80,6 +92,18 @@ class FedAvgClient(SchemeClient):
             opt.step()
             losses.append(loss.item())
         return FitRes(dict(self.controlnet.state_dict()), len(self.data), losses)
+
+    def _private_step(self, defense, b, opt) -> float:
+        """One local step taken by an fl-client defense, from per-sample losses (their mean is
+        the ordinary step's loss); its randomness comes from the client-private generator."""
+        def per_sample_loss() -> torch.Tensor:
+            eps_hat = controlled_eps("fedavg", self.base.unet, self.controlnet, self.base.autoencoder,
+                                     b.x_t, b.t, b.context, b.hint)
+            mse = ((eps_hat.float() - b.noise.float()) ** 2).flatten(1).mean(1)
+            return mse * high_noise_weights(self.scheduler, b.t, self.settings.high_noise_weight).to(mse)
+
+        return defense.private_step(self.controlnet, per_sample_loss, opt, self.defense_gen, records=b.idx,
+                                    dataset_size=len(self.data))
 
 
 def _mean_scalar_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -148,19 +172,27 @@ class FedAvgStrategy:
         self.settings = settings
 
     def start(self, channel: Channel) -> SchemeResult:
+        from defenses import DefenseStack
+
         t0 = time.perf_counter()
         n = channel.num_clients
         turns = turn_schedule(self.settings.steps, n, self.settings.local_steps)
         bar = progress(self.settings.steps, self.name)
         flower = _TurnFedAvg(turns, channel.grid.partition_of, bar, fraction_train=1.0, fraction_evaluate=0.0,
                              min_train_nodes=n, min_available_nodes=n, train_metrics_aggr_fn=_mean_scalar_metrics)
-        result = flower.start(grid=channel.grid, initial_arrays=ArrayRecord(torch_state_dict=self.controlnet.state_dict()),
-                              num_rounds=math.ceil(len(turns) / n), train_config=ConfigRecord())
+        strategy = flower  # fl-server defenses (e.g. server-dp) wrap Flower's strategy
+        for d in DefenseStack(self.settings.defenses, self.name).with_hook("fl-server"):
+            strategy = d.wrap_strategy(strategy, n)
+        result = strategy.start(grid=channel.grid,
+                                initial_arrays=ArrayRecord(torch_state_dict=self.controlnet.state_dict()),
+                                num_rounds=math.ceil(len(turns) / n), train_config=ConfigRecord())
         bar.close()
         final = copy.deepcopy(self.controlnet)
         final.load_state_dict(result.arrays.to_torch_state_dict())
         wall = time.perf_counter() - t0
         server_s = wall - sum(s.round_trip_s for s in channel.transcript.stats if s.scheme == self.name)
+        extra = {"rounds": math.ceil(len(turns) / n)}
+        if getattr(strategy, "noise_std", None):  # server-dp: the noise std it added per round
+            extra["server_dp_noise_std"] = list(strategy.noise_std)
         return SchemeResult(self.name, final.eval(), flower.losses, len(flower.losses), wall, server_s,
-                            channel.transcript, server_trainable_params=0,
-                            extra={"rounds": math.ceil(len(turns) / n)})
+                            channel.transcript, server_trainable_params=0, extra=extra)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_base, perturb_zero_convs
+from conftest import perturb_zero_convs
 from defenses import DefenseStack, HookContext, accounting, make_defense
 from defenses.dp_sgd import clipped_gradient_sum, gdp_clt_epsilon, rdp_epsilon
 from defenses.local_dp import clip_per_sample
@@ -21,12 +21,12 @@ NEW = ("noise", "local-dp", "patch-shuffle", "mixup", "nopeek", "dp-sgd", "serve
 
 
 @pytest.fixture(scope="module")
-def models():
+def models(tiny_base):
+    """The session's tiny base model and a ControlNet whose zero convs are perturbed (real residuals)."""
     from sim.models import build_controlnet
 
-    base = make_base("tiny", seed=3)
     torch.manual_seed(0)
-    return base, perturb_zero_convs(build_controlnet(base.unet, base.preset))
+    return tiny_base, perturb_zero_convs(build_controlnet(tiny_base.unet, tiny_base.preset))
 
 
 def _ctx(seed: int = 0) -> HookContext:
