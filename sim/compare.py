@@ -260,7 +260,8 @@ def run_compare(cfg: ExperimentConfig, out: str | Path, grid=None, node_ids=None
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(cfg.to_toml())
     t_start = time.time()
-    jobs = [(cfg, None, 0, out)] + [(cfg, s, (i + 1) % cfg.jobs, out) for i, s in enumerate(cfg.schemes)]
+    jobs = [(cfg, None, 0, out)] if cfg.baseline else []
+    jobs += [(cfg, s, (i + 1) % cfg.jobs, out) for i, s in enumerate(cfg.schemes)]
     if grid is not None:
         results = [run_job(c, s, 0, o, grid, node_ids) for c, s, _, o in jobs]
     elif cfg.jobs == 1:
@@ -270,16 +271,17 @@ def run_compare(cfg: ExperimentConfig, out: str | Path, grid=None, node_ids=None
         with ctx.Pool(min(cfg.jobs, len(jobs))) as pool:
             results = pool.map(_run_job_star, jobs, chunksize=1)
 
+    trained = results[1:] if cfg.baseline else results
     _, eval_set = client_datasets(cfg, get_preset(cfg.model).image_size)  # cached on disk: cheap
     conds, targets = conditions_uint8(eval_set["condition"]), to_uint8(eval_set["target"])
     with (out / "losses.jsonl").open("w") as f:
-        for r in results[1:]:
+        for r in trained:
             f.write(json.dumps({"scheme": r["row"]["scheme"], "losses": r["losses"]}) + "\n")
     with (out / "rounds.jsonl").open("w") as f:
-        for r in results[1:]:
+        for r in trained:
             f.writelines(json.dumps(row) + "\n" for row in r["rounds"])
     with (out / "transcript.jsonl").open("w") as f:
-        for r in results[1:]:
+        for r in trained:
             f.writelines(json.dumps(row) + "\n" for row in r["transcript"])
     np.savez_compressed(out / "samples.npz", condition=conds[:16], target=targets[:16],
                         **{r["row"]["scheme"].split()[0]: r["images"][:16] for r in results})

@@ -45,6 +45,7 @@ class ExperimentConfig:
     seed: int = 0
     threads: int = 1                         # torch threads per job (results are deterministic per value)
     jobs: int = 4                            # worker processes: the schemes and the no-control baseline in parallel
+    baseline: bool = True                    # also sample the base model without control (the reference row)
     defenses: tuple[str, ...] = ()           # defense specs or bundles, e.g. ["pp-protected"], ["noise:std=0.5"]
     keep_messages: int = 0                   # round trips per scheme whose payloads are saved (seen_<scheme>.pt) for attacks
     attacks: tuple[str, ...] = ()            # attacks run on the saved round trips after training (keep-messages >= 4 then)
