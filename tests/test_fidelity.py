@@ -14,12 +14,22 @@ from sim.feature_net import (DEFAULT_DIR, FEATURE_DIM, WEIGHTS_FILE, FeatureNet,
 N = 64
 # The committed net's held-out accuracies are in sim/assets/feature-net/MODEL_CARD.md (2,000
 # circles); the thresholds leave room for the sampling noise of 300 fresh ones.
-MIN_ACC = {"fg_acc": 0.97, "bg_acc": 0.97, "cx_acc": 0.9, "cy_acc": 0.9, "r_acc": 0.85, "deg_acc": 0.8}
+MIN_ACC = {"fg_acc": 0.98, "bg_acc": 0.98, "cx_acc": 0.93, "cy_acc": 0.93, "r_acc": 0.9, "deg_acc": 0.95,
+           "deg_acc_clean": 0.95, "fg_acc_degraded": 0.95, "bg_acc_degraded": 0.95}
 
 
 def blur(images: np.ndarray, sigma: float) -> np.ndarray:
     return np.stack([ndimage.gaussian_filter(x.astype(np.float64), (sigma, sigma, 0)) for x in images]
                     ).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: these small forwards run slower on two busy cores than on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +131,7 @@ def test_kid_project_near_zero_for_same_distribution(circles, net):
     same_mean, same_std = fidelity.kid_project(a, b, net)
     blur_mean, _ = fidelity.kid_project(a, blur(b, 1.0), net)
     assert same_std >= 0
-    assert blur_mean > 0.05 and abs(same_mean) < blur_mean / 4, (same_mean, blur_mean)
+    assert abs(same_mean) < 0.5 and blur_mean > 1.0, (same_mean, blur_mean)
 
 
 def test_kid_unbiased_estimator_centres_on_zero():
@@ -192,6 +202,7 @@ class _FakeDetector(torch.nn.Module):
         return x.float().mean(dim=(2, 3))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch 2.13 deprecates TorchScript
 def test_standard_fid_with_a_local_torchscript_file(tmp_path):
     path = tmp_path / "detector.pt"
     torch.jit.script(_FakeDetector()).save(str(path))
