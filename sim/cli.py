@@ -83,11 +83,12 @@ def _cmd_plot(a: argparse.Namespace) -> int:
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from .compare import print_table, reevaluate
 
-    rows = reevaluate(a.run_dir, a.set or [])
+    rows = reevaluate(a.run_dir, a.set or [], update=a.update)
     if a.json:
         print(json.dumps(rows))
     else:
-        print_table(rows, ["scheme", "outline_iou", "fg_colour_acc", "bg_colour_acc", "colour_acc"])
+        print_table(rows, ["scheme", "outline_iou", "edge_ssim", "fg_colour_acc", "bg_colour_acc", "colour_acc",
+                           "fid_project"])
     return 0
 
 
@@ -207,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override an evaluation key: guidance, uncond-control, ddim-steps, eval-samples, seed")
     ev.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ev.add_argument("--update", action="store_true", help="write the new metrics into the run's summary.json")
     ev.set_defaults(func=_cmd_evaluate)
 
     b = sub.add_parser("bench", help="Flower apps on the in-process grid vs a bare PyTorch loop, per scheme")

@@ -313,11 +313,13 @@ def run_compare(cfg: ExperimentConfig, out: str | Path, grid=None, node_ids=None
 EVAL_KEYS = ("guidance", "uncond-control", "ddim-steps", "eval-samples", "seed")
 
 
-def reevaluate(run_dir: str | Path, overrides: list[str] = ()) -> list[dict]:
+def reevaluate(run_dir: str | Path, overrides: list[str] = (), update: bool = False) -> list[dict]:
     """Sample and score a finished run's saved ControlNets again, e.g. at another guidance.
 
     ``overrides`` may change only the evaluation keys (:data:`EVAL_KEYS`); the run's
-    ``config.toml`` gives the rest. Returns a row per scheme plus the base without control.
+    ``config.toml`` gives the rest. Returns a row per scheme plus the base without control
+    (if the run sampled it). ``update`` writes the new metrics into the run's summary.json
+    rows (e.g. after the evaluation code changed), recording the overrides used.
     """
     from diffusers import ControlNetModel
 
@@ -332,9 +334,11 @@ def reevaluate(run_dir: str | Path, overrides: list[str] = ()) -> list[dict]:
             raise ValueError(f"evaluate can only change the evaluation keys {list(EVAL_KEYS)}, not {key!r}")
     cfg = load_config(str(run / "config.toml"), overrides)
     base, eval_set, _, _ = _setup(cfg)
-    metrics, _ = evaluate(base, eval_set, None, None, cfg.ddim_steps, cfg.guidance, cfg.seed,
-                          "sampling base (no control)")
-    rows = [{"scheme": "base (no control)", **metrics}]
+    rows = []
+    if cfg.baseline:
+        metrics, _ = evaluate(base, eval_set, None, None, cfg.ddim_steps, cfg.guidance, cfg.seed,
+                              "sampling base (no control)")
+        rows.append({"scheme": "base (no control)", **metrics})
     for scheme in cfg.schemes:
         path = run / f"controlnet_{scheme}"
         if not path.exists():
@@ -343,4 +347,11 @@ def reevaluate(run_dir: str | Path, overrides: list[str] = ()) -> list[dict]:
         metrics, _ = evaluate(base, eval_set, scheme, controlnet, cfg.ddim_steps, cfg.guidance, cfg.seed,
                               f"sampling {scheme}", uncond_control=cfg.uncond_control, defenses=cfg.defenses)
         rows.append({"scheme": scheme, **metrics})
+    if update and (run / "summary.json").exists():
+        summary = json.loads((run / "summary.json").read_text())
+        new = {r["scheme"]: r for r in rows}
+        for r in summary["rows"]:
+            r.update(new.get(r["scheme"], {}))
+        summary["reevaluated"] = list(overrides) or True
+        (run / "summary.json").write_text(json.dumps(summary, indent=2))
     return rows
