@@ -166,3 +166,56 @@ def _human_bytes(v: float) -> str:
             return f"{v:.3g} {unit}"
         v /= 1000
     return f"{v:.3g} TB"
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points not dominated when lower x (leakage) and higher y (utility) are better."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i):
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def plot_privacy_utility(sweep_json: str | Path, out: str | Path | None = None,
+                         utility: str = "outline_iou") -> Path:
+    """Privacy (best attack SSIM over the attacks that ran, lower is better) against utility, one
+    point per (variant, scheme) of a sweep, with the Pareto front; from sweep.json alone."""
+    import json
+
+    plt = _plt()
+    path = Path(sweep_json)
+    rows = json.loads(path.read_text())
+    pts, labels, schemes = [], [], []
+    for r in rows:
+        ssims = [v for k, v in r.items() if k.startswith("attack:") and isinstance(v, (int, float))
+                 and "prompt" not in k]
+        if not ssims or r.get(utility) is None:
+            continue
+        pts.append((max(ssims), r[utility]))
+        labels.append(r["variant"])
+        schemes.append(r["scheme"])
+    fig, ax = plt.subplots(figsize=(7, 5))
+    colours = {"nograd": "tab:green", "vanilla": "tab:orange", "fedavg": "tab:blue"}
+    for (x, y), lab, sc in zip(pts, labels, schemes):
+        ax.scatter(x, y, color=colours.get(sc, "grey"), s=40, zorder=3)
+        ax.annotate(lab, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    front = pareto_front(pts)
+    if front:
+        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto front", zorder=2)
+    base = next((r.get("base_outline_iou") for r in rows if r.get("base_outline_iou") is not None), None)
+    if base is not None and utility == "outline_iou":
+        ax.axhline(base, color="grey", lw=0.8, ls=":", label=f"base model, no control ({base:.2f})")
+    for sc, c in colours.items():
+        if sc in schemes:
+            ax.scatter([], [], color=c, label=sc)
+    ax.set_xlabel("leakage: best attack SSIM on private images/hints (lower is better)")
+    ax.set_ylabel(f"utility: {utility} (higher is better)")
+    ax.set_title("Privacy vs utility per defense")
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out) if out else path.parent / f"privacy_{utility}.png"
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from .config import load_config
 
-ROW_KEYS = ("outline_iou", "colour_acc", "final_loss", "bytes_up_per_step", "bytes_down_per_step", "wall_s")
+ROW_KEYS = ("outline_iou", "edge_ssim", "colour_acc", "fid_project", "final_loss", "bytes_up_per_step",
+            "bytes_down_per_step", "wall_s")
 
 
 def load_sweep(path: str | Path) -> dict:
@@ -73,6 +74,11 @@ def run_sweep(preset: str | Path, out: str | Path, smoke: bool = False, only: li
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
     (out / "sweep.md").write_text(markdown(rows) + "\n")
     print(markdown(rows))
+    if any(k.startswith("attack:") for r in rows for k in r):
+        from .plots import plot_privacy_utility
+
+        for utility in ("outline_iou", "colour_acc"):
+            print("figure:", plot_privacy_utility(out / "sweep.json", utility=utility))
     return rows
 
 
@@ -104,5 +110,6 @@ def markdown(rows: list[dict]) -> str:
     from .compare import markdown_table
 
     attack_cols = sorted({k for r in rows for k in r if k.startswith("attack:")})
-    cols = ["variant", "scheme", "outline_iou", "colour_acc", "final_loss", "bytes_up_per_step"] + attack_cols
+    cols = ["variant", "scheme", "outline_iou", "edge_ssim", "colour_acc", "fid_project", "final_loss",
+            "bytes_up_per_step"] + attack_cols
     return markdown_table(rows, cols)

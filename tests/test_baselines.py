@@ -35,3 +35,14 @@ def test_sweep_preset_smoke_runs(preset, tmp_path):
         for a in spec.get("attacks", []):
             assert f"attack:{a}" in r
     assert (tmp_path / "sweep.md").read_text().startswith("| variant")
+
+
+def test_pareto_front_keeps_only_undominated_points(tmp_path):
+    from sim.plots import pareto_front, plot_privacy_utility
+
+    pts = [(0.9, 0.7), (0.3, 0.6), (0.5, 0.5), (0.1, 0.2), (0.3, 0.65)]
+    assert pareto_front(pts) == [3, 4, 0]  # (0.5, 0.5) and (0.3, 0.6) are dominated
+    rows = [{"variant": f"v{i}", "scheme": "nograd", "outline_iou": y, "attack:noise-target": x}
+            for i, (x, y) in enumerate(pts)]
+    (tmp_path / "sweep.json").write_text(json.dumps(rows))
+    assert plot_privacy_utility(tmp_path / "sweep.json").stat().st_size > 10_000
