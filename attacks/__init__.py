@@ -50,8 +50,9 @@ def attack_view(view: ServerView, spec: str, out: Path | None = None) -> dict:
         return {**row, "status": "N/A", "reason": reason}
     t0 = time.perf_counter()
     rec = attack.run(view)
+    messages = rec.info.pop("messages", view.messages)  # an active attack (fsha) brings its own session's
     row.update(status="ok", wall_s=round(time.perf_counter() - t0, 2), **rec.info)
-    truth = private_samples(view.cfg, view.scheme, view.messages, rec.refs)
+    truth = private_samples(view.cfg, view.scheme, messages, rec.refs)
     grid = {}
     if rec.images is not None:
         row["image"] = image_scores(rec.images, truth["target"], signed=True)
@@ -60,7 +61,8 @@ def attack_view(view: ServerView, spec: str, out: Path | None = None) -> dict:
         row["hint"] = image_scores(rec.hints, truth["hint"], signed=False)
         grid.update({"private hint": truth["hint"] * 2 - 1, "reconstructed hint": rec.hints * 2 - 1})
     if rec.prompts is not None:
-        row["prompt"] = prompt_scores(rec.prompts, truth["prompt"], rec.info.get("candidates", []))
+        # against the prompt the sample was trained with (after prompt dropout: "" carries no text)
+        row["prompt"] = prompt_scores(rec.prompts, truth["prompt_used"], rec.info.get("candidates", []))
         row.pop("candidates", None)
     if out is not None and grid:
         from sim.diffusion import to_uint8
