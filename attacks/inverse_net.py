@@ -3,7 +3,8 @@
 Threat model: a passive, honest-but-curious server that knows the client's model
 (white-box: under nograd the client holds only public frozen parts, E and
 ``unet.conv_in``; under vanilla the trainable head's weights are relayed through the
-server at every turn start, so it knows the head each turn began with), the public
+server at every turn start, so it knows the head each turn began with, and the one it
+ended with where that reply is kept), the public
 defense stack of the run (Kerckhoffs) and has public auxiliary data. It does NOT use the
 noise target eps (``use-noise=false``, the default: that is the noise-target attack's
 job; ``use-noise=true`` is an ablation that feeds eps to the decoder as well).
@@ -12,8 +13,9 @@ job; ``use-noise=true`` is an ablation that feeds eps to the decoder as well).
    fresh noise, x_t, then :func:`defenses.split_client_features` with the public stack
    (its private randomness drawn from the attacker's own generator; a per-client fixed
    offset, if the stack has one, from "shadow" client ids the real clients never use).
-   Under vanilla every simulated batch goes through one of the heads relayed in the
-   transcript (those of the attacked batches' turns).
+   Under vanilla every simulated batch goes through one of the attacked batches' heads as
+   the server knows them from the transcript (:func:`head_for`: the head relayed at the
+   turn's start, interpolated toward the turn's returned head where that is kept too).
 2. Train a small CNN decoder from the sent features -- the control branch, the UNet
    branch and the public t (as sqrt(abar_t), sqrt(1 - abar_t) planes) -- to the target's
    latent z0 and the hint's latent E(hint); MSE. With the identity autoencoder of the
@@ -33,7 +35,6 @@ scale under nograd (h = E(hint) + x_t) but only through the head's zero-initiali
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -58,27 +59,44 @@ def vanilla_heads(view: ServerView) -> dict[int, dict]:
     return {i: m["down"]["head"] for i, m in enumerate(view.messages) if m["down"].get("head") is not None}
 
 
-def head_for(view: ServerView, msg: int, heads: dict[int, dict] | None = None):
-    """The vanilla client's head as the server knows it for message ``msg``: the one relayed at the start
-    of that turn (exact for the turn's first batch; later batches of the turn ran a few client AdamW steps
-    further, which the server cannot replay without the private inputs)."""
+def returned_heads(view: ServerView) -> dict[int, dict]:
+    """The head states clients returned at the end of their turns, by message index."""
+    return {i: m["up"]["head"] for i, m in enumerate(view.messages) if m["up"].get("head") is not None}
+
+
+def head_for(view: ServerView, msg: int, relayed: dict[int, dict] | None = None,
+             returned: dict[int, dict] | None = None):
+    """The vanilla client's head as the server best knows it for the batch sent in message ``msg``.
+
+    The head relayed at the start of that turn (message s) is exact for the turn's first batch;
+    the batch of message i ran i - s client AdamW steps further. Where the same turn's returned
+    head (message e, after e - s steps) is in the transcript too, the weights are interpolated
+    linearly, (i - s) / (e - s) of the way; the server cannot replay the steps themselves (they
+    need the private inputs). Without a kept relay: the final head (also relayed by the server).
+    """
     from strategies.vanilla import ControlHead
 
-    heads = vanilla_heads(view) if heads is None else heads
-    prior = [i for i in heads if i <= msg]
+    relayed = vanilla_heads(view) if relayed is None else relayed
+    returned = returned_heads(view) if returned is None else returned
+    starts = [i for i in relayed if i <= msg]
     head = ControlHead(view.controlnet_init)
-    if prior:
-        head.load_state_dict(heads[max(prior)])
-    elif view.controlnet_final is not None:  # no relay kept: the final head, which the server also relayed
+    if starts:
+        s = max(starts)
+        nxt = min([i for i in relayed if i > s], default=len(view.messages))
+        ends = [j for j in returned if msg <= j < nxt]
+        state = relayed[s]
+        if ends and (w := (msg - s) / (min(ends) - s)) > 0:
+            state = {k: (1 - w) * v + w * returned[min(ends)][k] for k, v in state.items()}
+        head.load_state_dict(state)
+    elif view.controlnet_final is not None:
         head = ControlHead(view.controlnet_final)
     return head.eval().requires_grad_(False)
 
 
 def attacked_heads(view: ServerView, batches: list[dict]) -> list:
-    """One head per distinct relay among the turns of the attacked batches (vanilla)."""
-    relayed = vanilla_heads(view)
-    keys = sorted({max([j for j in relayed if j <= b["ref"][0]], default=-1) for b in batches})
-    return [head_for(view, k, relayed if k >= 0 else {}) for k in keys]
+    """The heads of the attacked batches (one per distinct message; see :func:`head_for`)."""
+    relayed, returned = vanilla_heads(view), returned_heads(view)
+    return [head_for(view, i, relayed, returned) for i in sorted({b["ref"][0] for b in batches})]
 
 
 def t_planes(t: torch.Tensor, scheduler, like: torch.Tensor) -> torch.Tensor:
@@ -143,7 +161,7 @@ class ClientSimulator:
 
 # ----------------------------------------------------------------------------- the decoder
 class _Res(nn.Module):
-    def __init__(self, width: int, dilation: int):
+    def __init__(self, width: int, dilation: int = 1):
         super().__init__()
         groups = math.gcd(8, width)
         self.n1, self.c1 = nn.GroupNorm(groups, width), nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation)
@@ -154,27 +172,42 @@ class _Res(nn.Module):
 
 
 class InverseNet(nn.Module):
-    """Fully convolutional decoder: sent features (+ t planes) -> (z0, E(hint)) latents.
+    """A small U-Net decoder: sent features (+ t planes) -> (z0, E(hint)) latents.
 
-    Dilated residual blocks (dilations 1, 2, 4, 8, 1, ...) give a receptive field of the
-    whole 32x32 tiny image at a few thousand parameters per block; inputs are standardised
-    per channel with statistics of the simulated features.
+    Full resolution stays narrow (``width`` channels, a 1x1 entry conv: the sent branches are
+    local, nearly linear functions of x_t and the hint), two stride-2 levels at 2x ``width``
+    with dilated residual blocks give the whole-image context the aux prior needs at high t. A
+    linear 3x3 shortcut from input to output carries the part a local linear map inverts
+    exactly (x_t from conv_in(x_t), which has 32 channels per 3; E(hint) = h - x_t under nograd).
+    Inputs are standardised per channel with statistics of the simulated features.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, width: int = 48, depth: int = 5):
+    def __init__(self, in_ch: int, out_ch: int, width: int = 24, depth: int = 2):
         super().__init__()
+        w, w2 = width, 2 * width
         self.register_buffer("mean", torch.zeros(1, in_ch, 1, 1))
         self.register_buffer("std", torch.ones(1, in_ch, 1, 1))
-        self.inp = nn.Conv2d(in_ch, width, 3, padding=1)
-        self.blocks = nn.Sequential(*[_Res(width, (1, 2, 4, 8)[i % 4]) for i in range(depth)])
-        self.out = nn.Sequential(nn.GELU(), nn.Conv2d(width, out_ch, 3, padding=1))
+        self.inp = nn.Sequential(nn.Conv2d(in_ch, w, 1), nn.GELU(), nn.Conv2d(w, w, 3, padding=1))
+        self.down1 = nn.Sequential(nn.GELU(), nn.Conv2d(w, w2, 3, stride=2, padding=1), _Res(w2))
+        self.down2 = nn.Sequential(nn.Conv2d(w2, w2, 3, stride=2, padding=1),
+                                   *[_Res(w2, (1, 2)[i % 2]) for i in range(depth)])
+        self.up2 = nn.Sequential(nn.Conv2d(2 * w2, w2, 1), _Res(w2))
+        self.up1 = nn.Sequential(nn.Conv2d(w2 + w, w, 1), nn.GELU(), nn.Conv2d(w, w, 3, padding=1), nn.GELU())
+        self.out = nn.Conv2d(w, out_ch, 3, padding=1)
+        self.linear = nn.Conv2d(in_ch, out_ch, 3, padding=1)  # the exact part (x_t, h - x_t) is local and linear
 
     def fit_normaliser(self, x: torch.Tensor) -> None:
         self.mean.copy_(x.mean(dim=(0, 2, 3), keepdim=True))
         self.std.copy_(x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6))
 
     def forward(self, x):
-        return self.out(self.blocks(self.inp((x - self.mean) / self.std)))
+        x0 = (x - self.mean) / self.std
+        h0 = self.inp(x0)
+        h1 = self.down1(h0)
+        h2 = self.down2(h1)
+        u1 = self.up2(torch.cat([h1, F.interpolate(h2, size=h1.shape[-2:], mode="nearest")], dim=1))
+        u0 = self.up1(torch.cat([h0, F.interpolate(u1, size=h0.shape[-2:], mode="nearest")], dim=1))
+        return self.out(u0) + self.linear(x0)
 
 
 def decoder_input(control: torch.Tensor, unet_f: torch.Tensor, t: torch.Tensor, scheduler,
@@ -221,7 +254,7 @@ class OffsetCentering:
 
 def train_inverse(sim: ClientSimulator, steps: int, batch: int, width: int, depth: int, lr: float,
                   branches: str = "both", use_noise: bool = False, centering: OffsetCentering | None = None,
-                  seed: int = ATTACK_SEED) -> tuple[InverseNet, dict]:
+                  seed: int = ATTACK_SEED, loss: str = "mse") -> tuple[InverseNet, dict]:
     """Train the decoder on simulated client features; returns it and a few training statistics."""
     scheduler = sim.scheduler
     gen = torch.Generator().manual_seed(seed + 2)
@@ -243,12 +276,12 @@ def train_inverse(sim: ClientSimulator, steps: int, batch: int, width: int, dept
     net.train()
     for _ in range(steps):
         x, y = sample(batch)
-        loss = F.mse_loss(net(x), y)
+        err = F.mse_loss(net(x), y) if loss == "mse" else F.l1_loss(net(x), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        err.backward()
         opt.step()
         sched.step()
-        losses.append(loss.item())
+        losses.append(err.item())
     net.eval()
     tail = losses[-max(1, len(losses) // 10):]
     return net, {"train_loss_first": round(losses[0], 4) if losses else None,
@@ -283,20 +316,22 @@ def check_branches(value: str) -> None:
 
 @register
 class InverseNetAttack(Attack):
-    """Train a decoder from sent features to images and hints on auxiliary data pushed through the known client model."""
+    """Train a decoder from sent features to images and hints on aux data pushed through the known client model."""
 
     name = "inverse-net"
     needs = ("sent-features", "aux-data", "white-box-client")
     schemes = ("vanilla", "nograd")
     why_not = "FedAvg sends no per-step features"
     targets = ("image", "hint")
-    params = {"steps": 300, "aux": 512, "width": 48, "depth": 5, "batch": 32, "lr": 0.003,
-              "branches": "both", "use-noise": False, "max-samples": 64}
+    params = {"steps": 300, "aux": 512, "width": 24, "depth": 2, "batch": 16, "lr": 0.003,
+              "branches": "both", "loss": "mse", "use-noise": False, "max-samples": 64}
     threat_model = ("passive server that knows the client model (public frozen parts; vanilla: the relayed head), "
                     "the public defenses and t, and has auxiliary data; does not use eps")
 
     def validate(self) -> None:
         check_branches(self.p["branches"])
+        if self.p["loss"] not in ("mse", "l1"):
+            raise ValueError(f"{self.name}: loss must be mse or l1, got {self.p['loss']!r}")
 
     def not_applicable(self, view: ServerView) -> str | None:
         reason = super().not_applicable(view)
@@ -313,12 +348,13 @@ class InverseNetAttack(Attack):
         if view.scheme == "vanilla":
             heads = attacked_heads(view, batches)
             info["heads_used"] = len(heads)
+            info["turn_end_heads_kept"] = len(returned_heads(view))
         aux = view.aux(p["aux"])
         sim = ClientSimulator(view, aux, head=heads)
         centering = OffsetCentering(sim, batches) if offset_used(view.defenses) else None
         info["offset_centering"] = centering is not None
         net, stats = train_inverse(sim, p["steps"], p["batch"], p["width"], p["depth"], p["lr"], p["branches"],
-                                   p["use-noise"], centering)
+                                   p["use-noise"], centering, loss=p["loss"])
         info.update(stats)
         rec = apply_inverse(view, net, batches, p["branches"], p["use-noise"], centering, p["max-samples"])
         rec.info = info
