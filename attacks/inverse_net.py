@@ -17,7 +17,8 @@ job; ``use-noise=true`` is an ablation that feeds eps to the decoder as well).
    the server knows them from the transcript (:func:`head_for`: the head relayed at the
    turn's start, interpolated toward the turn's returned head where that is kept too).
 2. Train a small CNN decoder from the sent features -- the control branch, the UNet
-   branch and the public t (as sqrt(abar_t), sqrt(1 - abar_t) planes) -- to the target's
+   branch (also as x_t, through an exact local inverse of the public conv_in) and the
+   public t (as sqrt(abar_t), sqrt(1 - abar_t) planes) -- to the target's
    latent z0 and the hint's latent E(hint); MSE. With the identity autoencoder of the
    tiny preset the latents are the images; at SD scale the public decoder maps them back.
 3. Apply it to every sent batch; decode.
@@ -97,6 +98,30 @@ def attacked_heads(view: ServerView, batches: list[dict]) -> list:
     """The heads of the attacked batches (one per distinct message; see :func:`head_for`)."""
     relayed, returned = vanilla_heads(view), returned_heads(view)
     return [head_for(view, i, relayed, returned) for i in sorted({b["ref"][0] for b in batches})]
+
+
+def local_inverse(conv: nn.Conv2d, size: int, seed: int = 0) -> nn.Conv2d:
+    """A small conv that inverts the public ``unet.conv_in`` exactly: least squares on random inputs.
+
+    conv_in maps C latent channels to many more, so a 5x5 left inverse exists (checked in the tests:
+    error ~1e-6, borders included); 3x3 where 5x5 would need too many unknowns (SD: 320 channels).
+    The decoder gets x_t for free instead of having to learn this inversion.
+    """
+    cin, cout = conv.in_channels, conv.out_channels
+    k = 5 if cout * 25 <= 2048 else 3
+    cols = cout * k * k
+    n = (4 * cols) // (size * size) + 1
+    x = torch.randn(n, cin, size, size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        y = conv(x)
+    A = F.unfold(y, k, padding=k // 2).permute(0, 2, 1).reshape(-1, cols)
+    A = torch.cat([A, torch.ones(A.shape[0], 1)], dim=1).double()
+    sol = torch.linalg.lstsq(A, x.permute(0, 2, 3, 1).reshape(-1, cin).double()).solution.float()
+    inv = nn.Conv2d(cout, cin, k, padding=k // 2)
+    with torch.no_grad():
+        inv.weight.copy_(sol[:-1].T.reshape(cin, cout, k, k))
+        inv.bias.copy_(sol[-1])
+    return inv.eval().requires_grad_(False)
 
 
 def t_planes(t: torch.Tensor, scheduler, like: torch.Tensor) -> torch.Tensor:
@@ -211,13 +236,18 @@ class InverseNet(nn.Module):
 
 
 def decoder_input(control: torch.Tensor, unet_f: torch.Tensor, t: torch.Tensor, scheduler,
-                  branches: str = "both", noise: torch.Tensor | None = None) -> torch.Tensor:
-    """What the decoder reads: the chosen sent branches, t planes and (ablation only) the noise target."""
+                  branches: str = "both", noise: torch.Tensor | None = None, inverse: nn.Module | None = None
+                  ) -> torch.Tensor:
+    """What the decoder reads: the chosen sent branches (the UNet branch also as x_t through the public
+    conv's ``inverse``), t planes and (ablation only) the noise target."""
     parts = []
     if branches in ("both", "control"):
         parts.append(control.float())
     if branches in ("both", "unet"):
         parts.append(unet_f.float())
+        if inverse is not None:
+            with torch.no_grad():
+                parts.append(inverse(unet_f.float()))
     parts.append(t_planes(t, scheduler, unet_f))
     if noise is not None:
         parts.append(noise.float())
@@ -257,6 +287,7 @@ def train_inverse(sim: ClientSimulator, steps: int, batch: int, width: int, dept
                   seed: int = ATTACK_SEED, loss: str = "mse") -> tuple[InverseNet, dict]:
     """Train the decoder on simulated client features; returns it and a few training statistics."""
     scheduler = sim.scheduler
+    inverse = local_inverse(sim.view.base.unet.conv_in, sim.view.base.preset.latent_size)
     gen = torch.Generator().manual_seed(seed + 2)
     torch.manual_seed(seed + 3)
 
@@ -264,11 +295,13 @@ def train_inverse(sim: ClientSimulator, steps: int, batch: int, width: int, dept
         cids = centering.draw_cids(n, gen) if centering is not None else None
         d = sim.draw(n, cid=cids)
         control = centering.center_sim(d["control"], d["cid"]) if centering is not None else d["control"]
-        x = decoder_input(control, d["unet"], d["t"], scheduler, branches, d["noise"] if use_noise else None)
+        x = decoder_input(control, d["unet"], d["t"], scheduler, branches, d["noise"] if use_noise else None,
+                          inverse)
         return x, torch.cat([d["z0"], d["e_hint"]], dim=1)
 
     x0, y0 = sample(max(batch, 128))
     net = InverseNet(x0.shape[1], y0.shape[1], width, depth)
+    net.__dict__["inverse"] = inverse  # fixed and public: kept out of the trained submodules
     net.fit_normaliser(x0)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.1)
@@ -300,7 +333,7 @@ def apply_inverse(view: ServerView, net: InverseNet, batches: list[dict], branch
             break
         control = centering.center_real(b["control"], b["cid"]) if centering is not None else b["control"]
         x = decoder_input(control, b["unet_features"], b["t"], view.scheduler, branches,
-                          b["noise"] if use_noise else None)
+                          b["noise"] if use_noise else None, getattr(net, "inverse", None))
         out = net(x)
         images.append(ae.decode(out[:, :C]).clamp(-1, 1))
         hints.append(signed_to_hint(ae.decode(out[:, C:])))

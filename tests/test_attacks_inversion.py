@@ -4,7 +4,7 @@ Fast tests check declarations, N/A reasons and that the attacks' differentiable 
 client pipeline is the client's own. Slow tests train a tiny run (vanilla + nograd, kept
 round trips) in a fixture and check every attack returns finite reconstructions of the right
 shape for every kept sample, and that on undefended nograd the attacks beat a blind guess
-(the mean auxiliary image / hint) by stated margins.
+(the mean or median auxiliary image / hint) by stated margins.
 """
 from __future__ import annotations
 
@@ -103,6 +103,16 @@ def test_vanilla_head_as_the_server_knows_it(tiny_base):
     assert len(attacked_heads(view, [{"ref": (0, 0)}, {"ref": (1, 0)}, {"ref": (1, 0)}])) == 2
 
 
+def test_local_inverse_of_the_public_conv(tiny_base):
+    from attacks.inverse_net import local_inverse
+
+    conv = tiny_base.unet.conv_in
+    inv = local_inverse(conv, 32)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert (inv(conv(x)) - x).abs().max() < 1e-3  # borders included
+
+
 def test_inverse_net_shapes():
     from attacks.inverse_net import InverseNet
 
@@ -180,20 +190,25 @@ def nograd_truth(views):
     truth = private_samples(view.cfg, "nograd", view.messages, _kept(view))
     aux = view.aux(256)
     n = len(truth["target"])
-    blind = {"image": _ssim(aux["target"].mean(0, keepdim=True).expand(n, -1, -1, -1), truth["target"], True),
-             "hint": _ssim(aux["condition"].mean(0, keepdim=True).expand(n, -1, -1, -1), truth["hint"], False)}
+
+    def blind(key, private, signed):  # the better of the mean and the per-pixel median aux image
+        guesses = (aux[key].mean(0, keepdim=True), aux[key].median(0, keepdim=True).values)
+        return max(_ssim(g.expand(n, -1, -1, -1), private, signed) for g in guesses)
+
+    blind = {"image": blind("target", truth["target"], True), "hint": blind("condition", truth["hint"], False)}
     t = torch.cat([b["t"] for b in view.batches()])
     return truth, blind, t
 
 
 @pytest.mark.slow
 def test_inverse_net_beats_a_blind_guess_on_undefended_nograd(views, nograd_truth):
-    """Blind guess: the mean auxiliary image / hint (SSIM 0.24 / 0.10 here). Margins: hint +0.3, image +0.1
-    (it reaches about 0.58 / 0.44)."""
+    """Blind guess: the better of the mean and the per-pixel median auxiliary image / hint (SSIM 0.24 / 0.54 here:
+    an all-black hint already scores 0.54, SSIM being lenient on flat windows). Margins: +0.1 on both (it reaches
+    about 0.42 / 0.68 with these short settings)."""
     truth, blind, _ = nograd_truth
     rec = make_attack(FAST["inverse-net"]).run(views["nograd"])
     img, hint = _ssim(rec.images, truth["target"], True), _ssim(rec.hints, truth["hint"], False)
-    assert hint >= blind["hint"] + 0.3, (hint, blind)
+    assert hint >= blind["hint"] + 0.1, (hint, blind)
     assert img >= blind["image"] + 0.1, (img, blind)
 
 
