@@ -189,7 +189,9 @@ def to_run_config(cfg: ExperimentConfig) -> dict[str, bool | int | float | str]:
     out = {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        out[_kebab(f.name)] = _toml_value(v) if isinstance(v, tuple) else v
+        # single-quoted TOML literal strings: the value must itself fit in a double-quoted string
+        # (`flwr run --run-config 'schemes="[...]"'`)
+        out[_kebab(f.name)] = "[" + ", ".join(f"'{x}'" for x in v) + "]" if isinstance(v, tuple) else v
     return out
 
 

@@ -400,7 +400,11 @@ def load_feature_net(path: str | Path | None = None) -> FeatureNet:
         committed weights in ``sim/assets/feature-net/``. Loaded once per path and
         cached: do not modify the returned module.
     """
-    p = Path(path) if path is not None else DEFAULT_DIR
+    if path is None:  # under `flwr run` the FAB holds no weights: find the installed package's
+        from .models import committed_asset
+
+        path = committed_asset(Path("feature-net"), Path(WEIGHTS_FILE))
+    p = Path(path)
     if p.is_dir():
         p = p / WEIGHTS_FILE
     return _load_cached(str(p.resolve()))

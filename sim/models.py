@@ -44,7 +44,12 @@ def configure_torch(threads: int) -> None:
 
 
 def committed_tiny_base() -> Path:
-    """The committed tiny base model's folder.
+    """The committed tiny base model's folder (see :func:`committed_asset`)."""
+    return committed_asset(Path("tiny-base"), TINY_WEIGHTS)
+
+
+def committed_asset(folder: Path, weights: Path) -> Path:
+    """The folder ``sim/assets/<folder>`` that holds ``weights``.
 
     ``flwr run`` ships the apps as a FAB (code and text files only, 10 MB cap: no
     weights) and imports ``sim`` from that copy; then the weights come from the
@@ -53,8 +58,9 @@ def committed_tiny_base() -> Path:
     """
     import sys
 
-    if (TINY_BASE_DIR / TINY_WEIGHTS).exists():
-        return TINY_BASE_DIR
+    here = ASSETS / folder
+    if (here / weights).exists():
+        return here
     locations = [Path(entry or ".") / "sim" for entry in sys.path]
     for finder in sys.meta_path:  # editable installs map packages through a finder
         try:
@@ -64,9 +70,9 @@ def committed_tiny_base() -> Path:
         if spec is not None:
             locations += [Path(p) for p in spec.submodule_search_locations or []]
     for loc in locations:
-        if (loc / "assets" / "tiny-base" / TINY_WEIGHTS).exists():
-            return loc / "assets" / "tiny-base"
-    return TINY_BASE_DIR
+        if (loc / "assets" / folder / weights).exists():
+            return loc / "assets" / folder
+    return here
 
 
 @dataclass(frozen=True)
