@@ -128,7 +128,13 @@ class ServerView:
     def batches(self) -> list[dict]:
         """Every per-step batch the clients sent, one dict per batch: ``control`` (h under nograd,
         the head's output under vanilla; float32), ``unet_features``, ``t``, ``noise`` (or None),
-        ``context`` (or None), and ``ref`` = (message index, batch index within the message)."""
+        ``context`` (or None), and ``ref`` = (message index, batch index within the message).
+        Built once per view (every attack's applicability check reads it); do not modify."""
+        if getattr(self, "_batches", None) is None:
+            self._batches = self._collect_batches()
+        return self._batches
+
+    def _collect_batches(self) -> list[dict]:
         out = []
         for i, m in enumerate(self.messages):
             up = m["up"].get("tensors", {})

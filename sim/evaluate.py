@@ -44,8 +44,6 @@ def generate(base, prompts: list[str], scheme: str | None = None, controlnet=Non
     """
     from defenses import DefenseStack, HookContext
 
-    from .models import ddpm_scheduler as _sched
-
     p = base.preset
     ctx = base.encode_prompts(prompts)
     null = base.encode_prompts([""])
@@ -53,7 +51,8 @@ def generate(base, prompts: list[str], scheme: str | None = None, controlnet=Non
     stack = DefenseStack(defenses, scheme, p.latent_channels * p.latent_size ** 2) \
         if defenses and scheme in ("vanilla", "nograd") else None
     defense_gen = torch.Generator().manual_seed(seed + 1)
-    t_start = stack.t_start(_sched(p)) if stack is not None else 0
+    sched = ddpm_scheduler(p)
+    t_start = stack.t_start(sched) if stack is not None else 0
 
     def eps_fn(x, t, c):
         h = None if hints is None else hints.repeat(x.shape[0] // hints.shape[0], 1, 1, 1)
@@ -64,14 +63,14 @@ def generate(base, prompts: list[str], scheme: str | None = None, controlnet=Non
             scale = (scale if scale is not None else torch.ones(x.shape[0])) * (t >= t_start).float()
         if stack is None:
             return controlled_eps(scheme or "fedavg", base.unet, controlnet, base.autoencoder, x, t, c, h, scale)
-        hook_ctx = HookContext(t, _sched(p), 0, defense_gen, inference=True)
+        hook_ctx = HookContext(t, sched, 0, defense_gen, inference=True)
         cn_ctx = None if stack.sends_prompt else null.expand(x.shape[0], *null.shape[1:])
         return controlled_eps(scheme, base.unet, controlnet, base.autoencoder, x, t, c, h, scale, stack, hook_ctx,
                               cn_ctx)
 
     g = torch.Generator().manual_seed(seed)
     shape = (len(prompts), p.latent_channels, p.latent_size, p.latent_size)
-    z = ddim_sample(eps_fn, ddpm_scheduler(p), shape, ctx, null, steps=steps, guidance=guidance,
+    z = ddim_sample(eps_fn, sched, shape, ctx, null, steps=steps, guidance=guidance,
                     generator=g, progress=progress, desc=desc,
                     position=bar_position())
     return base.autoencoder.decode(z)
