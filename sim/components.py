@@ -34,16 +34,21 @@ class Component:
                                           for k, v in changed.items())
 
 
+def parse_bool(value) -> bool:
+    """A bool from a TOML bool or a string true/false/1/0 (ValueError otherwise)."""
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"not a bool: {value!r}")
+        return value.lower() in ("true", "1")
+    return bool(value)
+
+
 def coerce(owner: str, key: str, value, default):
     """``value`` (often a string from a spec) as the type of ``default``."""
     typ = type(default)
     try:
         if typ is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                return value.lower() in ("true", "1")
-            return bool(value)
+            return parse_bool(value)
         if typ is int and isinstance(value, str):
             return int(value)
         return typ(value)

@@ -132,11 +132,9 @@ def _coerce(key: str, value):
     typ = _TYPES[key]
     try:
         if typ is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                return value.lower() in ("true", "1")
-            return bool(value)
+            from .components import parse_bool
+
+            return parse_bool(value)
         if typ in (int, float, str):
             if typ is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
