@@ -52,7 +52,11 @@ def attack_view(view: ServerView, spec: str, out: Path | None = None) -> dict:
     rec = attack.run(view)
     messages = rec.info.pop("messages", view.messages)  # an active attack (fsha) brings its own session's
     row.update(status="ok", wall_s=round(time.perf_counter() - t0, 2), **rec.info)
-    truth = private_samples(view.cfg, view.scheme, messages, rec.refs)
+    history = None
+    if messages is view.messages and view.run_dir is not None and (Path(view.run_dir) / "transcript.jsonl").exists():
+        history = [s for s in map(json.loads, (Path(view.run_dir) / "transcript.jsonl").read_text().splitlines())
+                   if s["scheme"] == view.scheme]
+    truth = private_samples(view.cfg, view.scheme, messages, rec.refs, history)
     grid = {}
     if rec.images is not None:
         row["image"] = image_scores(rec.images, truth["target"], signed=True)

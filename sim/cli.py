@@ -170,7 +170,7 @@ def _cmd_sweep(a: argparse.Namespace) -> int:
 
     name = load_sweep(a.preset).get("name", Path(a.preset).stem)
     out = a.out or str(Path("results") / (name + ("-smoke" if a.smoke else "")))
-    rows = run_sweep(a.preset, out, smoke=a.smoke, only=a.only)
+    rows = run_sweep(a.preset, out, smoke=a.smoke, only=a.only, reuse=not a.no_reuse)
     if a.json:
         print(json.dumps(rows))
     return 0
@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", default=None, help="output folder (default results/<name>[-smoke])")
     sw.add_argument("--smoke", action="store_true", help="apply the preset's smoke overrides (CI-sized)")
     sw.add_argument("--only", action="append", metavar="VARIANT", help="run only these variants (repeatable)")
+    sw.add_argument("--no-reuse", action="store_true",
+                    help="train every variant, even one whose configuration matches a finished run in a sibling folder")
     sw.add_argument("--json", action="store_true")
     sw.set_defaults(func=_cmd_sweep)
 

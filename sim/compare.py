@@ -204,7 +204,7 @@ def run_job(cfg: ExperimentConfig, scheme: str | None, position: int = 0, out: P
         from .transcript import Transcript, save_seen
 
         res = train_scheme(scheme, cfg, base, controlnet, grid=grid, node_ids=node_ids,
-                           transcript=Transcript(keep=cfg.keep_messages))
+                           transcript=Transcript(keep=cfg.keep_messages, keep_last=cfg.keep_from == "end"))
         metrics, imgs = evaluate(base, eval_set, scheme, res.controlnet, cfg.ddim_steps, cfg.guidance, cfg.seed,
                                  f"sampling {scheme}", uncond_control=cfg.uncond_control, defenses=cfg.defenses)
         row, losses = summary_row(res, metrics), res.losses

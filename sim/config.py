@@ -48,13 +48,15 @@ class ExperimentConfig:
     baseline: bool = True                    # also sample the base model without control (the reference row)
     defenses: tuple[str, ...] = ()           # defense specs or bundles, e.g. ["pp-protected"], ["noise:std=0.5"]
     keep_messages: int = 0                   # round trips per scheme whose payloads are saved (seen_<scheme>.pt) for attacks
+    keep_from: str = "start"                 # start | end: keep the first or the last keep-messages round trips
     attacks: tuple[str, ...] = ()            # attacks run on the saved round trips after training (keep-messages >= 4 then)
 
     # ---------------------------------------------------------------- validation
     def __post_init__(self) -> None:
         from sim.cuts import SCHEMES
 
-        choices = {"model": ("tiny", "sd15"), "dataset": ("fill50k", "faces"), "partition": ("iid", "dirichlet")}
+        choices = {"model": ("tiny", "sd15"), "dataset": ("fill50k", "faces"), "partition": ("iid", "dirichlet"),
+                   "keep_from": ("start", "end")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{_kebab(key)}={getattr(self, key)!r} is not allowed; choose one of {list(allowed)}")

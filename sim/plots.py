@@ -76,8 +76,10 @@ def _moving_average(x: list[float], window: int) -> np.ndarray:
     return np.convolve(x, np.ones(window) / window, mode="valid")
 
 
-def plot_run(run_dir: str | Path) -> list[Path]:
-    """Figures of a results folder, drawn from its files alone: loss.png, bytes.png, client_cost.png, samples.png."""
+def plot_run(run_dir: str | Path, colour=None) -> list[Path]:
+    """Figures of a results folder, drawn from its files alone: loss.png, bytes.png, client_cost.png, samples.png.
+
+    ``colour`` maps a row's scheme label to a colour (default: the scheme colours, grey otherwise)."""
     import json
 
     run = Path(run_dir)
@@ -87,7 +89,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     summary = json.loads(summary_path.read_text())
     rows = [r for r in summary["rows"] if r["scheme"] in SCHEME_COLOURS or "bytes_up_per_step" in r]
     schemes = [r["scheme"] for r in rows]
-    colour = [SCHEME_COLOURS.get(s, "grey") for s in schemes]
+    colour_of = colour or (lambda s: SCHEME_COLOURS.get(s, "grey"))
+    colour = [colour_of(s) for s in schemes]
     plt = _plt()
     written = []
 
@@ -102,7 +105,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         for s, ls in losses.items():
             w = max(1, len(ls) // 40)
             ma = _moving_average(ls, w)
-            ax.plot(np.arange(len(ma)) + w, ma, label=s, color=SCHEME_COLOURS.get(s))
+            ax.plot(np.arange(len(ma)) + w, ma, label=s, color=colour_of(s))
         ax.set_xlabel("training step (all clients)")
         ax.set_ylabel("loss (moving average)")
         ax.set_yscale("log")
@@ -114,8 +117,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         plt.close(fig)
 
     # bytes per step each way
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 3.8))
     x = np.arange(len(rows))
+    tick = {"rotation": 30, "ha": "right", "fontsize": 8} if len(rows) > 3 else {}
     up = [max(r["bytes_up_per_step"], 1e-1) for r in rows]
     down = [max(r["bytes_down_per_step"], 1e-1) for r in rows]
     b1 = ax.bar(x - 0.2, up, 0.4, label="client -> server", color=colour)
@@ -123,7 +127,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     for bars, vals in ((b1, up), (b2, down)):
         for bar, v in zip(bars, vals):
             ax.annotate(_human_bytes(v), (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(x, schemes)
+    ax.set_xticks(x, schemes, **tick)
     ax.set_yscale("log")
     ax.set_ylabel("bytes per training step")
     ax.set_title("Communication per step (log scale; solid: up, hatched: down)", fontsize=10)
@@ -134,7 +138,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     plt.close(fig)
 
     # client time and memory, trainable parameters
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
+    fig, axes = plt.subplots(1, 3, figsize=(max(10, 2.4 * len(rows)), 3.6))
     panels = [("client_s_per_step", "client compute s / step"),
               ("client_model_mb", "client model + optimizer state (MiB)"),
               ("client_trainable_params", "client trainable parameters")]
@@ -143,7 +147,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.bar(x, vals, color=colour)
         for xi, v in zip(x, vals):
             ax.annotate(f"{v:.3g}", (xi, v), ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(x, schemes)
+        ax.set_xticks(x, schemes, **tick)
         ax.set_title(label, fontsize=9)
     fig.suptitle("What the client device pays", fontsize=10)
     fig.tight_layout()
@@ -219,3 +223,100 @@ def plot_privacy_utility(sweep_json: str | Path, out: str | Path | None = None,
     fig.savefig(out, dpi=130)
     plt.close(fig)
     return out
+
+
+def _scheme_colour(label: str) -> str:
+    """The colour of the scheme a label names (``nograd``, ``vanilla-nopeek``, ...), grey if none."""
+    return next((c for s, c in SCHEME_COLOURS.items() if s in label), "grey")
+
+
+def plot_sweep_curves(sweep_json: str | Path, x_label: str) -> list[Path]:
+    """Utility and leakage against a swept number (the variants' ``x``), one line per (scheme,
+    ``group``): ``sweep_utility.png`` (outline IoU, colour accuracy, FID on project features) and,
+    when attacks ran, ``sweep_leakage.png`` (each attack's best SSIM; prompt inference's accuracy)."""
+    import json
+
+    plt = _plt()
+    path = Path(sweep_json)
+    rows = [r for r in json.loads(path.read_text()) if r.get("x") is not None]
+    lines: dict[str, list[dict]] = {}
+    for r in rows:
+        lines.setdefault(r["scheme"] + (f" ({r['group']})" if r.get("group") else ""), []).append(r)
+    styles = ["-o", "--s", ":^", "-.v"]
+    written = []
+    panels = {"sweep_utility.png": [("outline_iou", "outline IoU (higher is better)"),
+                                    ("colour_acc", "prompt-colour accuracy"),
+                                    ("fid_project", "FID (project features, lower is better)")],
+              "sweep_leakage.png": [(k, k.split(":", 1)[1] + (" accuracy" if "prompt" in k else " best SSIM"))
+                                    for k in sorted({k for r in rows for k in r if k.startswith("attack:")})]}
+    for name, keys in panels.items():
+        keys = [(k, lab) for k, lab in keys if any(isinstance(r.get(k), (int, float)) for r in rows)]
+        if not keys:
+            continue
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.3), squeeze=False)
+        for ax, (key, label) in zip(axes[0], keys):
+            for i, (line, rs) in enumerate(sorted(lines.items())):
+                pts = sorted((r["x"], r[key]) for r in rs if isinstance(r.get(key), (int, float)))
+                if pts:
+                    ax.plot(*zip(*pts), styles[i // 3 % len(styles)], color=_scheme_colour(line), label=line, ms=4)
+            if key == "outline_iou" and rows and rows[0].get("base_outline_iou") is not None:
+                ax.axhline(rows[0]["base_outline_iou"], color="grey", lw=0.8, ls=":", label="base, no control")
+            ax.set_xlabel(x_label)
+            ax.set_title(label, fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(("Utility" if "utility" in name else "Leakage") + f" against {x_label}", fontsize=10)
+        fig.tight_layout()
+        written.append(path.parent / name)
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+def plot_variants(out: str | Path, names: list[str]) -> list[Path]:
+    """``plot_run``'s loss, bytes and client-cost figures across a sweep's variants (one bar or
+    curve per variant and scheme), written to ``out``; per-round loss curves in ``rounds.png``."""
+    import json
+    import tempfile
+
+    out = Path(out)
+    rows, losses, rounds = [], [], []
+    for name in names:
+        run = out / name
+        if not (run / "summary.json").exists():
+            continue
+        for r in json.loads((run / "summary.json").read_text())["rows"]:
+            if "bytes_up_per_step" in r:
+                rows.append({**r, "scheme": f"{name}" if r["scheme"] in name else f"{r['scheme']} {name}"})
+        for line in (run / "losses.jsonl").read_text().splitlines():
+            d = json.loads(line)
+            losses.append({**d, "scheme": name if d["scheme"] in name else f"{d['scheme']} {name}"})
+        for line in (run / "rounds.jsonl").read_text().splitlines():
+            d = json.loads(line)
+            rounds.append({**d, "label": name if d["scheme"] in name else f"{d['scheme']} {name}"})
+    written = []
+    with tempfile.TemporaryDirectory() as tmp:
+        merged = Path(tmp)
+        (merged / "summary.json").write_text(json.dumps({"rows": rows}))
+        (merged / "losses.jsonl").write_text("".join(json.dumps(d) + "\n" for d in losses))
+        for p in plot_run(merged, colour=_scheme_colour):
+            written.append(out / p.name)
+            written[-1].write_bytes(p.read_bytes())
+    if rounds:
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        labels = sorted({d["label"] for d in rounds})
+        for i, lab in enumerate(labels):
+            rs = [d for d in rounds if d["label"] == lab and d.get("loss") is not None]
+            ax.plot([d["last_step"] + 1 for d in rs], _moving_average([d["loss"] for d in rs], 3),
+                    ["-", "--", ":", "-."][i % 4], color=_scheme_colour(lab), label=lab)
+        ax.set_xlabel("training step at the end of the round or turn")
+        ax.set_ylabel("mean loss of the round (3-round moving average)")
+        ax.set_yscale("log")
+        ax.set_title("Per-round training loss", fontsize=10)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out / "rounds.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written

@@ -19,10 +19,23 @@ Each variant is a ``compare`` run in ``OUT/<variant>/`` (skipped when its summar
 exists, so an interrupted sweep resumes); ``OUT/sweep.json`` collects one row per
 (variant, scheme) with the utility metrics, loss, bytes, wall time and, when attacks
 ran, the best SSIM per attack; ``OUT/sweep.md`` is the same as a Markdown table.
+
+Runs are deterministic given their configuration (the ``jobs`` split aside), so a variant
+whose configuration equals a finished run's in a sibling folder of ``OUT`` (another
+preset's sweep under the same ``results/``) is copied from it instead of trained again;
+attacks it lists that the copy lacks are then run on the copy. ``sweep.json`` names the
+source in ``reused_from``. Pass ``reuse=False`` (CLI ``--no-reuse``) to train everything.
+
+Optional preset keys for figures and tables: ``x_label`` with a number ``x`` per variant
+(and an optional ``group``) draws ``sweep_<metric>.png`` curves against it;
+``figures = ["schemes"]`` draws loss, bytes and client-cost figures across the variants;
+``matrix = true`` writes ``matrix.md``, the variant x attack table with N/A reasons.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import time
 import tomllib
 from pathlib import Path
@@ -55,7 +68,54 @@ def variant_config(spec: dict, variant: dict, smoke: bool = False):
     return load_config(spec.get("preset", "default"), overrides)
 
 
-def run_sweep(preset: str | Path, out: str | Path, smoke: bool = False, only: list[str] | None = None) -> list[dict]:
+def attack_ids(cfg) -> set[str]:
+    """The attacks a configuration lists, as their rows name them (canonical ``name:k=v`` order)."""
+    from attacks import make_attack
+
+    return {repr(make_attack(a)) for a in cfg.attacks}
+
+
+def _training_key(cfg):
+    """What a run's outputs depend on: everything but the process split and the attack list."""
+    return dataclasses.replace(cfg, jobs=1, attacks=())
+
+
+def find_identical(cfg, root: Path, exclude: Path | None = None) -> Path | None:
+    """A finished run folder under ``root/*/`` or ``root/*/*/`` trained with ``cfg``'s configuration."""
+    key = _training_key(cfg)
+    for path in sorted(root.glob("*/config.toml")) + sorted(root.glob("*/*/config.toml")):
+        run = path.parent
+        if run == exclude or not (run / "summary.json").exists() or (run / "reused_from").exists():
+            continue
+        try:
+            other = load_config(str(path))
+        except (ValueError, TypeError, KeyError):  # a folder of an older or foreign configuration
+            continue
+        if _training_key(other) == key:
+            return run
+    return None
+
+
+def reuse_run(src: Path, dst: Path, cfg) -> None:
+    """Copy the finished run ``src`` to ``dst`` as ``cfg``'s run; run the attacks of ``cfg`` it lacks."""
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    (dst / "config.toml").write_text(cfg.to_toml())
+    (dst / "reused_from").write_text(str(src.resolve()) + "\n")
+    summary = json.loads((dst / "summary.json").read_text())
+    summary["reused_from"] = str(src)
+    (dst / "summary.json").write_text(json.dumps(summary, indent=2))
+    done = {r["attack"] for r in json.loads((dst / "attacks.json").read_text())} if (dst / "attacks.json").exists() else set()
+    from attacks import make_attack
+
+    missing = [a for a in cfg.attacks if repr(make_attack(a)) not in done]
+    if missing:
+        from attacks import run_attacks
+
+        run_attacks(dst, missing)
+
+
+def run_sweep(preset: str | Path, out: str | Path, smoke: bool = False, only: list[str] | None = None,
+              reuse: bool = True) -> list[dict]:
     from .compare import run_compare
 
     spec = load_sweep(preset)
@@ -68,23 +128,44 @@ def run_sweep(preset: str | Path, out: str | Path, smoke: bool = False, only: li
         if (run / "summary.json").exists():
             continue
         t0 = time.time()
-        run_compare(configs[v["name"]], run)
+        src = find_identical(configs[v["name"]], out.resolve().parent, exclude=run.resolve()) if reuse else None
+        if src is not None:
+            print(f"variant {v['name']}: same configuration as {src}, copied")
+            reuse_run(src, run, configs[v["name"]])
+        else:
+            run_compare(configs[v["name"]], run)
         print(f"variant {v['name']}: {time.time() - t0:.0f} s")
-    rows = collect(out, [v["name"] for v in variants])
+    rows = collect(out, [v["name"] for v in variants], spec)
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
     (out / "sweep.md").write_text(markdown(rows) + "\n")
     print(markdown(rows))
-    if any(k.startswith("attack:") for r in rows for k in r):
-        from .plots import plot_privacy_utility
-
-        for utility in ("outline_iou", "colour_acc"):
-            print("figure:", plot_privacy_utility(out / "sweep.json", utility=utility))
+    figures(spec, out, rows, [v["name"] for v in variants])
     return rows
 
 
-def collect(out: Path, names: list[str]) -> list[dict]:
+def figures(spec: dict, out: Path, rows: list[dict], names: list[str]) -> list[Path]:
+    """The figures and tables a preset asks for (see the module docstring); returns their paths."""
+    from . import plots
+
+    written = []
+    if any(k.startswith("attack:") for r in rows for k in r):
+        written += [plots.plot_privacy_utility(out / "sweep.json", utility=u) for u in ("outline_iou", "colour_acc")]
+    if spec.get("x_label"):
+        written += plots.plot_sweep_curves(out / "sweep.json", spec["x_label"])
+    if "schemes" in spec.get("figures", []):
+        written += plots.plot_variants(out, names)
+    if spec.get("matrix"):
+        (out / "matrix.md").write_text(matrix_markdown(out, names) + "\n")
+        written.append(out / "matrix.md")
+    for p in written:
+        print("figure:" if p.suffix == ".png" else "table:", p)
+    return written
+
+
+def collect(out: Path, names: list[str], spec: dict | None = None) -> list[dict]:
     from attacks import best_ssim
 
+    extra = {v["name"]: {k: v[k] for k in ("x", "group") if k in v} for v in (spec or {}).get("variant", [])}
     rows = []
     for name in names:
         path = out / name / "summary.json"
@@ -92,16 +173,21 @@ def collect(out: Path, names: list[str]) -> list[dict]:
             continue
         summary = json.loads(path.read_text())
         cfg = load_config(str(out / name / "config.toml"))
+        wanted = attack_ids(cfg)
         base_iou = next((r.get("outline_iou") for r in summary["rows"] if r["scheme"].startswith("base")), None)
         for r in summary["rows"]:
             if r["scheme"].startswith("base"):
                 continue
             row = {"variant": name, "scheme": r["scheme"], "defenses": list(cfg.defenses), "steps": r["steps"],
-                   **{k: r.get(k) for k in ROW_KEYS}, "base_outline_iou": base_iou}
+                   **{k: r.get(k) for k in ROW_KEYS}, "base_outline_iou": base_iou, **extra.get(name, {}),
+                   "reused_from": summary.get("reused_from")}
             for a in summary.get("attacks", {}).get(r["scheme"], []):
-                row[f"attack:{a['attack']}"] = best_ssim(a) if a["status"] == "ok" else "N/A"
+                if a["attack"] not in wanted:  # a copied run's attacks of another preset
+                    continue
+                key = "attack:" + a["attack"].split(":")[0]  # the name: presets' smoke runs change parameters
+                row[key] = best_ssim(a) if a["status"] == "ok" else "N/A"
                 if "prompt" in a:
-                    row[f"attack:{a['attack']}"] = a["prompt"]["accuracy"]
+                    row[key] = a["prompt"]["accuracy"]
             rows.append(row)
     return rows
 
@@ -113,3 +199,40 @@ def markdown(rows: list[dict]) -> str:
     cols = ["variant", "scheme", "outline_iou", "edge_ssim", "colour_acc", "fid_project", "final_loss",
             "bytes_up_per_step"] + attack_cols
     return markdown_table(rows, cols)
+
+
+def matrix_markdown(out: Path, names: list[str]) -> str:
+    """Variant x attack table from each run's attacks.json: the best mean SSIM over image and hint
+    (prompt inference: accuracy, with chance), or N/A with a numbered reason below the table."""
+    from attacks import best_ssim
+
+    from .compare import markdown_table
+
+    rows, reasons, attacks = [], [], []
+    for name in names:
+        path = out / name / "attacks.json"
+        if not path.exists():
+            continue
+        cfg = load_config(str(out / name / "config.toml"))
+        wanted = attack_ids(cfg)
+        by_scheme: dict[str, dict] = {}
+        for a in json.loads(path.read_text()):
+            if a["attack"] not in wanted:  # a copied run's attacks of another preset
+                continue
+            a = {**a, "attack": a["attack"].split(":")[0]}
+            if a["attack"] not in attacks:
+                attacks.append(a["attack"])
+            if a["status"] != "ok":
+                if a["reason"] not in reasons:
+                    reasons.append(a["reason"])
+                cell = f"N/A ({reasons.index(a['reason']) + 1})"
+            elif "prompt" in a:
+                cell = f"acc {a['prompt']['accuracy']:.2f} (chance {a['prompt']['chance']:.2f})"
+            else:
+                cell = f"{best_ssim(a):.3f}"
+            by_scheme.setdefault(a["scheme"], {})[a["attack"]] = cell
+        for scheme, cells in by_scheme.items():
+            rows.append({"variant": name, "scheme": scheme, "defenses": ", ".join(cfg.defenses) or "none", **cells})
+    table = markdown_table(rows, ["variant", "scheme", "defenses"] + attacks)
+    notes = "\n".join(f"({i + 1}) {r}" for i, r in enumerate(reasons))
+    return table + ("\n\nN/A reasons:\n" + notes if notes else "")

@@ -10,7 +10,7 @@ metrics). A reply that carries an error stops the run with that error, naming th
 What the server saw
 -------------------
 The transcript also keeps the records themselves (what the server sent and what it
-received) for the first ``keep`` round trips. Attacks (a later issue) read only these
+received) for the first ``keep`` round trips (or the last ones). Attacks (a later issue) read only these
 and the declared public knowledge, never the clients' data. ``keep=0`` (the default of a
 plain ``compare``) keeps statistics only; a no-gradient-return run ships ~1.4 MB per
 step, so keeping a whole run in memory is a choice, not a default.
@@ -56,14 +56,18 @@ class MessageStat:
 
 @dataclass
 class Transcript:
-    """Per-message statistics of a run and, for the first ``keep`` round trips, the records."""
+    """Per-message statistics of a run and, for the first (or, with ``keep_last``, the last)
+    ``keep`` round trips, the records."""
 
     keep: int = 0
+    keep_last: bool = False
     stats: list[MessageStat] = field(default_factory=list)
     seen: list[tuple[MessageStat, RecordDict, RecordDict]] = field(default_factory=list)  # (stat, down, up)
 
     def add(self, stat: MessageStat, down: RecordDict, up: RecordDict) -> None:
         self.stats.append(stat)
+        if self.keep_last and self.keep:
+            self.seen = self.seen[-(self.keep - 1):] if self.keep > 1 else []
         if len(self.seen) < self.keep:
             self.seen.append((stat, down, up))
 

@@ -46,3 +46,33 @@ def test_pareto_front_keeps_only_undominated_points(tmp_path):
             for i, (x, y) in enumerate(pts)]
     (tmp_path / "sweep.json").write_text(json.dumps(rows))
     assert plot_privacy_utility(tmp_path / "sweep.json").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_sweep_copies_a_finished_run_of_the_same_configuration_and_runs_missing_attacks(tmp_path):
+    """A variant equal to a finished run (the ``jobs`` split aside) is copied, not trained; the
+    attacks the copy lacks run on it; --no-reuse trains it anyway."""
+    from sim.sweep import run_sweep
+
+    small = ["num-samples=32", "steps=8", "batch-size=4", "local-steps=2", "eval-samples=2", "ddim-steps=2",
+             "schemes=[\"nograd\", \"vanilla\", \"fedavg\"]", "baseline=false", "keep-messages=2", "keep-from=end"]
+    preset = tmp_path / "p.toml"
+    preset.write_text(f"name = 'p'\nbase = {json.dumps(small)}\n"
+                      "[[variant]]\nname = 'a'\nset = ['jobs=1']\n"
+                      "[[variant]]\nname = 'b'\nset = ['jobs=2', 'attacks=[\"noise-target\", \"grad-inversion:iters=2\"]']\n")
+    rows = run_sweep(preset, tmp_path / "out")
+    a, b = (tmp_path / "out" / n for n in ("a", "b"))
+    assert (b / "reused_from").read_text().strip() == str(a.resolve())
+    assert not (a / "attacks.json").exists()
+    attacks = {(r["scheme"], r["attack"].split(":")[0]): r for r in json.loads((b / "attacks.json").read_text())}
+    assert len(attacks) == 6 and attacks["fedavg", "grad-inversion"]["status"] == "ok"
+    # keep-from=end: the kept round trips are the run's last; the ground-truth replay still finds them
+    for scheme in ("nograd", "vanilla"):
+        assert attacks[scheme, "noise-target"]["image"]["ssim"] > 0.99
+    assert [r["reused_from"] for r in rows] == [None] * 3 + [str(a)] * 3
+    assert [r["final_loss"] for r in rows[:3]] == [r["final_loss"] for r in rows[3:]]
+    seen = __import__("torch").load(b / "seen_nograd.pt", weights_only=False)
+    assert [m["stat"]["index"] for m in seen][0] > 0
+    fresh = run_sweep(preset, tmp_path / "fresh", reuse=False, only=["b"])
+    assert [r["final_loss"] for r in fresh] == [r["final_loss"] for r in rows[3:]]  # deterministic
+    assert all(r["reused_from"] is None for r in fresh)

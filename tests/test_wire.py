@@ -86,3 +86,7 @@ def test_transcript_per_step_adds_up_and_keeps_only_what_it_is_told():
     assert sum(per["bytes_down"]) == pytest.approx(t.bytes_down) and sum(per["bytes_up"]) == t.bytes_up
     assert per["bytes_down"] == [5, 5, 20 + 30]  # the step-less last message counts for the last step
     assert len(t.seen) == 1 and t.messages == 3
+    last = Transcript(keep=2, keep_last=True)
+    for i in range(5):
+        last.add(MessageStat(i, i + 1, "x", 0, "query.x", i, 1, 1, 1, 0.1, 1.0, 0.2), RecordDict(), RecordDict())
+    assert [stat.index for stat, _, _ in last.seen] == [3, 4] and last.messages == 5
