@@ -308,7 +308,8 @@ def plot_variants(out: str | Path, names: list[str]) -> list[Path]:
         labels = sorted({d["label"] for d in rounds})
         for i, lab in enumerate(labels):
             rs = [d for d in rounds if d["label"] == lab and d.get("loss") is not None]
-            ax.plot([d["last_step"] + 1 for d in rs], _moving_average([d["loss"] for d in rs], 3),
+            w = max(1, min(3, len(rs)))
+            ax.plot([d["last_step"] + 1 for d in rs][w - 1:], _moving_average([d["loss"] for d in rs], w),
                     ["-", "--", ":", "-."][i % 4], color=_scheme_colour(lab), label=lab)
         ax.set_xlabel("training step at the end of the round or turn")
         ax.set_ylabel("mean loss of the round (3-round moving average)")
