@@ -124,9 +124,11 @@ def plot_run(run_dir: str | Path, colour=None) -> list[Path]:
     down = [max(r["bytes_down_per_step"], 1e-1) for r in rows]
     b1 = ax.bar(x - 0.2, up, 0.4, label="client -> server", color=colour)
     b2 = ax.bar(x + 0.2, down, 0.4, label="server -> client", color=colour, alpha=0.45, hatch="//")
+    many = len(rows) > 5
     for bars, vals in ((b1, up), (b2, down)):
         for bar, v in zip(bars, vals):
-            ax.annotate(_human_bytes(v), (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
+            ax.annotate(_human_bytes(v), (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom",
+                        fontsize=6 if many else 7, rotation=90 if many else 0)
     ax.set_xticks(x, schemes, **tick)
     ax.set_yscale("log")
     ax.set_ylabel("bytes per training step")
@@ -138,7 +140,10 @@ def plot_run(run_dir: str | Path, colour=None) -> list[Path]:
     plt.close(fig)
 
     # client time and memory, trainable parameters
-    fig, axes = plt.subplots(1, 3, figsize=(max(10, 2.4 * len(rows)), 3.6))
+    if len(rows) > 4:  # many variants: one panel per row
+        fig, axes = plt.subplots(3, 1, figsize=(max(6, 0.8 * len(rows)), 9))
+    else:
+        fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
     panels = [("client_s_per_step", "client compute s / step"),
               ("client_model_mb", "client model + optimizer state (MiB)"),
               ("client_trainable_params", "client trainable parameters")]
@@ -148,6 +153,9 @@ def plot_run(run_dir: str | Path, colour=None) -> list[Path]:
         for xi, v in zip(x, vals):
             ax.annotate(f"{v:.3g}", (xi, v), ha="center", va="bottom", fontsize=7)
         ax.set_xticks(x, schemes, **tick)
+        if key == "client_s_per_step" and min(vals, default=0) > 0:
+            ax.set_yscale("log")
+            label += " (log scale)"
         ax.set_title(label, fontsize=9)
     fig.suptitle("What the client device pays", fontsize=10)
     fig.tight_layout()
@@ -243,6 +251,9 @@ def plot_sweep_curves(sweep_json: str | Path, x_label: str) -> list[Path]:
     for r in rows:
         lines.setdefault(r["scheme"] + (f" ({r['group']})" if r.get("group") else ""), []).append(r)
     styles = ["-o", "--s", ":^", "-.v"]
+    groups = sorted({r.get("group", "") for r in rows})
+    xs = [r["x"] for r in rows]
+    log_x = bool(xs) and min(xs) > 0 and max(xs) / min(xs) >= 8
     written = []
     panels = {"sweep_utility.png": [("outline_iou", "outline IoU (higher is better)"),
                                     ("colour_acc", "prompt-colour accuracy"),
@@ -255,13 +266,17 @@ def plot_sweep_curves(sweep_json: str | Path, x_label: str) -> list[Path]:
             continue
         fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.3), squeeze=False)
         for ax, (key, label) in zip(axes[0], keys):
-            for i, (line, rs) in enumerate(sorted(lines.items())):
+            for line, rs in sorted(lines.items()):
                 pts = sorted((r["x"], r[key]) for r in rs if isinstance(r.get(key), (int, float)))
                 if pts:
-                    ax.plot(*zip(*pts), styles[i // 3 % len(styles)], color=_scheme_colour(line), label=line, ms=4)
+                    style = styles[groups.index(rs[0].get("group", "")) % len(styles)]
+                    ax.plot(*zip(*pts), style, color=_scheme_colour(line), label=line, ms=4)
             if key == "outline_iou" and rows and rows[0].get("base_outline_iou") is not None:
                 ax.axhline(rows[0]["base_outline_iou"], color="grey", lw=0.8, ls=":", label="base, no control")
-            ax.set_xlabel(x_label)
+            if log_x:
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(sorted(set(xs)), [f"{x:g}" for x in sorted(set(xs))])
+            ax.set_xlabel(x_label, fontsize=8)
             ax.set_title(label, fontsize=9)
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=7)
@@ -312,7 +327,7 @@ def plot_variants(out: str | Path, names: list[str]) -> list[Path]:
             ax.plot([d["last_step"] + 1 for d in rs][w - 1:], _moving_average([d["loss"] for d in rs], w),
                     ["-", "--", ":", "-."][i % 4], color=_scheme_colour(lab), label=lab)
         ax.set_xlabel("training step at the end of the round or turn")
-        ax.set_ylabel("mean loss of the round (3-round moving average)")
+        ax.set_ylabel("round's mean loss (3-round avg)")
         ax.set_yscale("log")
         ax.set_title("Per-round training loss", fontsize=10)
         ax.legend(fontsize=7)
