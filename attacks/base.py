@@ -59,6 +59,25 @@ class Reconstruction:
     info: dict = field(default_factory=dict)
 
 
+def aux_data(cfg, size: int, n: int = 256) -> dict:
+    """The server's public auxiliary data for a run's configuration (see :meth:`ServerView.aux`)."""
+    import numpy as np
+
+    from sim import data as data_mod
+
+    if cfg.dataset == "faces":
+        full = data_mod.load_dataset("faces", size=size)
+        order = np.random.default_rng(cfg.data_seed).permutation(len(full))
+        rest = order[cfg.num_samples + cfg.eval_samples:][:n]
+        if len(rest) == 0:
+            raise ValueError("faces: no images left for auxiliary data; lower num-samples or eval-samples")
+        ds = full.select(rest.tolist())
+    else:
+        ds = data_mod.load_dataset(cfg.dataset, n=n, size=size, seed=cfg.data_seed + AUX_SEED_OFFSET,
+                                   max_radius=cfg.max_radius)
+    return data_mod.to_tensors(ds)
+
+
 class ServerView:
     """Everything the (honest-but-curious or malicious) server knows after a run.
 
@@ -107,22 +126,7 @@ class ServerView:
 
         fill50k: a fresh procedural stream (seed data-seed + 20,000); faces: the faces neither
         in training nor in evaluation (at most 100 - num-samples - eval-samples)."""
-        import numpy as np
-
-        from sim import data as data_mod
-
-        cfg, size = self.cfg, self.base.preset.image_size
-        if cfg.dataset == "faces":
-            full = data_mod.load_dataset("faces", size=size)
-            order = np.random.default_rng(cfg.data_seed).permutation(len(full))
-            rest = order[cfg.num_samples + cfg.eval_samples:][:n]
-            if len(rest) == 0:
-                raise ValueError("faces: no images left for auxiliary data; lower num-samples or eval-samples")
-            ds = full.select(rest.tolist())
-        else:
-            ds = data_mod.load_dataset(cfg.dataset, n=n, size=size, seed=cfg.data_seed + AUX_SEED_OFFSET,
-                                       max_radius=cfg.max_radius)
-        return data_mod.to_tensors(ds)
+        return aux_data(self.cfg, self.base.preset.image_size, n)
 
     # ------------------------------------------------------------------ views of the transcript
     def batches(self) -> list[dict]:

@@ -44,3 +44,25 @@ def image_scores(recon: torch.Tensor, private: torch.Tensor, signed: bool) -> di
 def prompt_scores(guesses: list[str], truth: list[str], candidates: list[str]) -> dict:
     acc = float(np.mean([g == t for g, t in zip(guesses, truth)])) if truth else 0.0
     return {"n": len(truth), "accuracy": acc, "chance": 1.0 / max(1, len(set(candidates)))}
+
+
+def blind_scores(cfg, n: int = 64) -> dict:
+    """What a server guesses without any transcript: the better (by mean SSIM) of the mean auxiliary
+    image and mid-grey for images, of the mean auxiliary hint and an all-black hint for hints, scored
+    against the first ``n`` private training samples. Attack scores mean something only above these."""
+    from sim.compare import client_datasets
+    from sim.models import get_preset
+
+    from .base import aux_data
+
+    size = get_preset(cfg.model).image_size
+    clients, _ = client_datasets(cfg, size)
+    target = torch.cat([c.target for c in clients])[:n]
+    hint = torch.cat([c.condition for c in clients])[:n]
+    aux = aux_data(cfg, size, 256)
+    out = {}
+    for key, private, guesses, signed in (
+            ("image", target, (aux["target"].mean(0), torch.zeros_like(target[0])), True),
+            ("hint", hint, (aux["condition"].mean(0), torch.zeros_like(hint[0])), False)):
+        out[key] = max((image_scores(g.expand_as(private), private, signed) for g in guesses), key=lambda s: s["ssim"])
+    return out

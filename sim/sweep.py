@@ -201,20 +201,29 @@ def markdown(rows: list[dict]) -> str:
     return markdown_table(rows, cols)
 
 
+def _ssim_cell(row: dict) -> str:
+    """'image / hint' mean SSIM of an attack row (a dash for a target it does not reconstruct)."""
+    return " / ".join(f"{row[k]['ssim']:.2f}" if k in row else "-" for k in ("image", "hint"))
+
+
 def matrix_markdown(out: Path, names: list[str]) -> str:
-    """Variant x attack table from each run's attacks.json: the best mean SSIM over image and hint
-    (prompt inference: accuracy, with chance), or N/A with a numbered reason below the table."""
-    from attacks import best_ssim
+    """Variant x attack table from each run's attacks.json: mean SSIM of the reconstructed private
+    images / hints (prompt inference: accuracy, with chance), or N/A with a numbered reason below the
+    table; the ``blind`` column is what a guess without any transcript scores on the same data."""
+    from attacks.scoring import blind_scores
 
     from .compare import markdown_table
 
-    rows, reasons, attacks = [], [], []
+    rows, reasons, attacks, blind = [], [], [], {}
     for name in names:
         path = out / name / "attacks.json"
         if not path.exists():
             continue
         cfg = load_config(str(out / name / "config.toml"))
         wanted = attack_ids(cfg)
+        data_key = (cfg.dataset, cfg.model, cfg.num_samples, cfg.eval_samples, cfg.data_seed, cfg.max_radius)
+        if data_key not in blind:
+            blind[data_key] = _ssim_cell(blind_scores(cfg))
         by_scheme: dict[str, dict] = {}
         for a in json.loads(path.read_text()):
             if a["attack"] not in wanted:  # a copied run's attacks of another preset
@@ -226,13 +235,17 @@ def matrix_markdown(out: Path, names: list[str]) -> str:
                 if a["reason"] not in reasons:
                     reasons.append(a["reason"])
                 cell = f"N/A ({reasons.index(a['reason']) + 1})"
-            elif "prompt" in a:
-                cell = f"acc {a['prompt']['accuracy']:.2f} (chance {a['prompt']['chance']:.2f})"
             else:
-                cell = f"{best_ssim(a):.3f}"
+                cell = _ssim_cell(a) if ("image" in a or "hint" in a) else ""
+                if "prompt" in a:
+                    acc = f"prompt {a['prompt']['accuracy']:.2f} (chance {a['prompt']['chance']:.2f})"
+                    cell = f"{cell}; {acc}" if cell else acc
             by_scheme.setdefault(a["scheme"], {})[a["attack"]] = cell
         for scheme, cells in by_scheme.items():
-            rows.append({"variant": name, "scheme": scheme, "defenses": ", ".join(cfg.defenses) or "none", **cells})
-    table = markdown_table(rows, ["variant", "scheme", "defenses"] + attacks)
+            rows.append({"variant": name, "scheme": scheme, "defenses": ", ".join(cfg.defenses) or "none",
+                         "blind": blind[data_key], **cells})
+    table = markdown_table(rows, ["variant", "scheme", "defenses", "blind"] + attacks)
     notes = "\n".join(f"({i + 1}) {r}" for i, r in enumerate(reasons))
-    return table + ("\n\nN/A reasons:\n" + notes if notes else "")
+    return ("Cells: mean SSIM of reconstructed private images / hints (higher = more leaked); blind = the "
+            "better of two guesses made without any transcript.\n\n" + table
+            + ("\n\nN/A reasons:\n" + notes if notes else ""))

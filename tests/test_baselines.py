@@ -35,6 +35,13 @@ def test_sweep_preset_smoke_runs(preset, tmp_path):
         for a in spec.get("attacks", []):
             assert f"attack:{a}" in r
     assert (tmp_path / "sweep.md").read_text().startswith("| variant")
+    if spec.get("matrix"):  # every variant's row, with the transcript-free baseline beside the attacks
+        matrix = (tmp_path / "matrix.md").read_text()
+        assert all(f"| {v['name']} |" in matrix for v in spec["variant"]) and "| blind |" in matrix
+    if spec.get("x_label"):
+        assert (tmp_path / "sweep_utility.png").stat().st_size > 10_000
+    if "schemes" in spec.get("figures", []):
+        assert all((tmp_path / f).stat().st_size > 10_000 for f in ("bytes.png", "client_cost.png", "loss.png"))
 
 
 def test_pareto_front_keeps_only_undominated_points(tmp_path):
