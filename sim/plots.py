@@ -189,6 +189,40 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
+def _spread_labels(ax, pts: list[tuple[float, float]], labels: list[str]) -> None:
+    """Label points without overlaps: points sharing (about) the same x get their labels in a
+    column to the left, pushed apart vertically, each joined to its point by a thin line."""
+    if not pts:
+        return
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    xr, yr = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    gap = 0.045 * yr
+    clusters: list[list[int]] = []
+    for i in sorted(range(len(pts)), key=lambda i: xs[i]):
+        if clusters and xs[i] - xs[clusters[-1][0]] < 0.12 * xr:
+            clusters[-1].append(i)
+        else:
+            clusters.append([i])
+    for members in clusters:
+        members.sort(key=lambda i: ys[i])
+        placed = [ys[i] for i in members]
+        for k in range(1, len(placed)):  # push up to keep the gap ...
+            placed[k] = max(placed[k], placed[k - 1] + gap)
+        cap = max(ys) + 2 * gap
+        if placed[-1] > cap:  # ... then down from the top, so labels stay near their points
+            placed[-1] = cap
+            for k in range(len(placed) - 2, -1, -1):
+                placed[k] = min(placed[k], placed[k + 1] - gap)
+        many = len(members) > 1
+        left = xs[members[0]] > min(xs) + 0.6 * xr  # near the right edge: labels to the left
+        for i, ly in zip(members, placed):
+            edge = min(xs[j] for j in members) if left else max(xs[j] for j in members)
+            lx = edge + (-0.06 if left else 0.05) * xr if many else xs[i] + 0.012 * xr
+            ax.annotate(labels[i], (xs[i], ys[i]), xytext=(lx, ly), fontsize=7, va="center",
+                        ha="right" if left and many else "left",
+                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"} if many else None)
+
+
 def plot_privacy_utility(sweep_json: str | Path, out: str | Path | None = None,
                          utility: str = "outline_iou") -> Path:
     """Privacy (best attack SSIM over the attacks that ran, lower is better) against utility, one
@@ -209,12 +243,13 @@ def plot_privacy_utility(sweep_json: str | Path, out: str | Path | None = None,
         schemes.append(r["scheme"])
     fig, ax = plt.subplots(figsize=(7, 5))
     colours = {"nograd": "tab:green", "vanilla": "tab:orange", "fedavg": "tab:blue"}
-    for (x, y), lab, sc in zip(pts, labels, schemes):
+    for (x, y), sc in zip(pts, schemes):
         ax.scatter(x, y, color=colours.get(sc, "grey"), s=40, zorder=3)
-        ax.annotate(lab, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    _spread_labels(ax, pts, labels)
     front = pareto_front(pts)
     if front:
-        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto front", zorder=2)
+        ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", where="post", lw=1,
+                label="Pareto front", zorder=2)
     base = next((r.get("base_outline_iou") for r in rows if r.get("base_outline_iou") is not None), None)
     if base is not None and utility == "outline_iou":
         ax.axhline(base, color="grey", lw=0.8, ls=":", label=f"base model, no control ({base:.2f})")
