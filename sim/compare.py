@@ -185,6 +185,11 @@ def _setup(cfg: ExperimentConfig):
     return base, eval_set, controlnet, fingerprint(base.unet, base.autoencoder, base.text_encoder)
 
 
+def _external_weights(cfg: ExperimentConfig) -> dict:
+    """evaluate()'s keywords for the metrics that need user-supplied weights (None when not given)."""
+    return {"inception_weights": cfg.inception_weights or None, "clip_weights": cfg.clip_weights or None}
+
+
 def run_job(cfg: ExperimentConfig, scheme: str | None, position: int = 0, out: Path | None = None,
             grid=None, node_ids=None) -> dict:
     """Train one scheme (or, for ``None``, only sample the base model without control) and score it.
@@ -198,7 +203,7 @@ def run_job(cfg: ExperimentConfig, scheme: str | None, position: int = 0, out: P
     transcript, rounds = [], []
     if scheme is None:
         metrics, imgs = evaluate(base, eval_set, None, None, cfg.ddim_steps, cfg.guidance, cfg.seed,
-                                 "sampling base (no control)")
+                                 "sampling base (no control)", **_external_weights(cfg))
         row, losses = {"scheme": "base (no control)", **metrics, "steps": 0}, []
     else:
         from .transcript import Transcript, save_seen
@@ -206,7 +211,8 @@ def run_job(cfg: ExperimentConfig, scheme: str | None, position: int = 0, out: P
         res = train_scheme(scheme, cfg, base, controlnet, grid=grid, node_ids=node_ids,
                            transcript=Transcript(keep=cfg.keep_messages, keep_last=cfg.keep_from == "end"))
         metrics, imgs = evaluate(base, eval_set, scheme, res.controlnet, cfg.ddim_steps, cfg.guidance, cfg.seed,
-                                 f"sampling {scheme}", uncond_control=cfg.uncond_control, defenses=cfg.defenses)
+                                 f"sampling {scheme}", uncond_control=cfg.uncond_control, defenses=cfg.defenses,
+                                 **_external_weights(cfg))
         row, losses = summary_row(res, metrics), res.losses
         transcript = [dataclasses.asdict(s) for s in res.transcript.stats]
         rounds = round_metrics(res)
@@ -310,7 +316,8 @@ def run_compare(cfg: ExperimentConfig, out: str | Path, grid=None, node_ids=None
     return summary
 
 
-EVAL_KEYS = ("guidance", "uncond-control", "ddim-steps", "eval-samples", "seed")
+EVAL_KEYS = ("guidance", "uncond-control", "ddim-steps", "eval-samples", "seed", "inception-weights",
+             "clip-weights")
 
 
 def reevaluate(run_dir: str | Path, overrides: list[str] = (), update: bool = False) -> list[dict]:
@@ -320,6 +327,9 @@ def reevaluate(run_dir: str | Path, overrides: list[str] = (), update: bool = Fa
     ``config.toml`` gives the rest. Returns a row per scheme plus the base without control
     (if the run sampled it). ``update`` writes the new metrics into the run's summary.json
     rows (e.g. after the evaluation code changed), recording the overrides used.
+    ``--set clip-weights=PATH`` / ``inception-weights=PATH`` add ``clip_score`` /
+    ``fid_inception`` from local weights; ``--set clip-weights=`` turns off a path the
+    run's config.toml names but this machine lacks.
     """
     from diffusers import ControlNetModel
 
@@ -337,7 +347,7 @@ def reevaluate(run_dir: str | Path, overrides: list[str] = (), update: bool = Fa
     rows = []
     if cfg.baseline:
         metrics, _ = evaluate(base, eval_set, None, None, cfg.ddim_steps, cfg.guidance, cfg.seed,
-                              "sampling base (no control)")
+                              "sampling base (no control)", **_external_weights(cfg))
         rows.append({"scheme": "base (no control)", **metrics})
     for scheme in cfg.schemes:
         path = run / f"controlnet_{scheme}"
@@ -345,7 +355,8 @@ def reevaluate(run_dir: str | Path, overrides: list[str] = (), update: bool = Fa
             raise FileNotFoundError(f"{path} is missing: the run did not save a ControlNet for {scheme!r}")
         controlnet = ControlNetModel.from_pretrained(path).eval()
         metrics, _ = evaluate(base, eval_set, scheme, controlnet, cfg.ddim_steps, cfg.guidance, cfg.seed,
-                              f"sampling {scheme}", uncond_control=cfg.uncond_control, defenses=cfg.defenses)
+                              f"sampling {scheme}", uncond_control=cfg.uncond_control, defenses=cfg.defenses,
+                              **_external_weights(cfg))
         rows.append({"scheme": scheme, **metrics})
     if update and (run / "summary.json").exists():
         summary = json.loads((run / "summary.json").read_text())

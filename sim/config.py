@@ -50,6 +50,8 @@ class ExperimentConfig:
     keep_messages: int = 0                   # round trips per scheme whose payloads are saved (seen_<scheme>.pt) for attacks
     keep_from: str = "start"                 # start | end: keep the first or the last keep-messages round trips
     attacks: tuple[str, ...] = ()            # attacks run on the saved round trips after training (keep-messages >= 4 then)
+    inception_weights: str = ""              # local TorchScript Inception file -> fid_inception ("" = off)
+    clip_weights: str = ""                   # local Hugging Face CLIP folder -> clip_score ("" = off)
 
     # ---------------------------------------------------------------- validation
     def __post_init__(self) -> None:
@@ -86,6 +88,12 @@ class ExperimentConfig:
             if self.partition == "dirichlet":
                 raise ValueError("partition='dirichlet' needs colour labels, which dataset='faces' does not have; "
                                  "use partition='iid'")
+        for key, kind, ok in (("inception_weights", "TorchScript file", Path.is_file),
+                              ("clip_weights", "Hugging Face CLIP folder", Path.is_dir)):
+            path = getattr(self, key)
+            if path and not ok(Path(path)):
+                what = "is not a" if Path(path).exists() else "does not exist; expected a"
+                raise ValueError(f"{_kebab(key)}={path!r} {what} {kind} (local weights only; nothing is downloaded)")
         if self.keep_messages < 0:
             raise ValueError(f"keep-messages must be >= 0, got {self.keep_messages}")
         if self.attacks:

@@ -81,15 +81,23 @@ def conditions_uint8(conditions: torch.Tensor) -> np.ndarray:
     return (conditions * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def score(images_uint8, conditions_uint8, fgs=None, bgs=None, targets_uint8=None) -> dict:
+def score(images_uint8, conditions_uint8, fgs=None, bgs=None, targets_uint8=None, prompts=None,
+          inception_weights=None, clip_weights=None) -> dict:
     """Task metrics of generated images against their conditions (and prompt colours when known).
 
     ``outline_iou`` (Fill50K circles), ``edge_ssim`` (condition fidelity as in the paper:
     Canny edges of the generated image vs the condition's, by SSIM), prompt-colour
     accuracy, and with ``targets_uint8`` ``fid_project``: the Frechet distance on the
     project's own feature network (sim/feature_net.py) -- "FID (project features)", not
-    Inception FID; few samples inflate it, so compare runs at equal ``eval-samples``."""
-    from .fidelity import edge_ssim, fid_project
+    Inception FID; few samples inflate it, so compare runs at equal ``eval-samples``.
+
+    Only with local weights the user points to (nothing is downloaded):
+    ``inception_weights`` (a TorchScript Inception file) adds ``fid_inception``, "FID
+    (Inception)" of the targets vs the images (:func:`sim.fidelity.standard_fid`);
+    ``clip_weights`` (a Hugging Face CLIP folder) adds ``clip_score`` of each image vs
+    its prompt in ``prompts`` (:func:`sim.fidelity.clip_score`). Both see 32x32 images
+    upsampled, so neither is comparable with papers' values at 512 px."""
+    from .fidelity import clip_score, edge_ssim, fid_project, standard_fid
     from .metrics import colour_accuracy, outline_iou
 
     out = {"outline_iou": float(outline_iou(images_uint8, conditions_uint8)),
@@ -98,14 +106,25 @@ def score(images_uint8, conditions_uint8, fgs=None, bgs=None, targets_uint8=None
         out.update(colour_accuracy(images_uint8, fgs, bgs))
     if targets_uint8 is not None and len(targets_uint8) >= 2:
         out["fid_project"] = float(fid_project(targets_uint8, images_uint8))
+        if inception_weights:
+            out["fid_inception"] = float(standard_fid(targets_uint8, images_uint8, inception_weights))
+    if clip_weights:
+        if prompts is None:
+            raise ValueError("clip_score needs the prompts the images were generated from")
+        out["clip_score"] = clip_score(images_uint8, prompts, clip_weights)
     return out
 
 
 def evaluate(base, eval_set: dict, scheme: str | None, controlnet, steps: int, guidance: float, seed: int,
-             desc: str, uncond_control: bool = False, defenses: tuple[str, ...] = ()) -> tuple[dict, np.ndarray]:
-    """Generate one image per eval condition and score it; returns (metrics, uint8 images)."""
+             desc: str, uncond_control: bool = False, defenses: tuple[str, ...] = (),
+             inception_weights=None, clip_weights=None) -> tuple[dict, np.ndarray]:
+    """Generate one image per eval condition and score it; returns (metrics, uint8 images).
+
+    ``inception_weights`` / ``clip_weights``: local weights for ``fid_inception`` and
+    ``clip_score`` (see :func:`score`); None or "" leaves them out."""
     images = generate(base, eval_set["prompt"], scheme, controlnet, eval_set["condition"], steps=steps,
                       guidance=guidance, seed=seed, desc=desc, uncond_control=uncond_control, defenses=defenses)
     imgs = to_uint8(images)
     conds = conditions_uint8(eval_set["condition"])
-    return score(imgs, conds, eval_set.get("fg"), eval_set.get("bg"), to_uint8(eval_set["target"])), imgs
+    return score(imgs, conds, eval_set.get("fg"), eval_set.get("bg"), to_uint8(eval_set["target"]),
+                 prompts=eval_set["prompt"], inception_weights=inception_weights, clip_weights=clip_weights), imgs

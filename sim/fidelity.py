@@ -12,7 +12,8 @@ their values are not comparable with Inception FID, nor across versions of the
 feature network. They measure how far the generated images are from real ones in
 what that network learned to see (circle colours, position, size; circle vs
 face), not perceptual quality in general. :func:`standard_fid` gives Inception
-FID only when the user supplies local Inception weights.
+FID ("FID (Inception)") and :func:`clip_score` the CLIP score only when the user
+supplies local Inception / CLIP weights.
 
 Condition fidelity
 ------------------
@@ -454,6 +455,97 @@ def standard_fid(real_uint8, fake_uint8, inception_path: str | Path | None = Non
         return torch.cat(out).double().numpy()
 
     return fid_from_features(feats(real_uint8, "real_uint8"), feats(fake_uint8, "fake_uint8"))
+
+
+# ---------------------------------------------------------------------------
+# CLIP score, only with user-supplied weights
+# ---------------------------------------------------------------------------
+
+#: CLIP's image normalisation (OpenAI CLIP, as in CLIPImageProcessor).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _clip_pixels(images, size: int) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> CLIP input (N, 3, size, size): shorter side resized to ``size`` (bicubic),
+    centre crop, values in [0, 1] (clamped after resizing), normalised with CLIP's mean and std."""
+    x = torch.from_numpy(np.ascontiguousarray(_batch(images, "images").transpose(0, 3, 1, 2))).float() / 255
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    x = torch.nn.functional.interpolate(x, size=(max(size, round(h * scale)), max(size, round(w * scale))),
+                                        mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    x = x[..., top:top + size, left:left + size]
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _embedding(out) -> torch.Tensor:
+    """get_*_features returns the projected embedding, as a tensor or (transformers >= 5) as pooler_output."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def clip_score(images_uint8, prompts, clip_path: str | Path | None = None, batch_size: int = 64) -> float:
+    """CLIP score of images against their prompts, only from a local CLIP model the user supplies.
+
+    ``mean over images of 100 * max(cos(E_image, E_prompt), 0)`` (Hessel et al. 2021,
+    with w = 100 as in torchmetrics' ``CLIPScore``; torchmetrics clips the mean
+    instead of each image, which differs only when some cosine is negative), in
+    [0, 100], higher is better.
+
+    ``clip_path`` is a Hugging Face CLIP folder (``CLIPModel`` weights, config and
+    tokenizer files), loaded with ``local_files_only=True``: nothing is downloaded
+    and without it this raises. The embeddings come from ``get_image_features`` /
+    ``get_text_features``. Images are preprocessed here with torch alone (shorter
+    side resized bicubically to the model's ``vision_config.image_size``, centre
+    crop, CLIP's mean and std), not with ``CLIPImageProcessor``, which works on
+    PIL images and so rounds to uint8 after resizing: values may differ slightly
+    from torchmetrics'. Prompts longer than the text model's
+    ``max_position_embeddings`` tokens are truncated.
+
+    Parameters
+    ----------
+    images_uint8 : (N, H, W, 3) uint8, or (N, 3, H, W) float in [-1, 1]
+    prompts : list of N str
+        One prompt per image.
+    clip_path : str or Path
+        Local CLIP folder, e.g. a saved ``openai/clip-vit-base-patch16``.
+
+    Caveat: at 32x32 the images are upsampled to CLIP's input size (~7x for 224 px)
+    before CLIP; the values are not comparable with the CLIP scores of 512x512
+    images in papers.
+
+    Raises
+    ------
+    FileNotFoundError
+        When no path is given or the folder does not exist.
+    """
+    if clip_path is None or not Path(clip_path).is_dir():
+        where = "no clip_path was given" if clip_path is None else f"{clip_path} is not a folder"
+        raise FileNotFoundError(
+            f"CLIP score needs a local CLIP model and {where}: none is available offline and this project never "
+            "downloads one. Pass clip_path= a Hugging Face CLIP folder (model, config and tokenizer files).")
+    from transformers import AutoTokenizer, CLIPModel
+
+    images = _batch(images_uint8, "images_uint8")
+    prompts = [str(p) for p in prompts]
+    if len(prompts) != len(images):
+        raise ValueError(f"need one prompt per image: {len(images)} images, {len(prompts)} prompts")
+    model = CLIPModel.from_pretrained(str(clip_path), local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(clip_path), local_files_only=True)
+    size = model.config.vision_config.image_size
+    max_len = model.config.text_config.max_position_embeddings
+    scores = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            img = _embedding(model.get_image_features(pixel_values=_clip_pixels(images[i:i + batch_size], size)))
+            tok = tokenizer(prompts[i:i + batch_size], padding=True, truncation=True, max_length=max_len,
+                            return_tensors="pt")
+            txt = _embedding(model.get_text_features(input_ids=tok["input_ids"],
+                                                     attention_mask=tok["attention_mask"]))
+            cos = torch.nn.functional.cosine_similarity(img.double(), txt.double(), dim=-1)
+            scores.append(100 * cos.clamp(min=0))
+    return float(torch.cat(scores).mean())
 
 
 # ---------------------------------------------------------------------------

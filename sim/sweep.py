@@ -44,8 +44,8 @@ from tqdm.auto import tqdm
 
 from .config import load_config
 
-ROW_KEYS = ("outline_iou", "edge_ssim", "colour_acc", "fid_project", "final_loss", "bytes_up_per_step",
-            "bytes_down_per_step", "wall_s")
+ROW_KEYS = ("outline_iou", "edge_ssim", "colour_acc", "fid_project", "fid_inception", "clip_score", "final_loss",
+            "bytes_up_per_step", "bytes_down_per_step", "wall_s")
 
 
 def load_sweep(path: str | Path) -> dict:
