@@ -38,6 +38,7 @@ class ExperimentConfig:
     prompt_dropout: float = 0.5              # fraction of training prompts replaced by "" (ControlNet paper: 0.5)
     high_noise_weight: float = 100.0         # loss weight clamp(1/SNR_t, 1, this) at high noise; 1 = plain MSE
     local_steps: int = 10                    # fedavg: local steps per round; split: steps per client turn
+    fedavg_keep_optimizer: bool = False      # fedavg: each client keeps its AdamW moments between rounds
     eval_samples: int = 32
     ddim_steps: int = 50
     guidance: float = 7.5                    # classifier-free guidance at evaluation (SD's default)

@@ -113,13 +113,14 @@ class TrainSettings:
     high_noise_weight: float = 1.0  # see sim.diffusion.high_noise_weights; 1 = plain epsilon MSE
     prompt_dropout: float = 0.0  # fraction of training prompts replaced by the empty prompt
     defenses: tuple[str, ...] = ()  # defense specs (public: the server knows which defenses run)
+    keep_optimizer: bool = False  # fedavg: a client keeps its AdamW state between rounds (else a fresh one per round)
 
     @classmethod
     def from_config(cls, cfg) -> "TrainSettings":
         """The recipe of a :class:`sim.config.ExperimentConfig`."""
         return cls(lr=cfg.lr, steps=cfg.steps, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
                    high_noise_weight=cfg.high_noise_weight, prompt_dropout=cfg.prompt_dropout,
-                   defenses=tuple(cfg.defenses))
+                   defenses=tuple(cfg.defenses), keep_optimizer=cfg.fedavg_keep_optimizer)
 
 
 def diffusion_loss(eps_hat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler,
@@ -141,6 +142,27 @@ class ClientEnv:
     data: ClientData
     seed: int
     controlnet_template: nn.Module | None = None  # the public ControlNet architecture (weights arrive by message)
+
+
+def prefixed(d: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``d`` under ``prefix.``, with the prefix removed."""
+    p = f"{prefix}."
+    return {k[len(p):]: v for k, v in d.items() if k.startswith(p)}
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str = "opt") -> dict[str, torch.Tensor]:
+    """An optimizer's per-parameter state (e.g. AdamW's moments and step) as flat tensors for
+    Flower's ``context.state``; :func:`load_optimizer_tensors` restores it."""
+    out = {f"{prefix}.{i}.{k}": torch.as_tensor(v) for i, st in opt.state_dict()["state"].items() for k, v in st.items()}
+    out[f"{prefix}.present"] = torch.ones(1)
+    return out
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, st: dict[str, torch.Tensor], prefix: str = "opt") -> None:
+    sd = opt.state_dict()
+    n = len(sd["param_groups"][0]["params"])
+    sd["state"] = {i: prefixed(st, f"{prefix}.{i}") for i in range(n) if f"{prefix}.{i}.step" in st}
+    opt.load_state_dict(sd)
 
 
 class SchemeClient:

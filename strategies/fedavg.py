@@ -33,7 +33,8 @@ from sim.cuts import controlled_eps
 from sim.diffusion import high_noise_weights
 from sim.wire import config, decode, metric, state
 
-from .base import Channel, SchemeClient, SchemeResult, TrainSettings, diffusion_loss, progress, turn_schedule
+from .base import (Channel, SchemeClient, SchemeResult, TrainSettings, diffusion_loss, load_optimizer_tensors,
+                   optimizer_tensors, progress, turn_schedule)
 
 MESSAGE_TYPE = "train"  # Flower's MessageType.TRAIN: what its FedAvg sends
 
@@ -67,6 +68,14 @@ class FedAvgClient(SchemeClient):
     def __init__(self, cid, env):
         super().__init__(cid, env)
         self.controlnet = copy.deepcopy(env.controlnet_template)  # weights are loaded from each FitIns
+        self.opt_state: dict[str, torch.Tensor] = {}  # AdamW state of the last round (keep-optimizer)
+
+    def get_state(self) -> dict[str, torch.Tensor]:
+        return {**super().get_state(), **self.opt_state}
+
+    def set_state(self, state: dict[str, torch.Tensor]) -> None:
+        super().set_state(state)
+        self.opt_state = {k: v for k, v in state.items() if k.startswith("opt.")}
 
     def held_modules(self):
         return super().held_modules() + [self.base.unet, self.controlnet]
@@ -75,6 +84,8 @@ class FedAvgClient(SchemeClient):
         self.controlnet.load_state_dict(request.arrays)
         self.controlnet.train()
         opt = torch.optim.AdamW(self.controlnet.parameters(), lr=self.settings.lr)
+        if self.settings.keep_optimizer and self.opt_state:
+            load_optimizer_tensors(opt, self.opt_state)
         losses = []
         private = self.defenses.with_hook("fl-client")  # e.g. dp-sgd: it takes the optimizer step
         if len(private) > 1:
@@ -91,6 +102,8 @@ class FedAvgClient(SchemeClient):
             loss.backward()
             opt.step()
             losses.append(loss.item())
+        if self.settings.keep_optimizer:
+            self.opt_state = optimizer_tensors(opt)
         return FitRes(dict(self.controlnet.state_dict()), len(self.data), losses)
 
     def _private_step(self, defense, b, opt) -> float:

@@ -31,7 +31,8 @@ from torch import nn
 from sim.cuts import CUTS, control_head, resolve
 from sim.wire import FEATURE_DTYPES, config, same_leading_dims, state, tensor
 
-from .base import Channel, SchemeClient, SchemeResult, SplitServer, TrainSettings, progress, turn_schedule
+from .base import (Channel, SchemeClient, SchemeResult, SplitServer, TrainSettings, load_optimizer_tensors,
+                   optimizer_tensors, prefixed, progress, turn_schedule)
 
 CUT = CUTS["vanilla"]
 MESSAGE_TYPE = "query.vanilla"
@@ -82,11 +83,6 @@ class ControlHead(nn.Module):
         return control_head(self, x_t, hint)
 
 
-def _prefixed(d: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    p = f"{prefix}."
-    return {k[len(p):]: v for k, v in d.items() if k.startswith(p)}
-
-
 class VanillaClient(SchemeClient):
     """Trains the head with the cut-layer gradients the server returns."""
 
@@ -108,22 +104,17 @@ class VanillaClient(SchemeClient):
         out = super().get_state()
         out.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
         if self.opt is not None:
-            for i, st in self.opt.state_dict()["state"].items():
-                out.update({f"opt.{i}.{k}": torch.as_tensor(v) for k, v in st.items()})
-            out["opt.present"] = torch.ones(1)
+            out.update(optimizer_tensors(self.opt))
         if self.pending is not None:
             out["pending.x_t"], out["pending.hint"], out["pending.t"], out["pending.gen"] = self.pending
         return out
 
     def set_state(self, st: dict[str, torch.Tensor]) -> None:
         super().set_state(st)
-        self.head.load_state_dict(_prefixed(st, "head"))
+        self.head.load_state_dict(prefixed(st, "head"))
         if "opt.present" in st:
             self.opt = torch.optim.AdamW(self.head.parameters(), lr=self.settings.lr)
-            sd = self.opt.state_dict()
-            n = len(sd["param_groups"][0]["params"])
-            sd["state"] = {i: _prefixed(st, f"opt.{i}") for i in range(n) if f"opt.{i}.step" in st}
-            self.opt.load_state_dict(sd)
+            load_optimizer_tensors(self.opt, st)
         if "pending.x_t" in st:
             self.pending = tuple(st[f"pending.{k}"] for k in ("x_t", "hint", "t", "gen"))
 

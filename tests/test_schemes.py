@@ -171,3 +171,25 @@ def test_transcript_keeps_what_the_server_saw(base, controlnet):
     stat, down, up = t.seen[0]
     assert stat.client == 0 and stat.message_type == "query.vanilla"
     assert "head" in down.array_records and "tensors" in up.array_records
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_fedavg_client_optimizer_state_between_rounds(base, controlnet, keep):
+    """fedavg-keep-optimizer: the client's AdamW moments survive the message boundary through its
+    saved state (Flower's context.state), so round 2 continues round 1's step count; without it
+    every round starts a fresh optimizer and nothing of it is saved."""
+    from strategies.fedavg import FedAvgClient, FitIns
+
+    settings = TrainSettings(lr=1e-3, steps=4, local_steps=2, batch_size=2, keep_optimizer=keep)
+    env = _envs(base, controlnet, settings)[0]
+    first = FedAvgClient(0, env)
+    res = first.serve(FitIns(dict(controlnet.state_dict()), 1, 2))
+    state = first.get_state()
+    second = FedAvgClient(0, env)  # a fresh object per message, as under Flower
+    second.set_state(state)
+    second.serve(FitIns(res.arrays, 2, 2))
+    steps = {k: float(v) for k, v in second.get_state().items() if k.endswith(".step")}
+    if keep:
+        assert steps and set(steps.values()) == {4.0}  # 2 local steps in each of 2 rounds
+    else:
+        assert not steps and not any(k.startswith("opt.") for k in state)
