@@ -224,9 +224,10 @@ def _spread_labels(ax, pts: list[tuple[float, float]], labels: list[str]) -> Non
 
 
 def plot_privacy_utility(sweep_json: str | Path, out: str | Path | None = None,
-                         utility: str = "outline_iou") -> Path:
+                         utility: str = "outline_iou", blind: float | None = None) -> Path:
     """Privacy (best attack SSIM over the attacks that ran, lower is better) against utility, one
-    point per (variant, scheme) of a sweep, with the Pareto front; from sweep.json alone."""
+    point per (variant, scheme) of a sweep, with the Pareto front; from sweep.json alone. ``blind``:
+    the same score of a guess made without any transcript (a vertical line)."""
     import json
 
     plt = _plt()
@@ -253,6 +254,8 @@ def plot_privacy_utility(sweep_json: str | Path, out: str | Path | None = None,
     base = next((r.get("base_outline_iou") for r in rows if r.get("base_outline_iou") is not None), None)
     if base is not None and utility == "outline_iou":
         ax.axhline(base, color="grey", lw=0.8, ls=":", label=f"base model, no control ({base:.2f})")
+    if blind is not None:
+        ax.axvline(blind, color="tab:red", lw=0.8, ls=":", label=f"blind guess, no transcript ({blind:.2f})")
     for sc, c in colours.items():
         if sc in schemes:
             ax.scatter([], [], color=c, label=sc)

@@ -149,7 +149,11 @@ def figures(spec: dict, out: Path, rows: list[dict], names: list[str]) -> list[P
 
     written = []
     if any(k.startswith("attack:") for r in rows for k in r):
-        written += [plots.plot_privacy_utility(out / "sweep.json", utility=u) for u in ("outline_iou", "colour_acc")]
+        from attacks.scoring import blind_scores
+
+        blind = max(s["ssim"] for s in blind_scores(load_config(str(out / rows[0]["variant"] / "config.toml"))).values())
+        written += [plots.plot_privacy_utility(out / "sweep.json", utility=u, blind=blind)
+                    for u in ("outline_iou", "colour_acc")]
     if spec.get("x_label"):
         written += plots.plot_sweep_curves(out / "sweep.json", spec["x_label"])
     if "schemes" in spec.get("figures", []):
