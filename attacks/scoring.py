@@ -42,8 +42,14 @@ def image_scores(recon: torch.Tensor, private: torch.Tensor, signed: bool) -> di
 
 
 def prompt_scores(guesses: list[str], truth: list[str], candidates: list[str]) -> dict:
+    """Accuracy of prompt guesses, against ``chance``: the better of a uniform guess among the
+    candidates and the best constant guess (prompt dropout makes "" the most common prompt)."""
+    from collections import Counter
+
     acc = float(np.mean([g == t for g, t in zip(guesses, truth)])) if truth else 0.0
-    return {"n": len(truth), "accuracy": acc, "chance": 1.0 / max(1, len(set(candidates)))}
+    uniform = 1.0 / max(1, len(set(candidates)))
+    majority = Counter(truth).most_common(1)[0][1] / len(truth) if truth else 0.0
+    return {"n": len(truth), "accuracy": acc, "chance": max(uniform, majority), "uniform_chance": uniform}
 
 
 def blind_scores(cfg, n: int = 64) -> dict:

@@ -276,10 +276,12 @@ def _scheme_colour(label: str) -> str:
     return next((c for s, c in SCHEME_COLOURS.items() if s in label), "grey")
 
 
-def plot_sweep_curves(sweep_json: str | Path, x_label: str) -> list[Path]:
+def plot_sweep_curves(sweep_json: str | Path, x_label: str, blind: dict | None = None) -> list[Path]:
     """Utility and leakage against a swept number (the variants' ``x``), one line per (scheme,
     ``group``): ``sweep_utility.png`` (outline IoU, colour accuracy, FID on project features) and,
-    when attacks ran, ``sweep_leakage.png`` (each attack's best SSIM; prompt inference's accuracy)."""
+    when attacks ran, ``sweep_leakage.png``: per attack the mean SSIM of reconstructed private
+    images (solid) and hints (dashed), or prompt accuracy, with ``blind`` ({"image", "hint"}: a
+    transcript-free guess's SSIM) as dotted lines."""
     import json
 
     plt = _plt()
@@ -292,24 +294,36 @@ def plot_sweep_curves(sweep_json: str | Path, x_label: str) -> list[Path]:
     groups = sorted({r.get("group", "") for r in rows})
     xs = [r["x"] for r in rows]
     log_x = bool(xs) and min(xs) > 0 and max(xs) / min(xs) >= 8
+    attacks = sorted({k[7:] for r in rows for k in r if k.startswith("attack:")})
+    panels = {"sweep_utility.png": [(("outline_iou",), "outline IoU (higher is better)"),
+                                    (("colour_acc",), "prompt-colour accuracy"),
+                                    (("fid_project",), "FID (project features, lower is better)")],
+              "sweep_leakage.png": [((f"image:{a}", f"hint:{a}", f"attack:{a}"), a + (" accuracy" if "prompt" in a else
+                                     " SSIM: image (solid), hint (dashed)")) for a in attacks]}
     written = []
-    panels = {"sweep_utility.png": [("outline_iou", "outline IoU (higher is better)"),
-                                    ("colour_acc", "prompt-colour accuracy"),
-                                    ("fid_project", "FID (project features, lower is better)")],
-              "sweep_leakage.png": [(k, k.split(":", 1)[1] + (" accuracy" if "prompt" in k else " best SSIM"))
-                                    for k in sorted({k for r in rows for k in r if k.startswith("attack:")})]}
     for name, keys in panels.items():
-        keys = [(k, lab) for k, lab in keys if any(isinstance(r.get(k), (int, float)) for r in rows)]
+        keys = [(ks, lab) for ks, lab in keys if any(isinstance(r.get(k), (int, float)) for r in rows for k in ks)]
         if not keys:
             continue
-        fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.3), squeeze=False)
-        for ax, (key, label) in zip(axes[0], keys):
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.8 * len(keys), 3.4), squeeze=False)
+        for ax, (ks, label) in zip(axes[0], keys):
+            parts = [k for k in ks[:2] if any(isinstance(r.get(k), (int, float)) for r in rows)] or [ks[-1]]
             for line, rs in sorted(lines.items()):
-                pts = sorted((r["x"], r[key]) for r in rs if isinstance(r.get(key), (int, float)))
-                if pts:
-                    style = styles[groups.index(rs[0].get("group", "")) % len(styles)]
-                    ax.plot(*zip(*pts), style, color=_scheme_colour(line), label=line, ms=4)
-            if key == "outline_iou" and rows and rows[0].get("base_outline_iou") is not None:
+                for j, key in enumerate(parts):
+                    pts = sorted((r["x"], r[key]) for r in rs if isinstance(r.get(key), (int, float)))
+                    if pts:
+                        style = styles[(groups.index(rs[0].get("group", "")) + j) % len(styles)]
+                        ax.plot(*zip(*pts), style, color=_scheme_colour(line), ms=4,
+                                label=line if len(parts) == 1 else f"{line}: {key.split(':')[0]}")
+            if name == "sweep_leakage.png":
+                ax.set_ylim(-0.02, 1.02)
+                for key in parts:
+                    target = key.split(":")[0]
+                    if blind and target in blind:
+                        ax.axhline(blind[target], color="grey", lw=0.8, ls=":")
+                        ax.annotate(f"blind {target}", (min(xs), blind[target]), fontsize=6, color="grey",
+                                    xytext=(0, 2), textcoords="offset points")
+            if ks[0] == "outline_iou" and rows and rows[0].get("base_outline_iou") is not None:
                 ax.axhline(rows[0]["base_outline_iou"], color="grey", lw=0.8, ls=":", label="base, no control")
             if log_x:
                 ax.set_xscale("log", base=2)

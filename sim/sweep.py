@@ -155,7 +155,11 @@ def figures(spec: dict, out: Path, rows: list[dict], names: list[str]) -> list[P
         written += [plots.plot_privacy_utility(out / "sweep.json", utility=u, blind=blind)
                     for u in ("outline_iou", "colour_acc")]
     if spec.get("x_label"):
-        written += plots.plot_sweep_curves(out / "sweep.json", spec["x_label"])
+        from attacks.scoring import blind_scores
+
+        blind = ({k: v["ssim"] for k, v in blind_scores(load_config(str(out / rows[0]["variant"] / "config.toml"))).items()}
+                 if any(k.startswith("attack:") for r in rows for k in r) else None)
+        written += plots.plot_sweep_curves(out / "sweep.json", spec["x_label"], blind)
     if "schemes" in spec.get("figures", []):
         written += plots.plot_variants(out, names)
     if spec.get("matrix"):
@@ -190,6 +194,9 @@ def collect(out: Path, names: list[str], spec: dict | None = None) -> list[dict]
                     continue
                 key = "attack:" + a["attack"].split(":")[0]  # the name: presets' smoke runs change parameters
                 row[key] = best_ssim(a) if a["status"] == "ok" else "N/A"
+                for target in ("image", "hint"):  # the parts of the best score, for the curves
+                    if target in a:
+                        row[f"{target}:{key[7:]}"] = a[target]["ssim"]
                 if "prompt" in a:
                     row[key] = a["prompt"]["accuracy"]
             rows.append(row)
