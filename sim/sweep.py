@@ -148,8 +148,9 @@ def figures(spec: dict, out: Path, rows: list[dict], names: list[str]) -> list[P
     from . import plots
 
     written = []
-    if any(k.startswith("attack:") for r in rows for k in r):
-        from attacks.scoring import blind_scores
+    first = load_config(str(out / rows[0]["variant"] / "config.toml")) if rows else None
+    if first is not None and first.dataset == "fill50k" and any(k.startswith("attack:") for r in rows for k in r):
+        from attacks.scoring import blind_scores  # (the utility metrics are the circles')
 
         blind = max(s["ssim"] for s in blind_scores(load_config(str(out / rows[0]["variant"] / "config.toml"))).values())
         written += [plots.plot_privacy_utility(out / "sweep.json", utility=u, blind=blind)
