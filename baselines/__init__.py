@@ -1,4 +1,7 @@
-"""Named experiment presets that reproduce the paper's comparisons (evaluation issue).
+"""Named experiment presets (TOML), run with ``splitcontrol sweep baselines/NAME.toml``.
 
-The presets of ``splitcontrol compare`` live in ``sim/presets`` for now.
+paper-main, defense-sweep, timestep-sweep, attack-matrix and clients-scaling: see the
+README's "Baseline presets" for what each compares, its wall time and its committed
+reference outputs (results/reference/NAME/). sim/sweep.py reads them; the presets of a
+single ``compare`` run live in sim/presets.
 """
