@@ -26,8 +26,10 @@ preset's sweep under the same ``results/``) is copied from it instead of trained
 attacks it lists that the copy lacks are then run on the copy. ``sweep.json`` names the
 source in ``reused_from``. Pass ``reuse=False`` (CLI ``--no-reuse``) to train everything.
 
-Optional preset keys for figures and tables: ``x_label`` with a number ``x`` per variant
-(and an optional ``group``) draws ``sweep_<metric>.png`` curves against it;
+When attacks ran on the circles, ``privacy_<utility>.png`` plots leakage against utility with
+the Pareto front. Optional preset keys for figures and tables: ``x_label`` with a number
+``x`` per variant (and an optional ``group``) draws ``sweep_utility.png`` and
+``sweep_leakage.png`` curves against it;
 ``figures = ["schemes"]`` draws loss, bytes and client-cost figures across the variants;
 ``matrix = true`` writes ``matrix.md``, the variant x attack table with N/A reasons.
 """
@@ -149,17 +151,15 @@ def figures(spec: dict, out: Path, rows: list[dict], names: list[str]) -> list[P
 
     written = []
     first = load_config(str(out / rows[0]["variant"] / "config.toml")) if rows else None
-    if first is not None and first.dataset == "fill50k" and any(k.startswith("attack:") for r in rows for k in r):
-        from attacks.scoring import blind_scores  # (the utility metrics are the circles')
-
-        blind = max(s["ssim"] for s in blind_scores(load_config(str(out / rows[0]["variant"] / "config.toml"))).values())
-        written += [plots.plot_privacy_utility(out / "sweep.json", utility=u, blind=blind)
-                    for u in ("outline_iou", "colour_acc")]
-    if spec.get("x_label"):
+    blind = None
+    if first is not None and any(k.startswith("attack:") for r in rows for k in r):
         from attacks.scoring import blind_scores
 
-        blind = ({k: v["ssim"] for k, v in blind_scores(load_config(str(out / rows[0]["variant"] / "config.toml"))).items()}
-                 if any(k.startswith("attack:") for r in rows for k in r) else None)
+        blind = {k: v["ssim"] for k, v in blind_scores(first).items()}  # a guess without any transcript
+    if blind and first.dataset == "fill50k":  # (the utility metrics are the circles')
+        written += [plots.plot_privacy_utility(out / "sweep.json", utility=u, blind=max(blind.values()))
+                    for u in ("outline_iou", "colour_acc")]
+    if spec.get("x_label"):
         written += plots.plot_sweep_curves(out / "sweep.json", spec["x_label"], blind)
     if "schemes" in spec.get("figures", []):
         written += plots.plot_variants(out, names)
