@@ -130,6 +130,12 @@ class GradInversion(Attack):
     threat_model = ("honest-but-curious FedAvg server reading (global, local) weights per round, with the "
                     "public recipe, base model and auxiliary data")
 
+    def not_applicable(self, view: ServerView) -> str | None:
+        if getattr(view.cfg, "fedavg_keep_optimizer", False) and view.scheme == "fedavg":
+            return ("unwinding an update to its gradient assumes each round starts a fresh AdamW; with "
+                    "fedavg-keep-optimizer the clients' moments are private state the server does not see")
+        return super().not_applicable(view)
+
     def run(self, view: ServerView) -> Reconstruction:
         from torch.nn.attention import SDPBackend, sdpa_kernel  # double backward needs the math kernel
 

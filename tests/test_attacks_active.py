@@ -89,6 +89,11 @@ def test_not_applicable_reasons(tiny_base):
     assert "rMLE" in make_attack("unsplit").not_applicable(views["nograd"])
     assert "FedAvg sends no per-step features" in make_attack("unsplit").not_applicable(views["fedavg"])
     assert "needs per-step features" in make_attack("unsplit").not_applicable(views["vanilla"])  # nothing kept
+    import dataclasses
+
+    stateful = views["fedavg"]
+    stateful.cfg = dataclasses.replace(stateful.cfg, fedavg_keep_optimizer=True)
+    assert "fresh AdamW" in make_attack("grad-inversion").not_applicable(stateful)  # its unwinding needs one
 
 
 def test_unwinding_one_adamw_step_gives_the_gradient():
