@@ -131,6 +131,7 @@ def plot_run(run_dir: str | Path, colour=None) -> list[Path]:
                         fontsize=6 if many else 7, rotation=90 if many else 0)
     ax.set_xticks(x, schemes, **tick)
     ax.set_yscale("log")
+    ax.set_ylim(top=max(up + down) * (60 if many else 8))  # room for the value labels
     ax.set_ylabel("bytes per training step")
     ax.set_title("Communication per step (log scale; solid: up, hatched: down)", fontsize=10)
     ax.legend(fontsize=8)

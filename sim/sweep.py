@@ -198,8 +198,10 @@ def collect(out: Path, names: list[str], spec: dict | None = None) -> list[dict]
                 for target in ("image", "hint"):  # the parts of the best score, for the curves
                     if target in a:
                         row[f"{target}:{key[7:]}"] = a[target]["ssim"]
-                if "prompt" in a:
-                    row[key] = a["prompt"]["accuracy"]
+                if "prompt" in a:  # a prompt-only attack's score is its accuracy; others keep their SSIM
+                    row["prompt:" + key[7:]] = a["prompt"]["accuracy"]
+                    if "image" not in a and "hint" not in a:
+                        row[key] = a["prompt"]["accuracy"]
             rows.append(row)
     return rows
 
