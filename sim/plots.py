@@ -101,16 +101,16 @@ def plot_run(run_dir: str | Path, colour=None) -> list[Path]:
             d = json.loads(line)
             losses[d["scheme"]] = d["losses"]
     if losses:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for s, ls in losses.items():
-            w = max(1, len(ls) // 40)
+        fig, ax = plt.subplots(figsize=(6 + 2.2 * (len(losses) > 4), 3.5))
+        for i, (s, ls) in enumerate(losses.items()):
+            w = max(1, len(ls) // (10 if len(losses) > 4 else 40))  # many curves: smooth more
             ma = _moving_average(ls, w)
-            ax.plot(np.arange(len(ma)) + w, ma, label=s, color=colour_of(s))
+            ax.plot(np.arange(len(ma)) + w, ma, ["-", "--", ":", "-."][i % 4], label=s, color=colour_of(s))
         ax.set_xlabel("training step (all clients)")
         ax.set_ylabel("loss (moving average)")
         ax.set_yscale("log")
         ax.set_title("Training loss per scheme (same data, seeds and steps)", fontsize=10)
-        ax.legend()
+        ax.legend(**({"fontsize": 7, "loc": "center left", "bbox_to_anchor": (1.01, 0.5)} if len(losses) > 4 else {}))
         fig.tight_layout()
         written.append(run / "loss.png")
         fig.savefig(written[-1], dpi=120)
@@ -372,8 +372,8 @@ def plot_variants(out: str | Path, names: list[str]) -> list[Path]:
             written[-1].write_bytes(p.read_bytes())
     if rounds:
         plt = _plt()
-        fig, ax = plt.subplots(figsize=(6, 3.5))
         labels = sorted({d["label"] for d in rounds})
+        fig, ax = plt.subplots(figsize=(6 + 2.2 * (len(labels) > 4), 3.5))
         for i, lab in enumerate(labels):
             rs = [d for d in rounds if d["label"] == lab and d.get("loss") is not None]
             w = max(1, min(3, len(rs)))
@@ -383,7 +383,7 @@ def plot_variants(out: str | Path, names: list[str]) -> list[Path]:
         ax.set_ylabel("round's mean loss (3-round avg)")
         ax.set_yscale("log")
         ax.set_title("Per-round training loss", fontsize=10)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, **({"loc": "center left", "bbox_to_anchor": (1.01, 0.5)} if len(labels) > 4 else {}))
         fig.tight_layout()
         written.append(out / "rounds.png")
         fig.savefig(written[-1], dpi=120)
