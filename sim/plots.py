@@ -353,15 +353,13 @@ def plot_variants(out: str | Path, names: list[str]) -> list[Path]:
         run = out / name
         if not (run / "summary.json").exists():
             continue
-        for r in json.loads((run / "summary.json").read_text())["rows"]:
-            if "bytes_up_per_step" in r:
-                rows.append({**r, "scheme": f"{name}" if r["scheme"] in name else f"{r['scheme']} {name}"})
-        for line in (run / "losses.jsonl").read_text().splitlines():
-            d = json.loads(line)
-            losses.append({**d, "scheme": name if d["scheme"] in name else f"{d['scheme']} {name}"})
-        for line in (run / "rounds.jsonl").read_text().splitlines():
-            d = json.loads(line)
-            rounds.append({**d, "label": name if d["scheme"] in name else f"{d['scheme']} {name}"})
+        def label(scheme: str) -> str:  # "nograd-none" names its scheme; "none" of a nograd run does not
+            return name if scheme in name else f"{scheme} {name}"
+
+        rows += [{**r, "scheme": label(r["scheme"])} for r in json.loads((run / "summary.json").read_text())["rows"]
+                 if "bytes_up_per_step" in r]
+        losses += [{**d, "scheme": label(d["scheme"])} for d in map(json.loads, (run / "losses.jsonl").read_text().splitlines())]
+        rounds += [{**d, "label": label(d["scheme"])} for d in map(json.loads, (run / "rounds.jsonl").read_text().splitlines())]
     written = []
     with tempfile.TemporaryDirectory() as tmp:
         merged = Path(tmp)
