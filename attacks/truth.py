@@ -68,10 +68,10 @@ def private_samples(cfg, scheme: str, messages: list[dict], refs: list[tuple[int
         if cid not in replay:
             replay[cid] = cls(cid, ClientEnv(base, sched, settings, clients[cid], cfg.seed, controlnet))
         i, m = kept.get(stat["index"], (None, None))
-        n = batches_in(m, scheme) if m is not None else batches_of(stat, scheme, cfg)
-        if m is not None and n != batches_of(stat, scheme, cfg):
-            raise AssertionError(f"message {stat['index']}: {n} batches in the payload, "
-                                 f"{batches_of(stat, scheme, cfg)} from its statistics")
+        n = batches_of(stat, scheme, cfg)
+        if m is not None and batches_in(m, scheme) != n:
+            raise AssertionError(f"message {stat['index']}: {batches_in(m, scheme)} batches in the payload, "
+                                 f"{n} from its statistics")
         for k in range(n):
             b = replay[cid].next_batch()
             if (i, k) in wanted:
