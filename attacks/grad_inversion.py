@@ -4,7 +4,9 @@ Threat model: honest-but-curious FedAvg server. It sees, per round and client, t
 global ControlNet it sent and the local one that came back, and knows the public recipe
 (lr, local steps, batch size, AdamW with torch's defaults: strategies/fedavg.py), the
 public frozen base model and auxiliary data. It reconstructs the client's first batch
-of the round: target image, hint and prompt.
+of the round: target image, hint and prompt. It needs stateless clients
+(``fedavg-keep-optimizer=false``, as the presets that run it set): by default a client
+keeps its AdamW moments between rounds, private state that step 1 cannot unwind (N/A).
 
 1. The update, unwound. A client's first AdamW step from a fresh optimizer moves every
    weight by lr * g / (|g| + eps_adam) (m_hat = g, v_hat = g^2) after decoupled weight

@@ -76,12 +76,15 @@ def _bare_fedavg(envs, controlnet, settings, turns) -> list[float]:
     global_sd = copy.deepcopy(controlnet.state_dict())
     local = copy.deepcopy(controlnet).train()
     gens = [client_generator(e.seed, c) for c, e in enumerate(envs)]
+    opt_states = [None] * n  # keep-optimizer: each client's AdamW state from its last round
     losses = []
     for r in range(0, len(turns), n):
         states, weights = [], []
         for cid, k in turns[r:r + n]:
             local.load_state_dict(global_sd)
             opt = torch.optim.AdamW(local.parameters(), lr=settings.lr)
+            if settings.keep_optimizer and opt_states[cid] is not None:
+                opt.load_state_dict(opt_states[cid])
             for _ in range(k):
                 b = sample_batch(base, envs[cid].scheduler, envs[cid].data, settings.batch_size, gens[cid],
                                  settings.prompt_dropout)
@@ -91,6 +94,8 @@ def _bare_fedavg(envs, controlnet, settings, turns) -> list[float]:
                 loss.backward()
                 opt.step()
                 losses.append(loss.item())
+            if settings.keep_optimizer:
+                opt_states[cid] = copy.deepcopy(opt.state_dict())
             states.append({k: v.clone() for k, v in local.state_dict().items()})
             weights.append(len(envs[cid].data))
         total = float(sum(weights))

@@ -87,7 +87,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(rows))
     else:
-        print_table(rows, ["scheme", "outline_iou", "edge_ssim", "fg_colour_acc", "bg_colour_acc", "colour_acc",
+        print_table(rows, ["scheme", "outline_iou", "outline_iou_se", "edge_ssim", "fg_colour_acc", "bg_colour_acc", "colour_acc",
                            "fid_project"])
     return 0
 

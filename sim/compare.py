@@ -150,7 +150,7 @@ def summary_row(res, metrics: dict) -> dict:
     }
 
 
-TABLE_COLUMNS = ["scheme", "outline_iou", "colour_acc", "final_loss", "client_trainable_params",
+TABLE_COLUMNS = ["scheme", "outline_iou", "outline_iou_se", "colour_acc", "final_loss", "client_trainable_params",
                  "bytes_up_per_step", "bytes_down_per_step", "messages_per_step", "wall_s"]
 
 

@@ -32,13 +32,13 @@ class ExperimentConfig:
     num_clients: int = 2
     partition: str = "iid"                   # iid | dirichlet
     dirichlet_alpha: float = 0.5
-    steps: int = 1200                         # training batches per scheme, all clients together
+    steps: int = 1000                        # training batches per scheme, all clients together
     batch_size: int = 8
     lr: float = 1e-3                         # AdamW learning rate of the ControlNet
     prompt_dropout: float = 0.5              # fraction of training prompts replaced by "" (ControlNet paper: 0.5)
     high_noise_weight: float = 100.0         # loss weight clamp(1/SNR_t, 1, this) at high noise; 1 = plain MSE
     local_steps: int = 10                    # fedavg: local steps per round; split: steps per client turn
-    fedavg_keep_optimizer: bool = False      # fedavg: each client keeps its AdamW moments between rounds
+    fedavg_keep_optimizer: bool = True       # fedavg: each client keeps its AdamW moments between rounds (false: fresh per round)
     eval_samples: int = 32
     ddim_steps: int = 50
     guidance: float = 7.5                    # classifier-free guidance at evaluation (SD's default)

@@ -11,7 +11,7 @@ unconditional branch is the base model alone (what diffusers' ControlNet pipelin
 in ``guess_mode``), so guidance ``w`` amplifies the control together with the prompt:
 ``eps = eps_base(x, "") + w * (eps_control(x, prompt) - eps_base(x, ""))``. With
 ``uncond_control=True`` both branches get the control and guidance amplifies only the
-prompt. Measured on the ControlNets of ``results/reference/demo`` (1,200 steps, DDIM-50,
+prompt. Measured on the ControlNets of an earlier default run (1,200 steps, DDIM-50,
 guidance 5, 32 conditions): outline IoU 0.49 -> 0.64 (nograd), 0.47 -> 0.64 (vanilla),
 0.43 -> 0.58 (fedavg) when moving from both branches to the conditional one only.
 """
@@ -81,11 +81,22 @@ def conditions_uint8(conditions: torch.Tensor) -> np.ndarray:
     return (conditions * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def standard_error(values) -> float:
+    """Standard error of the mean of per-image scores (sample std / sqrt(n)); 0 for one image.
+
+    The eval set is a sample of conditions, so a mean score is an estimate: at the default
+    64 conditions the outline IoU of a trained ControlNet (per image ~0 or ~1, std ~0.42)
+    has a standard error of ~0.05; differences between runs below ~2 SE are noise."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
 def score(images_uint8, conditions_uint8, fgs=None, bgs=None, targets_uint8=None, prompts=None,
           inception_weights=None, clip_weights=None) -> dict:
     """Task metrics of generated images against their conditions (and prompt colours when known).
 
-    ``outline_iou`` (Fill50K circles), ``edge_ssim`` (condition fidelity as in the paper:
+    ``outline_iou`` (Fill50K circles) with its standard error ``outline_iou_se`` over the
+    eval images (:func:`standard_error`), ``edge_ssim`` (condition fidelity as in the paper:
     Canny edges of the generated image vs the condition's, by SSIM), prompt-colour
     accuracy, and with ``targets_uint8`` ``fid_project``: the Frechet distance on the
     project's own feature network (sim/feature_net.py) -- "FID (project features)", not
@@ -98,9 +109,10 @@ def score(images_uint8, conditions_uint8, fgs=None, bgs=None, targets_uint8=None
     its prompt in ``prompts`` (:func:`sim.fidelity.clip_score`). Both see 32x32 images
     upsampled, so neither is comparable with papers' values at 512 px."""
     from .fidelity import clip_score, edge_ssim, fid_project, standard_fid
-    from .metrics import colour_accuracy, outline_iou
+    from .metrics import colour_accuracy, outline_iou_per_image
 
-    out = {"outline_iou": float(outline_iou(images_uint8, conditions_uint8)),
+    ious = outline_iou_per_image(images_uint8, conditions_uint8)
+    out = {"outline_iou": float(ious.mean()), "outline_iou_se": standard_error(ious),
            "edge_ssim": float(edge_ssim(images_uint8, conditions_uint8))}
     if fgs is not None:
         out.update(colour_accuracy(images_uint8, fgs, bgs))

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from .config import load_config
 
-ROW_KEYS = ("outline_iou", "edge_ssim", "colour_acc", "fid_project", "fid_inception", "clip_score", "final_loss",
+ROW_KEYS = ("outline_iou", "outline_iou_se", "edge_ssim", "colour_acc", "fid_project", "fid_inception", "clip_score", "final_loss",
             "bytes_up_per_step", "bytes_down_per_step", "wall_s")
 
 
@@ -210,7 +210,7 @@ def markdown(rows: list[dict]) -> str:
     from .compare import markdown_table
 
     attack_cols = sorted({k for r in rows for k in r if k.startswith("attack:")})
-    cols = ["variant", "scheme", "outline_iou", "edge_ssim", "colour_acc", "fid_project", "final_loss",
+    cols = ["variant", "scheme", "outline_iou", "outline_iou_se", "edge_ssim", "colour_acc", "fid_project", "final_loss",
             "bytes_up_per_step"] + attack_cols
     return markdown_table(rows, cols)
 

@@ -113,7 +113,7 @@ class TrainSettings:
     high_noise_weight: float = 1.0  # see sim.diffusion.high_noise_weights; 1 = plain epsilon MSE
     prompt_dropout: float = 0.0  # fraction of training prompts replaced by the empty prompt
     defenses: tuple[str, ...] = ()  # defense specs (public: the server knows which defenses run)
-    keep_optimizer: bool = False  # fedavg: a client keeps its AdamW state between rounds (else a fresh one per round)
+    keep_optimizer: bool = True  # fedavg: a client keeps its AdamW state between rounds (else a fresh one per round)
 
     @classmethod
     def from_config(cls, cfg) -> "TrainSettings":

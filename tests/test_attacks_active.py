@@ -164,7 +164,8 @@ def vanilla_view():
 
 @pytest.fixture(scope="module")
 def fedavg_b1_view():
-    cfg = _cfg("schemes=fedavg", "batch-size=1", "local-steps=1", "steps=4", "keep-messages=4")
+    cfg = _cfg("schemes=fedavg", "batch-size=1", "local-steps=1", "steps=4", "keep-messages=4",
+               "fedavg-keep-optimizer=false")  # the attack unwinds a fresh AdamW
     return _trained_view("fedavg", cfg)
 
 

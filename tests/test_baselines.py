@@ -62,7 +62,8 @@ def test_sweep_copies_a_finished_run_of_the_same_configuration_and_runs_missing_
     from sim.sweep import run_sweep
 
     small = ["num-samples=32", "steps=8", "batch-size=4", "local-steps=2", "eval-samples=2", "ddim-steps=2",
-             "schemes=[\"nograd\", \"vanilla\", \"fedavg\"]", "baseline=false", "keep-messages=2", "keep-from=end"]
+             "schemes=[\"nograd\", \"vanilla\", \"fedavg\"]", "baseline=false", "keep-messages=2", "keep-from=end",
+             "fedavg-keep-optimizer=false"]
     preset = tmp_path / "p.toml"
     preset.write_text(f"name = 'p'\nbase = {json.dumps(small)}\n"
                       "[[variant]]\nname = 'a'\nset = ['jobs=1']\n"

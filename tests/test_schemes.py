@@ -33,8 +33,10 @@ def _envs(base, controlnet, settings, seed=0):
     return [ClientEnv(base, sched, settings, d, seed, controlnet) for d in _clients(base)]
 
 
-def _run(scheme, base, controlnet, steps=4, local_steps=2, batch=2, lr=1e-3, seed=0, weight=1.0, keep=0):
-    settings = TrainSettings(lr=lr, steps=steps, local_steps=local_steps, batch_size=batch, high_noise_weight=weight)
+def _run(scheme, base, controlnet, steps=4, local_steps=2, batch=2, lr=1e-3, seed=0, weight=1.0, keep=0,
+         keep_optimizer=True):
+    settings = TrainSettings(lr=lr, steps=steps, local_steps=local_steps, batch_size=batch, high_noise_weight=weight,
+                             keep_optimizer=keep_optimizer)
     envs = _envs(base, controlnet, settings, seed)
     grid = InProcessGrid(client_app_for(envs), len(envs), {})
     res = run_strategy(scheme, base, controlnet, settings, seed, grid, discover(grid, len(envs)), Transcript(keep))
@@ -143,13 +145,14 @@ def test_prompt_dropout_replaces_prompts_with_the_empty_prompt(base):
     assert torch.equal(all_dropped.x_t, none_dropped.x_t)  # same images, t and noise either way
 
 
-@pytest.mark.parametrize("scheme", ["fedavg", "vanilla", "nograd"])
-def test_flower_path_equals_a_bare_pytorch_loop(scheme, base, controlnet):
-    """The apps over the in-process grid compute what a plain loop computes: same batches, same losses."""
+@pytest.mark.parametrize("scheme,keep", [("fedavg", True), ("fedavg", False), ("vanilla", True), ("nograd", True)])
+def test_flower_path_equals_a_bare_pytorch_loop(scheme, keep, base, controlnet):
+    """The apps over the in-process grid compute what a plain loop computes: same batches, same losses
+    (FedAvg with stateful and with stateless clients)."""
     from sim.bench import BARE
 
-    settings = TrainSettings(lr=1e-3, steps=6, local_steps=2, batch_size=2, high_noise_weight=20.0)
-    res, envs = _run(scheme, base, controlnet, steps=6, local_steps=2, weight=20.0)
+    settings = TrainSettings(lr=1e-3, steps=6, local_steps=2, batch_size=2, high_noise_weight=20.0, keep_optimizer=keep)
+    res, envs = _run(scheme, base, controlnet, steps=6, local_steps=2, weight=20.0, keep_optimizer=keep)
     bare = BARE[scheme](_envs(base, controlnet, settings), controlnet, settings, turn_schedule(6, 2, 2))
     assert len(bare) == len(res.losses) == 6
     assert max(abs(a - b) for a, b in zip(bare, res.losses)) <= 1e-5
