@@ -88,10 +88,10 @@ def best_ssim(row: dict) -> float | None:
 def run_attacks(run_dir: str | Path, specs: list[str], schemes: list[str] | None = None) -> list[dict]:
     """Every attack in ``specs`` on every scheme of the run (or ``schemes``); writes attacks.json
     and merges the rows into summary.json."""
-    from sim.config import load_config
+    from sim.config import load_run_config
 
     run = Path(run_dir)
-    cfg = load_config(str(run / "config.toml"))
+    cfg = load_run_config(run)
     rows = []
     for scheme in schemes or cfg.schemes:
         view = ServerView.from_run(run, scheme)

@@ -98,11 +98,11 @@ class ServerView:
         from diffusers import ControlNetModel
 
         from sim.compare import _setup
-        from sim.config import load_config
+        from sim.config import load_run_config
         from sim.models import ddpm_scheduler
 
         run = Path(run_dir)
-        cfg = load_config(str(run / "config.toml"))
+        cfg = load_run_config(run)
         seen = run / f"seen_{scheme}.pt"
         if not seen.exists():
             raise FileNotFoundError(f"{seen} is missing: run compare with keep-messages > 0 (or attacks=[...])")

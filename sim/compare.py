@@ -333,7 +333,7 @@ def reevaluate(run_dir: str | Path, overrides: list[str] = (), update: bool = Fa
     """
     from diffusers import ControlNetModel
 
-    from .config import load_config
+    from .config import load_run_config
 
     run = Path(run_dir)
     if not (run / "config.toml").exists():
@@ -342,7 +342,7 @@ def reevaluate(run_dir: str | Path, overrides: list[str] = (), update: bool = Fa
         key = item.split("=", 1)[0].strip().replace("_", "-")
         if key not in EVAL_KEYS:
             raise ValueError(f"evaluate can only change the evaluation keys {list(EVAL_KEYS)}, not {key!r}")
-    cfg = load_config(str(run / "config.toml"), overrides)
+    cfg = load_run_config(run, overrides)
     base, eval_set, _, _ = _setup(cfg)
     rows = []
     if cfg.baseline:

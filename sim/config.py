@@ -191,6 +191,24 @@ def load_config(preset: str = "default", overrides: typing.Iterable[str] = ()) -
     return ExperimentConfig(**values)
 
 
+# Keys added after runs were written without them, whose default is not the behaviour those
+# runs had: a run's config.toml that lacks the key was made with this value.
+BEHAVIOUR_BEFORE_KEY = {"fedavg-keep-optimizer": "false"}  # FedAvg clients were stateless before the key
+
+
+def load_run_config(run_dir: str | Path, overrides: typing.Iterable[str] = ()) -> ExperimentConfig:
+    """The configuration a finished run was made with (its ``config.toml``), then ``overrides``.
+
+    Unlike :func:`load_config` on a preset, keys missing from an older run's file take the
+    behaviour the run had (:data:`BEHAVIOUR_BEFORE_KEY`), not today's default."""
+    path = Path(run_dir) / "config.toml"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} has no config.toml: is it a results folder of `splitcontrol compare`?")
+    present = set(tomllib.loads(path.read_text()))
+    legacy = [f"{k}={v}" for k, v in BEHAVIOUR_BEFORE_KEY.items() if k not in present]
+    return load_config(str(path), legacy + list(overrides))
+
+
 # ----------------------------------------------------------------------------- Flower run config
 def to_run_config(cfg: ExperimentConfig) -> dict[str, bool | int | float | str]:
     """The config as a Flower run config: kebab-case keys, scalar values (lists as TOML list strings,

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .config import load_config
+from .config import load_config, load_run_config
 
 ROW_KEYS = ("outline_iou", "outline_iou_se", "edge_ssim", "colour_acc", "fid_project", "fid_inception", "clip_score", "final_loss",
             "bytes_up_per_step", "bytes_down_per_step", "wall_s")
@@ -82,6 +82,16 @@ def _training_key(cfg):
     return dataclasses.replace(cfg, jobs=1, attacks=())
 
 
+def config_differences(cfg, run: Path) -> list[str]:
+    """The config keys in which the finished run ``run`` differs from ``cfg`` (jobs and attacks aside)."""
+    try:
+        other = _training_key(load_run_config(run))
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+        return [f"unreadable config.toml ({e})"]
+    key = _training_key(cfg)
+    return [f.name.replace("_", "-") for f in dataclasses.fields(key) if getattr(key, f.name) != getattr(other, f.name)]
+
+
 def find_identical(cfg, root: Path, exclude: Path | None = None) -> Path | None:
     """A finished run folder under ``root/*/`` or ``root/*/*/`` trained with ``cfg``'s configuration."""
     key = _training_key(cfg)
@@ -90,7 +100,7 @@ def find_identical(cfg, root: Path, exclude: Path | None = None) -> Path | None:
         if run == exclude or not (run / "summary.json").exists() or (run / "reused_from").exists():
             continue
         try:
-            other = load_config(str(path))
+            other = load_run_config(run)
         except (ValueError, TypeError, KeyError):  # a folder of an older or foreign configuration
             continue
         if _training_key(other) == key:
@@ -128,6 +138,10 @@ def run_sweep(preset: str | Path, out: str | Path, smoke: bool = False, only: li
     for v in tqdm(variants, desc=f"sweep {spec.get('name', Path(preset).stem)}", unit="variant"):
         run = out / v["name"]
         if (run / "summary.json").exists():
+            stale = config_differences(configs[v["name"]], run)
+            if stale:
+                print(f"warning: variant {v['name']} in {run} is kept from an earlier run whose configuration "
+                      f"differs from the preset's in {stale}; delete the folder (or use another --out) to rerun it")
             continue
         t0 = time.time()
         src = find_identical(configs[v["name"]], out.resolve().parent, exclude=run.resolve()) if reuse else None
@@ -150,7 +164,7 @@ def figures(spec: dict, out: Path, rows: list[dict], names: list[str]) -> list[P
     from . import plots
 
     written = []
-    first = load_config(str(out / rows[0]["variant"] / "config.toml")) if rows else None
+    first = load_run_config(out / rows[0]["variant"]) if rows else None
     blind = None
     if first is not None and any(k.startswith("attack:") for r in rows for k in r):
         from attacks.scoring import blind_scores
@@ -181,7 +195,7 @@ def collect(out: Path, names: list[str], spec: dict | None = None) -> list[dict]
         if not path.exists():
             continue
         summary = json.loads(path.read_text())
-        cfg = load_config(str(out / name / "config.toml"))
+        cfg = load_run_config(out / name)
         wanted = attack_ids(cfg)
         base_iou = next((r.get("outline_iou") for r in summary["rows"] if r["scheme"].startswith("base")), None)
         for r in summary["rows"]:
@@ -233,7 +247,7 @@ def matrix_markdown(out: Path, names: list[str]) -> str:
         path = out / name / "attacks.json"
         if not path.exists():
             continue
-        cfg = load_config(str(out / name / "config.toml"))
+        cfg = load_run_config(out / name)
         wanted = attack_ids(cfg)
         data_key = (cfg.dataset, cfg.model, cfg.num_samples, cfg.eval_samples, cfg.data_seed, cfg.max_radius)
         if data_key not in blind:

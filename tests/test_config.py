@@ -1,6 +1,7 @@
 """Config: presets load, overrides are typed, bad keys and values fail naming the key."""
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 
 import pytest
@@ -63,3 +64,22 @@ def test_flower_run_config_declares_every_key_with_the_default_values():
     assert from_run_config(to_run_config(smoke)) == smoke  # lists survive as comma-separated strings
     with pytest.raises(ValueError, match="steps"):
         from_run_config({"steps": "many"})
+
+
+def test_an_older_run_config_without_a_key_keeps_the_behaviour_it_was_made_with(tmp_path):
+    """fedavg-keep-optimizer became true by default after runs were written without the key
+    (stateless FedAvg clients): such a run still reads as stateless, a preset gets the new default."""
+    from sim.config import load_run_config
+    from sim.sweep import config_differences
+
+    cfg = load_config("smoke")
+    text = "\n".join(l for l in cfg.to_toml().splitlines() if not l.startswith("fedavg-keep-optimizer"))
+    (tmp_path / "config.toml").write_text(text + "\n")
+    assert cfg.fedavg_keep_optimizer is True
+    assert load_config(str(tmp_path / "config.toml")).fedavg_keep_optimizer is True
+    assert load_run_config(tmp_path).fedavg_keep_optimizer is False
+    assert load_run_config(tmp_path, ["guidance=5"]).guidance == 5
+    assert config_differences(cfg, tmp_path) == ["fedavg-keep-optimizer"]
+    assert config_differences(dataclasses.replace(cfg, fedavg_keep_optimizer=False, jobs=3), tmp_path) == []
+    with pytest.raises(FileNotFoundError, match="config.toml"):
+        load_run_config(tmp_path / "nothing")
