@@ -336,8 +336,6 @@ def reevaluate(run_dir: str | Path, overrides: list[str] = (), update: bool = Fa
     from .config import load_run_config
 
     run = Path(run_dir)
-    if not (run / "config.toml").exists():
-        raise FileNotFoundError(f"{run} has no config.toml: is it a results folder of `splitcontrol compare`?")
     for item in overrides:
         key = item.split("=", 1)[0].strip().replace("_", "-")
         if key not in EVAL_KEYS:

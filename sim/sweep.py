@@ -86,7 +86,7 @@ def config_differences(cfg, run: Path) -> list[str]:
     """The config keys in which the finished run ``run`` differs from ``cfg`` (jobs and attacks aside)."""
     try:
         other = _training_key(load_run_config(run))
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:  # an older or foreign configuration
         return [f"unreadable config.toml ({e})"]
     key = _training_key(cfg)
     return [f.name.replace("_", "-") for f in dataclasses.fields(key) if getattr(key, f.name) != getattr(other, f.name)]
@@ -94,16 +94,11 @@ def config_differences(cfg, run: Path) -> list[str]:
 
 def find_identical(cfg, root: Path, exclude: Path | None = None) -> Path | None:
     """A finished run folder under ``root/*/`` or ``root/*/*/`` trained with ``cfg``'s configuration."""
-    key = _training_key(cfg)
     for path in sorted(root.glob("*/config.toml")) + sorted(root.glob("*/*/config.toml")):
         run = path.parent
         if run == exclude or not (run / "summary.json").exists() or (run / "reused_from").exists():
             continue
-        try:
-            other = load_run_config(run)
-        except (ValueError, TypeError, KeyError):  # a folder of an older or foreign configuration
-            continue
-        if _training_key(other) == key:
+        if not config_differences(cfg, run):  # an unreadable (older or foreign) config differs too
             return run
     return None
 
