@@ -76,6 +76,21 @@ def _moving_average(x: list[float], window: int) -> np.ndarray:
     return np.convolve(x, np.ones(window) / window, mode="valid")
 
 
+MANY_SERIES = 4  # more curves than this: a wider figure with the legend outside the axes
+
+
+def _series_axes(plt, n: int):
+    """Figure and axes for ``n`` line series (wider when the legend goes outside)."""
+    return plt.subplots(figsize=(6 + 2.2 * (n > MANY_SERIES), 3.5))
+
+
+def _series_legend(ax, n: int, **kw) -> None:
+    """The legend of ``n`` line series: inside the axes for a few, small and to the right of them for many."""
+    if n > MANY_SERIES:
+        kw = {"fontsize": 7, **kw, "loc": "center left", "bbox_to_anchor": (1.01, 0.5)}
+    ax.legend(**kw)
+
+
 def plot_run(run_dir: str | Path, colour=None) -> list[Path]:
     """Figures of a results folder, drawn from its files alone: loss.png, bytes.png, client_cost.png, samples.png.
 
@@ -101,16 +116,16 @@ def plot_run(run_dir: str | Path, colour=None) -> list[Path]:
             d = json.loads(line)
             losses[d["scheme"]] = d["losses"]
     if losses:
-        fig, ax = plt.subplots(figsize=(6 + 2.2 * (len(losses) > 4), 3.5))
+        fig, ax = _series_axes(plt, len(losses))
         for i, (s, ls) in enumerate(losses.items()):
-            w = max(1, len(ls) // (10 if len(losses) > 4 else 40))  # many curves: smooth more
+            w = max(1, len(ls) // (10 if len(losses) > MANY_SERIES else 40))  # many curves: smooth more
             ma = _moving_average(ls, w)
             ax.plot(np.arange(len(ma)) + w, ma, ["-", "--", ":", "-."][i % 4], label=s, color=colour_of(s))
         ax.set_xlabel("training step (all clients)")
         ax.set_ylabel("loss (moving average)")
         ax.set_yscale("log")
         ax.set_title("Training loss per scheme (same data, seeds and steps)", fontsize=10)
-        ax.legend(**({"fontsize": 7, "loc": "center left", "bbox_to_anchor": (1.01, 0.5)} if len(losses) > 4 else {}))
+        _series_legend(ax, len(losses))
         fig.tight_layout()
         written.append(run / "loss.png")
         fig.savefig(written[-1], dpi=120)
@@ -301,14 +316,17 @@ def plot_sweep_curves(sweep_json: str | Path, x_label: str, blind: dict | None =
                                     (("fid_project",), "FID (project features, lower is better)")],
               "sweep_leakage.png": [((f"image:{a}", f"hint:{a}", f"attack:{a}"), a + (" accuracy" if "prompt" in a else
                                      " SSIM: image (solid), hint (dashed)")) for a in attacks]}
+    def numeric(key: str) -> bool:  # some row has a number under key (not N/A, not missing)
+        return any(isinstance(r.get(key), (int, float)) for r in rows)
+
     written = []
     for name, keys in panels.items():
-        keys = [(ks, lab) for ks, lab in keys if any(isinstance(r.get(k), (int, float)) for r in rows for k in ks)]
+        keys = [(ks, lab) for ks, lab in keys if any(numeric(k) for k in ks)]
         if not keys:
             continue
         fig, axes = plt.subplots(1, len(keys), figsize=(3.8 * len(keys), 3.4), squeeze=False)
         for ax, (ks, label) in zip(axes[0], keys):
-            parts = [k for k in ks[:2] if any(isinstance(r.get(k), (int, float)) for r in rows)] or [ks[-1]]
+            parts = [k for k in ks[:2] if numeric(k)] or [ks[-1]]
             for line, rs in sorted(lines.items()):
                 for j, key in enumerate(parts):
                     pts = sorted((r["x"], r[key]) for r in rs if isinstance(r.get(key), (int, float)))
@@ -371,7 +389,7 @@ def plot_variants(out: str | Path, names: list[str]) -> list[Path]:
     if rounds:
         plt = _plt()
         labels = sorted({d["label"] for d in rounds})
-        fig, ax = plt.subplots(figsize=(6 + 2.2 * (len(labels) > 4), 3.5))
+        fig, ax = _series_axes(plt, len(labels))
         for i, lab in enumerate(labels):
             rs = [d for d in rounds if d["label"] == lab and d.get("loss") is not None]
             w = max(1, min(3, len(rs)))
@@ -381,7 +399,7 @@ def plot_variants(out: str | Path, names: list[str]) -> list[Path]:
         ax.set_ylabel("round's mean loss (3-round avg)")
         ax.set_yscale("log")
         ax.set_title("Per-round training loss", fontsize=10)
-        ax.legend(fontsize=7, **({"loc": "center left", "bbox_to_anchor": (1.01, 0.5)} if len(labels) > 4 else {}))
+        _series_legend(ax, len(labels), fontsize=7)
         fig.tight_layout()
         written.append(out / "rounds.png")
         fig.savefig(written[-1], dpi=120)
