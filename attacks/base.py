@@ -12,7 +12,8 @@ private images happens afterwards, outside the attack (attacks/truth.py, attacks
 
 An attack declares
 ------------------
-``needs``: what it requires, from :data:`NEEDS`; ``schemes``: where it can apply;
+``needs``: what it requires, from :data:`NEEDS`; ``client_parts``: the client parts it can attack
+(a scheme's ``client_part``: ``frozen``, ``head``, ``whole``);
 ``targets``: what it reconstructs (image, hint, prompt); ``active``: whether the server
 deviates from the protocol. :meth:`Attack.not_applicable` returns the reason when a
 (scheme, run) pair cannot be attacked: it is reported as N/A with that reason, never as
@@ -20,13 +21,16 @@ a score of 0.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 
 import torch
 
-from sim.components import Component, Registry
+from defenses import DefenseStack
+from sim.core.components import Component, Registry
+from sim.core.splits import aux_set
+from strategies import SCHEMES, get_strategy
 
 NEEDS = {
     "sent-features": "per-step features sent by the clients (split learning)",
@@ -39,7 +43,7 @@ NEEDS = {
     "text-signal": "a text-dependent signal on the wire (context embeddings)",
 }
 TARGETS = ("image", "hint", "prompt")
-AUX_SEED_OFFSET = 20_000  # auxiliary fill50k data: a seed stream no client or eval set uses
+CLIENT_PARTS = ("frozen", "head", "whole")
 
 
 @dataclass
@@ -59,74 +63,50 @@ class Reconstruction:
     info: dict = field(default_factory=dict)
 
 
-def aux_data(cfg, size: int, n: int = 256) -> dict:
-    """The server's public auxiliary data for a run's configuration (see :meth:`ServerView.aux`)."""
-    import numpy as np
-
-    from sim import data as data_mod
-
-    if cfg.dataset == "faces":
-        full = data_mod.load_dataset("faces", size=size)
-        order = np.random.default_rng(cfg.data_seed).permutation(len(full))
-        rest = order[cfg.num_samples + cfg.eval_samples:][:n]
-        if len(rest) == 0:
-            raise ValueError("faces: no images left for auxiliary data; lower num-samples or eval-samples")
-        ds = full.select(rest.tolist())
-    else:
-        ds = data_mod.load_dataset(cfg.dataset, n=n, size=size, seed=cfg.data_seed + AUX_SEED_OFFSET,
-                                   max_radius=cfg.max_radius)
-    return data_mod.to_tensors(ds)
-
-
 class ServerView:
     """Everything the (honest-but-curious or malicious) server knows after a run.
 
-    Build it with :meth:`from_run`. Attacks read :attr:`messages` (or the convenience
-    views :meth:`batches`, :meth:`updates`, :meth:`gradients`), the public models and
-    :meth:`aux`.
+    The engine builds it (``sim.engine.scoring.server_view``). Attacks read :attr:`messages`
+    (or the convenience views :meth:`batches`, :meth:`updates`, :meth:`gradients`),
+    :attr:`history` (every message's statistics: client, round, steps, bytes), the public
+    models and :meth:`aux`. An active attack that deviates from the protocol during training
+    asks :attr:`connect` for a fresh session with the clients (a typed channel to them, as
+    the server has; None where the harness offers none).
     """
 
     def __init__(self, scheme: str, cfg, messages: list[dict], base, scheduler, controlnet_init,
-                 controlnet_final=None, run_dir: Path | None = None):
+                 controlnet_final=None, history: list[dict] | None = None,
+                 connect: Callable | None = None):
+        if hasattr(cfg, "data_seed") or hasattr(cfg, "client_seed"):
+            raise TypeError("a ServerView takes the public config only (PublicConfig), never the clients' keys")
         self.scheme, self.cfg, self.messages = scheme, cfg, messages
         self.base, self.scheduler = base, scheduler
         self.controlnet_init, self.controlnet_final = controlnet_init, controlnet_final
-        self.run_dir = run_dir
+        self.history = history if history is not None else [m["stat"] for m in messages]
+        self.connect = connect
 
-    @classmethod
-    def from_run(cls, run_dir: str | Path, scheme: str) -> "ServerView":
-        from diffusers import ControlNetModel
+    @property
+    def strategy(self):
+        """The scheme's strategy class (public: the protocol)."""
+        return get_strategy(self.scheme)
 
-        from sim.compare import _setup
-        from sim.config import load_run_config
-        from sim.models import ddpm_scheduler
-
-        run = Path(run_dir)
-        cfg = load_run_config(run)
-        seen = run / f"seen_{scheme}.pt"
-        if not seen.exists():
-            raise FileNotFoundError(f"{seen} is missing: run compare with keep-messages > 0 (or attacks=[...])")
-        base, _, controlnet, _ = _setup(cfg)
-        final = run / f"controlnet_{scheme}"
-        final_cn = ControlNetModel.from_pretrained(final).eval() if final.exists() else None
-        return cls(scheme, cfg, torch.load(seen, weights_only=False), base, ddpm_scheduler(base.preset),
-                   controlnet, final_cn, run)
+    @property
+    def client_part(self) -> str:
+        return self.strategy.client_part
 
     # ------------------------------------------------------------------ public knowledge
     @cached_property
-    def defenses(self):
+    def defenses(self) -> DefenseStack:
         """The run's defense stack for this scheme (public: the server knows the protocol)."""
-        from defenses import DefenseStack
-
         p = self.base.preset
-        return DefenseStack(self.cfg.defenses, self.scheme, p.latent_channels * p.latent_size ** 2)
+        return DefenseStack(self.cfg.defenses, self.strategy, p.latent_channels * p.latent_size ** 2)
 
     def aux(self, n: int = 256) -> dict:
         """Public auxiliary data disjoint from the clients': tensors target [-1, 1], condition [0, 1], prompt.
 
-        fill50k: a fresh procedural stream (seed data-seed + 20,000); faces: the faces neither
-        in training nor in evaluation (at most 100 - num-samples - eval-samples)."""
-        return aux_data(self.cfg, self.base.preset.image_size, n)
+        fill50k: a fresh procedural stream (seed eval-seed + 20,000); faces: the faces of the
+        public split neither in the clients' pool nor in evaluation (:mod:`sim.core.splits`)."""
+        return aux_set(self.cfg, self.base.preset.image_size, n)
 
     # ------------------------------------------------------------------ views of the transcript
     def batches(self) -> list[dict]:
@@ -202,7 +182,7 @@ class Attack(Component):
     ----------------
     name, params : registry name and parameter defaults (spec strings as for defenses)
     needs : keys of :data:`NEEDS`
-    schemes : where it can apply; ``why_not`` says why not elsewhere
+    client_parts : the scheme client parts it applies to (:data:`CLIENT_PARTS`); ``why_not`` says why not others
     targets : what it reconstructs (subset of :data:`TARGETS`)
     active : True if the server deviates from the protocol
     threat_model : one line
@@ -210,7 +190,7 @@ class Attack(Component):
 
     kind = "attack"
     needs: tuple[str, ...] = ()
-    schemes: tuple[str, ...] = ("fedavg", "vanilla", "nograd")
+    client_parts: tuple[str, ...] = CLIENT_PARTS
     why_not: str = ""
     targets: tuple[str, ...] = ("image",)
     active: bool = False
@@ -218,8 +198,8 @@ class Attack(Component):
 
     def not_applicable(self, view: ServerView) -> str | None:
         """None if the attack can run on ``view``, else the reason (reported as N/A)."""
-        if view.scheme not in self.schemes:
-            return self.why_not or f"applies to {list(self.schemes)} only"
+        if view.client_part not in self.client_parts:
+            return self.why_not or f"applies to clients that hold {list(self.client_parts)} only"
         missing = [n for n in self.needs if n not in view.available()]
         if missing:
             return "needs " + "; ".join(NEEDS[n] for n in missing) + f", absent under {view.scheme}" + \
@@ -231,8 +211,10 @@ class Attack(Component):
 
     def describe(self) -> dict:
         doc = (type(self).__doc__ or "").strip().splitlines()
-        return {"name": self.name, "needs": list(self.needs), "schemes": list(self.schemes),
-                "not_applicable": {s: self.why_not for s in ("fedavg", "vanilla", "nograd") if s not in self.schemes},
+        return {"name": self.name, "needs": list(self.needs), "client_parts": list(self.client_parts),
+                "schemes": [s for s, cls in SCHEMES.items() if cls.client_part in self.client_parts],
+                "not_applicable": {s: self.why_not for s, cls in SCHEMES.items()
+                                   if cls.client_part not in self.client_parts},
                 "targets": list(self.targets), "active": self.active, "params": self.p,
                 "threat_model": self.threat_model, "summary": doc[0] if doc else ""}
 

@@ -11,9 +11,9 @@ gradient is sent to FedAvg or no-gradient-return clients).
 
 An active attack cannot be replayed from an honest run's transcript: :meth:`FSHA.run`
 runs its own short malicious session (``steps`` client batches) against the real
-client code (``strategies.vanilla.VanillaClient`` behind ``sim.client_app``'s ClientApp
+client code (``strategies.vanilla.VanillaClient`` behind ``sim.engine.client_app``'s ClientApp
 on an in-process Flower grid, clients built from the run's config, i.e. the same
-private data and seeds), records it in its own :class:`sim.transcript.Transcript`
+private data and seeds), records it in its own :class:`sim.engine.transcript.Transcript`
 and reconstructs the hints of the last ``attack-batches`` batches. Its refs point into
 THAT session's messages, which it returns in ``Reconstruction.info["messages"]`` (the
 format of ``seen_<scheme>.pt``; messages before the attacked window keep their
@@ -62,11 +62,15 @@ the decoder's SSIM on held-out aux data (the attack's ceiling).
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from attacks.scoring import image_scores
+from defenses.symsigmoid import inverse, symsigmoid
+from strategies.base import Channel, turn_schedule
+from strategies.vanilla import ControlHead, VanillaReply, VanillaRequest
 
 from .base import Attack, Reconstruction, ServerView, register
 from .common import invert_conv
@@ -142,7 +146,7 @@ class FSHA(Attack):
 
     name = "fsha"
     needs = ("gradients-to-client", "active-server", "aux-data")
-    schemes = ("vanilla",)
+    client_parts = ("head",)
     why_not = "needs gradients sent to the client"
     targets = ("hint",)
     active = True
@@ -153,16 +157,14 @@ class FSHA(Attack):
                     "plant, installs a head of its choice through the relay); public aux data")
 
     def not_applicable(self, view: ServerView) -> str | None:
-        if view.scheme not in self.schemes:
+        if view.client_part not in self.client_parts:
             return self.why_not
+        if view.connect is None:
+            return "needs a session with the clients (an active server); this view offers none"
         return None  # the attack makes its own session: it needs no kept messages from the view
 
     # ------------------------------------------------------------------ the attack
     def run(self, view: ServerView) -> Reconstruction:
-        from strategies.vanilla import ControlHead
-
-        from .scoring import image_scores
-
         p = self.p
         torch.manual_seed(p["seed"])
         gen = torch.Generator().manual_seed(p["seed"] + 1)
@@ -226,37 +228,22 @@ class FSHA(Attack):
         """What the hint contributes to the sent features if the head were the pilot:
         (features - pilot.conv_in(x_t)) / pilot-scale, x_t solved exactly from the public UNet branch."""
         if self.symsigmoid:
-            from defenses.symsigmoid import inverse
-
             control = inverse(control)
         x_t = invert_conv(view.base.unet.conv_in, unet_features)
         return centred((control - self._x_path(x_t, step)) / self.scale)
 
     def _session(self, view, critic, real):
         """The malicious vanilla session; returns (kept messages, heads the clients returned)."""
-        from sim.client_app import make_client_app
-        from sim.compare import discover
-        from sim.config import to_run_config
-        from sim.grid import InProcessGrid, quiet_flower_logs
-        from sim.transcript import RecordingGrid, Transcript, record_to_dict
-        from strategies.base import Channel, turn_schedule
-        from strategies.vanilla import MESSAGE_TYPE, ControlHead, VanillaReply, VanillaRequest
-
         p, cfg = self.p, view.cfg
-        quiet_flower_logs()
         steps, window = p["steps"], p["attack-batches"]
-        grid = InProcessGrid(make_client_app(), cfg.num_clients, to_run_config(cfg))
-        node_ids = discover(grid, cfg.num_clients)
         kept: list[dict] = []
 
-        class _Keep(Transcript):
-            def add(self, stat, down, up):  # full payloads only for the attacked window
-                self.stats.append(stat)
-                m = {"stat": dataclasses.asdict(stat), "down": record_to_dict(down), "up": record_to_dict(up)}
-                kept.append(m if stat.num_steps and stat.first_step >= steps - window else _light(m))
+        def keep(m: dict) -> None:  # full payloads only for the attacked window
+            stat = m["stat"]
+            kept.append(m if stat["num_steps"] and stat["first_step"] >= steps - window else _light(m))
 
-        channel = Channel(RecordingGrid(grid, _Keep(), {n: i for i, n in enumerate(node_ids)}, "vanilla"),
-                          node_ids, MESSAGE_TYPE)
+        grid, node_ids = view.connect(keep)  # a fresh session with the run's clients
+        channel = Channel(grid, node_ids, view.strategy.message_type)
         opt = torch.optim.Adam(critic.parameters(), lr=p["lr-server"], betas=(0.5, 0.9))
         head_state = (copy.deepcopy(self.pilot.state_dict()) if p["plant"]
                       else ControlHead(view.controlnet_init).state_dict())
@@ -292,8 +279,6 @@ class FSHA(Attack):
         self._x_t = x_t = invert_conv(view.base.unet.conv_in, unet_features)
         self._slope = torch.ones_like(sent)  # d sent / d head output
         if self.symsigmoid:
-            from defenses.symsigmoid import inverse, symsigmoid
-
             pre = inverse(sent.detach()).requires_grad_(True)
             (slope,) = torch.autograd.grad(symsigmoid(pre).sum(), pre)
             self._slope = slope.clamp_min(1e-6)

@@ -63,6 +63,10 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from sim.core.cuts import controlled_eps
+from sim.core.diffusion import ddim_sample
+from strategies.base import TrainSettings, diffusion_loss
+
 from .base import Attack, Reconstruction, ServerView, register
 
 ADAM_EPS = 1e-8  # torch.optim.AdamW defaults, as the FedAvg client uses them (strategies/fedavg.py)
@@ -124,7 +128,7 @@ class GradInversion(Attack):
 
     name = "grad-inversion"
     needs = ("fl-updates",)
-    schemes = ("fedavg",)
+    client_parts = ("whole",)
     why_not = "needs FL model updates"
     targets = ("image", "hint", "prompt")
     params = {"max-updates": 1, "skip-first-round": True, "iters": 0, "lr": 0.05, "tv": 0.01,
@@ -133,13 +137,16 @@ class GradInversion(Attack):
                     "public recipe, base model and auxiliary data")
 
     def not_applicable(self, view: ServerView) -> str | None:
-        if getattr(view.cfg, "fedavg_keep_optimizer", False) and view.scheme == "fedavg":
+        if getattr(view.cfg, "fedavg_keep_optimizer", False) and view.client_part == "whole":
             return ("unwinding an update to its gradient assumes each round starts a fresh AdamW; with "
                     "fedavg-keep-optimizer the clients' moments are private state the server does not see")
         return super().not_applicable(view)
 
     def run(self, view: ServerView) -> Reconstruction:
-        from torch.nn.attention import SDPBackend, sdpa_kernel  # double backward needs the math kernel
+        from torch.nn.attention import (  # double backward needs the math kernel
+            SDPBackend,
+            sdpa_kernel,
+        )
 
         torch.manual_seed(self.p["seed"])
         updates = view.updates()
@@ -166,9 +173,6 @@ class GradInversion(Attack):
 
     # ------------------------------------------------------------------ one update
     def _invert(self, view: ServerView, u: dict, aux: dict, candidates, cand_emb):
-        from sim.cuts import controlled_eps
-        from strategies.base import TrainSettings, diffusion_loss
-
         p, cfg, sched = self.p, view.cfg, view.scheduler
         settings = TrainSettings.from_config(cfg)
         cn = copy.deepcopy(view.controlnet_init)
@@ -223,7 +227,6 @@ class GradInversion(Attack):
             same = [i for i, q in enumerate(aux["prompt"]) if q == prompt and prompt]
             pool = aux["target"][same] if same else aux["target"]
             return pool.mean(0, keepdim=True).expand(batch, -1, -1, -1).clone()
-        from sim.diffusion import ddim_sample
 
         unet = view.base.unet
         null = view.base.encode_prompts([""])

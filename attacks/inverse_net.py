@@ -42,6 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from defenses import HookContext, split_client_features
+from sim.core.cuts import control_head, nograd_control_input
+from strategies.vanilla import ControlHead
+
 from .base import Attack, Reconstruction, ServerView, register
 from .common import signed_to_hint
 
@@ -75,8 +79,6 @@ def head_for(view: ServerView, msg: int, relayed: dict[int, dict] | None = None,
     linearly, (i - s) / (e - s) of the way; the server cannot replay the steps themselves (they
     need the private inputs). Without a kept relay: the final head (also relayed by the server).
     """
-    from strategies.vanilla import ControlHead
-
     relayed = vanilla_heads(view) if relayed is None else relayed
     returned = returned_heads(view) if returned is None else returned
     starts = [i for i in relayed if i <= msg]
@@ -149,11 +151,15 @@ class ClientSimulator:
         self.defense_gen = torch.Generator().manual_seed(seed + 1)
         self.T = view.scheduler.config.num_train_timesteps
 
+    def _branch(self, head, hint):
+        """The simulated client's control branch (the scheme's: h = E(hint) + x_t, or the head's output)."""
+        if self.view.client_part == "frozen":
+            return lambda x: nograd_control_input(self.view.base.autoencoder, x, hint)
+        return lambda x: control_head(head, x, hint)
+
     def draw(self, n: int, idx: torch.Tensor | None = None, cid: int | torch.Tensor | None = None,
              head=None, grad: bool = False) -> dict:
         """Simulate ``n`` samples; returns control, unet (features as sent), t, noise, z0, e_hint, idx, cid."""
-        from defenses import HookContext, split_client_features
-
         ae, unet = self.view.base.autoencoder, self.view.base.unet
         N = len(self.aux["target"])
         idx = torch.randint(0, N, (n,), generator=self.gen) if idx is None else idx
@@ -165,16 +171,16 @@ class ClientSimulator:
         t = torch.randint(self.t_start, self.T, (n,), generator=self.gen, dtype=torch.int64)
         noise = torch.randn(z0.shape, generator=self.gen)
         x_t = self.scheduler.add_noise(z0, noise, t)
-        if head is None and self.view.scheme == "vanilla":
+        if head is None and self.view.client_part == "head":
             head = self.heads[int(torch.randint(0, len(self.heads), (1,), generator=self.gen))]
         cids = cid if isinstance(cid, torch.Tensor) else torch.full((n,), int(cid))
         parts, feats, order = [], [], []
         with torch.set_grad_enabled(grad):
             for c in cids.unique().tolist():  # a per-client offset depends on the cid
                 sel = (cids == c).nonzero().flatten()
-                ctx = HookContext(t[sel], self.scheduler, int(c), self.defense_gen)
-                ctl, ft = split_client_features(self.stack, self.view.scheme, ae, unet, x_t[sel], hint[sel], ctx,
-                                                head=head)
+                # a shadow client's own secret (its fixed offset, if any): the real clients' are unknown
+                ctx = HookContext(t[sel], self.scheduler, int(c), self.defense_gen, secret=ATTACK_SEED * 1_000 + int(c))
+                ctl, ft = split_client_features(self.stack, self._branch(head, hint[sel]), unet, x_t[sel], ctx)
                 parts.append(ctl.float())
                 feats.append(ft.float())
                 order.append(sel)
@@ -353,7 +359,7 @@ class InverseNetAttack(Attack):
 
     name = "inverse-net"
     needs = ("sent-features", "aux-data", "white-box-client")
-    schemes = ("vanilla", "nograd")
+    client_parts = ("frozen", "head")
     why_not = "FedAvg sends no per-step features"
     targets = ("image", "hint")
     params = {"steps": 300, "aux": 512, "width": 24, "depth": 2, "batch": 16, "lr": 0.003,
@@ -378,7 +384,7 @@ class InverseNetAttack(Attack):
         batches = view.batches()
         info: dict = {"aux": p["aux"], "steps": p["steps"], "t_start": view.defenses.t_start(view.scheduler)}
         heads = None
-        if view.scheme == "vanilla":
+        if view.client_part == "head":
             heads = attacked_heads(view, batches)
             info["heads_used"] = len(heads)
             info["turn_end_heads_kept"] = len(returned_heads(view))

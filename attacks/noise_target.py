@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from defenses.symsigmoid import inverse, symsigmoid
+
 from .base import Attack, Reconstruction, ServerView, register
 from .common import denoise_latent, invert_conv, signed_to_hint
 
@@ -30,7 +32,7 @@ class NoiseTargetAttack(Attack):
 
     name = "noise-target"
     needs = ("sent-features", "noise-target", "white-box-client")
-    schemes = ("vanilla", "nograd")
+    client_parts = ("frozen", "head")
     why_not = "FedAvg sends no per-step features or noise targets"
     targets = ("image", "hint")
     params = {"max-samples": 64, "iters": 300}
@@ -50,9 +52,7 @@ class NoiseTargetAttack(Attack):
             images.append(ae.decode(z0).clamp(-1, 1))
             refs += [(b["ref"][0], b["ref"][1], j) for j in range(x_t.shape[0])]
         info = {}
-        if view.scheme == "nograd":
-            from defenses.symsigmoid import inverse
-
+        if view.client_part == "frozen":
             names = [d.name for d in stack.defenses]
             offset_used = any(d.name == "fp16" and d.p["offset"] for d in stack.defenses)
             pre = []
@@ -73,6 +73,4 @@ class NoiseTargetAttack(Attack):
 
     @staticmethod
     def _forward(e_plus_x: torch.Tensor, names: list[str]) -> torch.Tensor:
-        from defenses.symsigmoid import symsigmoid
-
         return symsigmoid(e_plus_x) if "symsigmoid" in names else e_plus_x

@@ -23,7 +23,7 @@ class PromptInference(Attack):
 
     name = "prompt-inference"
     needs = ("sent-features", "text-signal", "aux-data")
-    schemes = ("vanilla", "nograd")
+    client_parts = ("frozen", "head")
     why_not = "FedAvg sends no per-step text context (only weights)"
     targets = ("prompt",)
     params = {"max-samples": 256, "aux": 1024}

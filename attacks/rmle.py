@@ -35,6 +35,11 @@ from __future__ import annotations
 
 import torch
 
+from attacks.inverse_net import head_for, returned_heads, vanilla_heads
+from defenses import HookContext
+from sim.core.autoencoder import IdentityAutoencoder
+from sim.core.cuts import control_head, nograd_control_input, unet_first_conv
+
 from .base import Attack, Reconstruction, ServerView, register
 from .common import invert_conv
 
@@ -65,12 +70,9 @@ def public_features(view: ServerView, x_unet: torch.Tensor, x_control: torch.Ten
     (fp16:offset=true) is replaced by ``offset``, the attacker's variable, added where the stack
     adds the client's private one.
     """
-    from defenses import HookContext
-    from sim.cuts import control_head, nograd_control_input, unet_first_conv
-
     stack, ae, unet = view.defenses, view.base.autoencoder, view.base.unet
     ctx = HookContext(t, view.scheduler, -1, torch.Generator().manual_seed(0))
-    if view.scheme == "nograd":
+    if view.client_part == "frozen":
         control = nograd_control_input(ae, x_control, hint)
     else:
         control = control_head(head, x_control, hint)
@@ -110,7 +112,7 @@ class RMLEAttack(Attack):
 
     name = "rmle"
     needs = ("sent-features", "white-box-client")
-    schemes = ("vanilla", "nograd")
+    client_parts = ("frozen", "head")
     why_not = "FedAvg sends no per-step features"
     targets = ("image", "hint")
     params = {"iters": 300, "lr": 0.05, "tv": 4.0, "tv-hint": 0.001, "l1-hint": 0.3, "estimate": "map",
@@ -125,10 +127,6 @@ class RMLEAttack(Attack):
             raise ValueError(f"rmle: iters, tv, tv-hint and l1-hint must be >= 0, got {self.p}")
 
     def run(self, view: ServerView) -> Reconstruction:
-        from sim.autoencoder import IdentityAutoencoder
-
-        from .inverse_net import head_for, returned_heads, vanilla_heads
-
         p = self.p
         torch.manual_seed(0)
         batches, budget = [], p["max-samples"]
@@ -148,7 +146,7 @@ class RMLEAttack(Attack):
         cids = torch.cat([torch.full((b["n"],), b["cid"]) for b in batches])
         refs = [(b["ref"][0], b["ref"][1], j) for b in batches for j in range(b["n"])]
         heads = None
-        if view.scheme == "vanilla":  # one head per batch, as the server knows it (inverse_net.head_for)
+        if view.client_part == "head":  # one head per batch, as the server knows it (inverse_net.head_for)
             relayed, returned = vanilla_heads(view), returned_heads(view)
             heads = [(b["n"], head_for(view, b["ref"][0], relayed, returned)) for b in batches]
 

@@ -1,4 +1,8 @@
-"""Scores of a reconstruction against the private data: MSE, PSNR, SSIM, success rate, prompt accuracy.
+"""Scores of a reconstruction against a reference: MSE, PSNR, SSIM, success rate, prompt accuracy.
+
+Pure functions of two sets of images (or prompts). The engine's scorer calls them with
+the private data after an attack returns (:mod:`sim.engine.scoring`); an attack may call
+them on public data only (e.g. FSHA's decoder on held-out auxiliary images).
 
 Images are compared in [0, 1] (targets are mapped from [-1, 1]); SSIM is skimage's
 ``structural_similarity`` per image (channel axis last, data_range 1, 7x7 window, or
@@ -8,8 +12,11 @@ client's data, reported beside chance (1 / number of candidate prompts).
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import torch
+from skimage.metrics import structural_similarity
 
 SUCCESS_SSIM = 0.6  # stated threshold: the reconstruction shows the private image's content
 
@@ -22,8 +29,6 @@ def _hwc01(x: torch.Tensor, from_signed: bool) -> np.ndarray:
 
 
 def ssim_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    from skimage.metrics import structural_similarity
-
     win = min(7, a.shape[1], a.shape[2])
     win -= 1 - win % 2
     return np.array([structural_similarity(x, y, channel_axis=-1, data_range=1.0, win_size=win)
@@ -44,31 +49,7 @@ def image_scores(recon: torch.Tensor, private: torch.Tensor, signed: bool) -> di
 def prompt_scores(guesses: list[str], truth: list[str], candidates: list[str]) -> dict:
     """Accuracy of prompt guesses, against ``chance``: the better of a uniform guess among the
     candidates and the best constant guess (prompt dropout makes "" the most common prompt)."""
-    from collections import Counter
-
     acc = float(np.mean([g == t for g, t in zip(guesses, truth)])) if truth else 0.0
     uniform = 1.0 / max(1, len(set(candidates)))
     majority = Counter(truth).most_common(1)[0][1] / len(truth) if truth else 0.0
     return {"n": len(truth), "accuracy": acc, "chance": max(uniform, majority), "uniform_chance": uniform}
-
-
-def blind_scores(cfg, n: int = 64) -> dict:
-    """What a server guesses without any transcript: the better (by mean SSIM) of the mean auxiliary
-    image and mid-grey for images, of the mean auxiliary hint and an all-black hint for hints, scored
-    against the first ``n`` private training samples. Attack scores mean something only above these."""
-    from sim.compare import client_datasets
-    from sim.models import get_preset
-
-    from .base import aux_data
-
-    size = get_preset(cfg.model).image_size
-    clients, _ = client_datasets(cfg, size)
-    target = torch.cat([c.target for c in clients])[:n]
-    hint = torch.cat([c.condition for c in clients])[:n]
-    aux = aux_data(cfg, size, 256)
-    out = {}
-    for key, private, guesses, signed in (
-            ("image", target, (aux["target"].mean(0), torch.zeros_like(target[0])), True),
-            ("hint", hint, (aux["condition"].mean(0), torch.zeros_like(hint[0])), False)):
-        out[key] = max((image_scores(g.expand_as(private), private, signed) for g in guesses), key=lambda s: s["ssim"])
-    return out

@@ -36,17 +36,24 @@ import copy
 
 import torch
 
+from sim.core.cuts import control_rest, unet_rest
+from strategies.base import TrainSettings, diffusion_loss
+from strategies.vanilla import ControlHead
+
 from .base import Attack, Reconstruction, ServerView, register
-from .inverse_net import (ATTACK_SEED, ClientSimulator, OffsetCentering, apply_inverse, check_branches, offset_used,
-                          train_inverse)
+from .inverse_net import (
+    ATTACK_SEED,
+    ClientSimulator,
+    OffsetCentering,
+    apply_inverse,
+    check_branches,
+    offset_used,
+    train_inverse,
+)
 
 
 def train_shadow_head(view: ServerView, aux: dict, steps: int, batch: int, lr: float) -> tuple[torch.nn.Module, dict]:
     """A head from the public init, trained through the server's frozen ControlNet part and UNet on aux data."""
-    from sim.cuts import control_rest, unet_rest
-    from strategies.base import TrainSettings, diffusion_loss
-    from strategies.vanilla import ControlHead
-
     cfg, base, sched = view.cfg, view.base, view.scheduler
     server_part = copy.deepcopy(view.controlnet_final).eval().requires_grad_(False)  # its head modules go unused
     head = ControlHead(view.controlnet_init).train().requires_grad_(True)
@@ -88,7 +95,7 @@ class ShadowInverseAttack(Attack):
 
     name = "shadow-inverse"
     needs = ("sent-features", "aux-data")
-    schemes = ("vanilla",)
+    client_parts = ("head",)
     why_not = ("FedAvg sends no per-step features; under nograd the client holds only public frozen parts, so "
                "the shadow model is the client model itself: see inverse-net")
     targets = ("image", "hint")
@@ -101,9 +108,9 @@ class ShadowInverseAttack(Attack):
         check_branches(self.p["branches"])
 
     def not_applicable(self, view: ServerView) -> str | None:
-        if view.scheme == "fedavg":
+        if view.client_part == "whole":
             return "FedAvg sends no per-step features"
-        if view.scheme == "nograd":
+        if view.client_part == "frozen":
             return ("the nograd client holds only public frozen parts (E, unet.conv_in): a shadow of it is the "
                     "client model itself, so this attack is inverse-net there")
         reason = super().not_applicable(view)

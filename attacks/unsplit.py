@@ -49,6 +49,9 @@ from __future__ import annotations
 
 import torch
 
+from defenses.symsigmoid import inverse
+from strategies.vanilla import ControlHead
+
 from .base import Attack, Reconstruction, ServerView, register
 from .common import denoise_latent, invert_conv
 
@@ -97,7 +100,7 @@ class UnSplit(Attack):
 
     name = "unsplit"
     needs = ("sent-features",)
-    schemes = ("vanilla",)
+    client_parts = ("head",)
     why_not = f"nograd: {NOGRAD_REASON}; fedavg: {FEDAVG_REASON}"
     targets = ("image", "hint")
     params = {"max-samples": 16, "rounds": 30, "inner": 10, "lr": 0.05, "tv": 0.003, "ridge": 1e-6,
@@ -106,15 +109,13 @@ class UnSplit(Attack):
                     "(public architecture and initial weights only)")
 
     def not_applicable(self, view: ServerView) -> str | None:
-        if view.scheme == "nograd":
+        if view.client_part == "frozen":
             return NOGRAD_REASON
-        if view.scheme == "fedavg":
+        if view.client_part == "whole":
             return FEDAVG_REASON
         return super().not_applicable(view)
 
     def run(self, view: ServerView) -> Reconstruction:
-        from strategies.vanilla import ControlHead
-
         torch.manual_seed(self.p["seed"])
         names = [d.name for d in view.defenses.defenses]
         aux = view.aux(self.p["aux"])["condition"]
@@ -128,8 +129,6 @@ class UnSplit(Attack):
                 break
             y = b["control"].float()
             if "symsigmoid" in names:
-                from defenses.symsigmoid import inverse
-
                 y = inverse(y)
             x = invert_conv(conv, b["unet_features"].float())  # the UNet branch: x_t, exactly
             r = self._x_path_residual(x, y)

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+
+from sim.core.cuts import unet_first_conv
 
 from .base import HOOKS, REGISTRY, Defense, HookContext, make_defense, register  # noqa: F401
 
@@ -51,18 +53,19 @@ class DefenseStack:
     Parameters
     ----------
     specs : defense spec strings or bundle names (``()``: undefended)
-    scheme : the scheme they serve; an inapplicable defense raises ValueError with the reason
+    scheme : the strategy class they serve (its ``name`` and the ``hooks`` its client offers);
+        an inapplicable defense raises ValueError with the reason
     latent_dim : size of one latent (C*H*W), for defaults such as the DP sensitivity
     """
 
-    def __init__(self, specs: Sequence[str], scheme: str, latent_dim: int = 3 * 32 * 32):
+    def __init__(self, specs: Sequence[str], scheme, latent_dim: int = 3 * 32 * 32):
         self.specs = tuple(specs)
-        self.scheme = scheme
+        self.scheme = scheme.name
         self.defenses: list[Defense] = [make_defense(s) for s in expand(specs)]
         names = [d.name for d in self.defenses]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"defense(s) {dup} selected twice for scheme {scheme!r}: {list(self.specs)}")
+            raise ValueError(f"defense(s) {dup} selected twice for scheme {scheme.name!r}: {list(self.specs)}")
         for d in self.defenses:
             d.check_scheme(scheme)
             d.bind(latent_dim)
@@ -113,34 +116,32 @@ class DefenseStack:
         return [d.describe(scheduler, releases) for d in self.defenses]
 
 
-def split_client_features(stack: DefenseStack, scheme: str, autoencoder, unet, x_t: torch.Tensor,
-                          hint: torch.Tensor, ctx: HookContext, head=None) -> tuple[torch.Tensor, torch.Tensor]:
+def split_client_features(stack: DefenseStack, control_fn: Callable[[torch.Tensor], torch.Tensor], unet,
+                          x_t: torch.Tensor, ctx: HookContext) -> tuple[torch.Tensor, torch.Tensor]:
     """What a split client sends at the cut, through the defense pipeline, as float32 values.
 
-    Returns ``(control, unet_features)``: ``control`` is h = E(hint) + x_t (nograd) or the
-    head's output (vanilla, ``head`` given), after the feature and wire hooks;
-    ``unet_features`` is ``unet.conv_in`` of the unet branch's x_t, likewise. Used by the
-    clients in training and by sampling (``ctx.inference``), so both see the same transform.
+    Returns ``(control, unet_features)``: ``control`` is ``control_fn`` (the scheme's control
+    branch: h = E(hint) + x_t for nograd, the head's output for vanilla) of the control
+    branch's x_t, after the feature and wire hooks; ``unet_features`` is ``unet.conv_in`` of
+    the unet branch's x_t, likewise. Used by the clients in training and by sampling
+    (``ctx.inference``), so both see the same transform.
     """
-    from sim.cuts import control_head, nograd_control_input, unet_first_conv
-
     x_unet, x_control = stack.latent(x_t, ctx)
-    if scheme == "nograd":
-        control = nograd_control_input(autoencoder, x_control, hint)
-    elif scheme == "vanilla":
-        control = control_head(head, x_control, hint)
-    else:
-        raise ValueError(f"split_client_features: {scheme!r} is not a split scheme")
-    control = stack.wire(stack.feature("control", control, ctx), ctx)
+    control = stack.wire(stack.feature("control", control_fn(x_control), ctx), ctx)
     feats = stack.wire(stack.feature("unet", unet_first_conv(unet, x_unet), ctx), ctx)
     return control, feats
 
 
-def list_defenses(scheduler=None) -> list[dict]:
-    """Every registered defense with its declarations (defaults), and the bundles."""
+def list_defenses(scheduler=None, schemes: Sequence = ()) -> list[dict]:
+    """Every registered defense with its declarations (defaults); with ``schemes`` (strategy
+    classes) also which of them it serves and why not the others."""
     rows = []
     for cls in REGISTRY.values():
         d = cls()
         d.bind(3 * 32 * 32)
-        rows.append(d.describe(scheduler))
+        row = d.describe(scheduler)
+        reasons = {s.name: d.not_applicable(s) for s in schemes}
+        row["schemes"] = [n for n, r in reasons.items() if r is None]
+        row["not_applicable"] = {n: r for n, r in reasons.items() if r is not None}
+        rows.append(row)
     return rows

@@ -15,6 +15,14 @@ hooks in this order for every batch it sends::
 FedAvg defenses act at ``fl-client`` (the client's local training, e.g. DP-SGD) or
 ``fl-server`` (the server's aggregation, e.g. Flower's DP clipping wrapper).
 
+A defense never names a scheme. Each scheme declares the hook points its client offers
+(``hooks`` on its strategy class, in strategies/); a defense applies to a scheme when the
+scheme offers every hook it acts at, and fails naming the missing hooks otherwise.
+
+Private randomness: a hook draws only from ``HookContext.gen`` (the client's private
+generator, seeded by the client-side ``client-seed``, never by anything in the public
+config) or derives fixed per-client values from ``HookContext.secret``.
+
 A spec string selects a defense and sets its parameters:
 ``"noise:std=0.5"``, ``"timestep:t-start=226"``, ``"fp16:offset=true"``.
 """
@@ -24,24 +32,26 @@ from dataclasses import dataclass
 
 import torch
 
-from sim.components import Component, Registry
+from sim.core.components import Component, Registry
 
 HOOKS = ("timestep", "latent", "feature", "wire", "prompt", "loss", "fl-client", "fl-server")
-SPLIT = ("vanilla", "nograd")
-ALL = ("fedavg", "vanilla", "nograd")
 
 
 @dataclass
 class HookContext:
-    """What a hook may use: the batch's timesteps, the public scheduler, the client id, a
-    client-private generator (never the batch generator: defenses must not change which
-    images, t and noise a batch draws), and whether this is training or inference."""
+    """What a hook may use: the batch's timesteps, the public scheduler, the client id, the
+    client-private generator (seeded by the client-side ``client-seed``; never the batch
+    generator: defenses must not change which images, t and noise a batch draws), the
+    client's ``secret`` (an integer derived from ``client-seed`` and the client id, for fixed
+    per-client values; None where no client secret is held) and whether this is training or
+    inference."""
 
     t: torch.Tensor
     scheduler: object
     cid: int
     gen: torch.Generator
     inference: bool = False
+    secret: int | None = None
 
 
 class Defense(Component):
@@ -50,8 +60,8 @@ class Defense(Component):
     Class attributes
     ----------------
     name : registry name used in config (``defenses = ["name:key=value"]``)
-    hooks : the hook points it acts at (see :data:`HOOKS`)
-    schemes : the schemes it can serve; ``why_not`` says why the others cannot
+    hooks : the hook points it acts at (see :data:`HOOKS`); it serves the schemes that offer them all
+    why_not : one line: why a scheme without those hooks cannot use it
     params : parameter defaults (their types are the parameters' types; keys kebab-case)
     at_inference : whether the same transform is applied when sampling (train/test consistency)
     threat_model : one line: what it protects against and what it assumes
@@ -59,15 +69,24 @@ class Defense(Component):
 
     kind = "defense"
     hooks: tuple[str, ...] = ()
-    schemes: tuple[str, ...] = ALL
     why_not: str = ""
     at_inference: bool = True
     threat_model: str = ""
     accounted: bool = False  # does it make a differential-privacy claim (epsilon, delta)?
 
-    def check_scheme(self, scheme: str) -> None:
-        if scheme not in self.schemes:
-            raise ValueError(f"defense {self.name!r} does not apply to scheme {scheme!r}: {self.why_not}")
+    def not_applicable(self, scheme) -> str | None:
+        """None if ``scheme`` (a strategy class: ``name``, ``hooks``) offers every hook this defense
+        acts at, else the reason."""
+        missing = [h for h in self.hooks if h not in scheme.hooks]
+        if not missing:
+            return None
+        return (f"acts at hook(s) {missing}, which scheme {scheme.name!r} does not offer (it offers "
+                f"{list(scheme.hooks)})" + (f": {self.why_not}" if self.why_not else ""))
+
+    def check_scheme(self, scheme) -> None:
+        reason = self.not_applicable(scheme)
+        if reason:
+            raise ValueError(f"defense {self.name!r} does not apply to scheme {scheme.name!r}: {reason}")
 
     # ------------------------------------------------------------------ hooks (defaults: no-ops)
     def t_start(self, scheduler) -> int:
@@ -114,8 +133,7 @@ class Defense(Component):
 
     def describe(self, scheduler=None, releases: float = 1.0) -> dict:
         doc = (type(self).__doc__ or "").strip().splitlines()
-        out = {"name": self.name, "hooks": list(self.hooks), "schemes": list(self.schemes),
-               "not_applicable": {s: self.why_not for s in ALL if s not in self.schemes},
+        out = {"name": self.name, "hooks": list(self.hooks), "why_not": self.why_not,
                "params": self.p, "at_inference": self.at_inference, "accounted": self.accounted,
                "threat_model": self.threat_model, "summary": doc[0] if doc else ""}
         if scheduler is not None and self.accounted:

@@ -32,7 +32,7 @@ epsilon), ``sample-rate`` (q for the accountant; 0 = B/n, taken from the client'
 and data size at its first step; until then q = 1, i.e. no amplification).
 
 Hook: fl-client (``private_step``; strategies/fedavg.py calls it for each local step).
-Schemes: fedavg only.
+Schemes: fedavg (the scheme that offers the hook).
 Threat model: honest-but-curious server (and anyone who sees the updates, e.g. gradient
 inversion on FL updates); (epsilon, delta)-DP per client record under the assumptions above.
 """
@@ -115,7 +115,6 @@ class DPSGD(Defense):
 
     name = "dp-sgd"
     hooks = ("fl-client",)
-    schemes = ("fedavg",)
     why_not = ("it privatises FedAvg's whole-model local training; split clients leak through the features "
                "they send every step, which DP-SGD does not cover (use local-dp or latent-dp)")
     params = {"clip": 1.0, "noise-multiplier": 1.0, "delta": 1e-5, "sample-rate": 0.0}

@@ -22,7 +22,7 @@ What is accounted: z0 (the private target image's latent), per release and over 
 What is NOT: the hint. The control branch carries E(hint) at full scale; a server that
 also inverts the unet branch sees E(hint) + sigma_t (xi_2 - xi_1) + (known terms): noise
 of std sqrt(2) sigma_t, no formal guarantee (reported by the attack suite).
-Hooks: latent, timestep. Schemes: vanilla, nograd. Not applied at inference (there is no
+Hooks: latent, timestep. Schemes: every split scheme (those whose clients offer the hook). Not applied at inference (there is no
 private z0 when sampling).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ import math
 import torch
 
 from . import accounting
-from .base import SPLIT, Defense, HookContext, register
+from .base import Defense, HookContext, register
 
 BRANCHES = 2  # the unet and control branches each release z0 once per step
 
@@ -43,7 +43,6 @@ class LatentDP(Defense):
 
     name = "latent-dp"
     hooks = ("latent", "timestep")
-    schemes = SPLIT
     why_not = "FedAvg sends no per-step features (use dp-sgd for FedAvg)"
     params = {"epsilon": 8.0, "delta": 1e-5, "sensitivity": 0.0, "ratio": 1.0}
     at_inference = False

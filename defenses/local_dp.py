@@ -22,7 +22,7 @@ mainly the hint. Local DP on high-dimensional features needs noise far above the
 Under vanilla the clipping is differentiable and the noise a constant, so the returned
 gradient trains the head through the clip.
 
-Hook: feature (control). Schemes: vanilla, nograd. Applied at inference too (the hint
+Hook: feature (control). Schemes: every split scheme (those whose clients offer the hook). Applied at inference too (the hint
 is released at each sampling step; count those releases).
 Threat model: honest-but-curious server that knows this defense and C; (epsilon, delta)
 per release per sample for the control features; nothing for the UNet branch.
@@ -34,7 +34,7 @@ import math
 import torch
 
 from . import accounting
-from .base import SPLIT, Defense, HookContext, register
+from .base import Defense, HookContext, register
 from .noise import gaussian_like
 
 
@@ -50,7 +50,6 @@ class LocalDP(Defense):
 
     name = "local-dp"
     hooks = ("feature",)
-    schemes = SPLIT
     why_not = "FedAvg sends weights, not features (use dp-sgd or server-dp for FedAvg)"
     params = {"epsilon": 8.0, "delta": 1e-5, "clip": 0.0}
     at_inference = True

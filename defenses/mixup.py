@@ -15,7 +15,7 @@ mixed control features, so this is a feature perturbation (as the paper's baseli
 and with the default alpha=0.4 (lambda near 0 or 1 most of the time) about half the
 samples are trained with mostly another sample's hint.
 
-Hook: feature (control). Schemes: vanilla, nograd. Not applied at inference (a user
+Hook: feature (control). Schemes: every split scheme (those whose clients offer the hook). Not applied at inference (a user
 generates from their own hint; mixing in the other half of a guided batch is
 meaningless), so what the server sees at sampling time is unmixed.
 Threat model: blends two private hints; no formal guarantee (with lambda near 1 the
@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import SPLIT, Defense, HookContext, register
+from .base import Defense, HookContext, register
 
 
 def mix_batch(x: torch.Tensor, alpha: float, gen: torch.Generator, dominant: bool = False
@@ -49,7 +49,6 @@ class Mixup(Defense):
 
     name = "mixup"
     hooks = ("feature",)
-    schemes = SPLIT
     why_not = "FedAvg sends weights, not features"
     params = {"alpha": 0.4, "dominant": False}
     at_inference = False

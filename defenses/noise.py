@@ -9,7 +9,7 @@ generator, fresh for every batch; under vanilla the gradient passes through unch
 Applied at inference too (sampling sends the features the same way, so the same
 transform keeps train and test consistent and protects the hint at sampling time).
 
-Hook: feature. Schemes: vanilla, nograd.
+Hook: feature. Schemes: every split scheme (those whose clients offer the hook).
 Threat model: honest-but-curious server; no formal guarantee (nothing bounds the
 features' sensitivity: use ``local-dp`` for an accounted version). It hides values
 below the noise level; averaging many releases of the same sample shrinks it.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import SPLIT, Defense, HookContext, register
+from .base import Defense, HookContext, register
 
 BRANCHES = ("control", "unet", "both")
 
@@ -34,7 +34,6 @@ class FeatureNoise(Defense):
 
     name = "noise"
     hooks = ("feature",)
-    schemes = SPLIT
     why_not = "FedAvg sends weights, not features (use dp-sgd or server-dp for FedAvg)"
     params = {"std": 0.1, "branch": "control"}
     at_inference = True

@@ -15,7 +15,7 @@ not: VanillaClient passes x_t), and on a batch of B samples the estimate is bias
 upward for small B. The term is a training-time regulariser: it changes the head, not
 what is sent at inference, so nothing is applied when sampling.
 
-Hook: loss. Schemes: vanilla only (it needs a trainable client part).
+Hook: loss, offered by the schemes whose client trains a head (vanilla, splitfed).
 Threat model: makes learned inversion of the sent activation harder; no formal
 guarantee, and the UNet branch still sends conv_in(x_t) unchanged.
 """
@@ -53,7 +53,6 @@ class NoPeek(Defense):
 
     name = "nopeek"
     hooks = ("loss",)
-    schemes = ("vanilla",)
     why_not = "needs a trainable client part; nograd's client is frozen and FedAvg sends no features"
     params = {"alpha": 0.1}
     at_inference = False

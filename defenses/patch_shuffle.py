@@ -14,7 +14,7 @@ the measured effect belongs in the experiment's results. At the tiny preset's 32
 features with patch=4 there are 64 patches; a permutation of 64 is no formal protection
 (patches can be re-assembled by matching their edges, as jigsaw solvers do).
 
-Hook: feature (control). Schemes: vanilla, nograd. Applied at inference too (train/test
+Hook: feature (control). Schemes: every split scheme (those whose clients offer the hook). Applied at inference too (train/test
 consistency: the ControlNet was trained on shuffled features).
 Threat model: hides the global layout from an honest-but-curious server; no formal
 guarantee; local content (colours, textures inside a patch) passes unchanged.
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import SPLIT, Defense, HookContext, register
+from .base import Defense, HookContext, register
 
 
 def shuffle_patches(x: torch.Tensor, patch: int, gen: torch.Generator) -> torch.Tensor:
@@ -44,7 +44,6 @@ class PatchShuffle(Defense):
 
     name = "patch-shuffle"
     hooks = ("feature",)
-    schemes = SPLIT
     why_not = "FedAvg sends weights, not features"
     params = {"patch": 4}
     at_inference = True

@@ -3,7 +3,7 @@
 Hook: prompt. Split clients send no context field at all (not a zero tensor); the
 server's ControlNet and UNet use the public embedding of the empty prompt in training,
 and the ControlNet keeps the empty prompt at inference (the UNet gets the prompt on
-the user's side, where it lives). Schemes: vanilla, nograd (FedAvg never sends prompts:
+the user's side, where it lives). Schemes: every split scheme (FedAvg never sends prompts:
 only weights cross). A wire audit test checks a whole protected transcript for prompt
 strings, token ids and embeddings.
 Threat model: removes the direct text channel; what the images themselves imply about
@@ -12,7 +12,7 @@ measure that.
 """
 from __future__ import annotations
 
-from .base import SPLIT, Defense, register
+from .base import Defense, register
 
 
 @register
@@ -21,7 +21,6 @@ class PromptLocal(Defense):
 
     name = "prompt-local"
     hooks = ("prompt",)
-    schemes = SPLIT
     why_not = "FedAvg never sends prompts or features: only weights cross"
     sends_prompt = False
     threat_model = "no text leaves; image-implied prompt content is not hidden"

@@ -33,7 +33,7 @@ C/m of the average) holds for equal client weights; FedAvg weights clients by th
 number of examples, so with unequal partitions the worst-case sensitivity is C times the
 largest weight share (reported by :meth:`ServerDP.accounting` when known).
 
-Hook: fl-server (``wrap_strategy``). Schemes: fedavg only.
+Hook: fl-server (``wrap_strategy``). Schemes: fedavg (the scheme that offers the hook).
 """
 from __future__ import annotations
 
@@ -87,7 +87,6 @@ class ServerDP(Defense):
 
     name = "server-dp"
     hooks = ("fl-server",)
-    schemes = ("fedavg",)
     why_not = "the split servers aggregate no client updates (use local-dp or latent-dp for the split schemes)"
     params = {"noise-multiplier": 1.0, "clipping-norm": 1.0, "delta": 1e-5, "seed": 0}
     at_inference = False

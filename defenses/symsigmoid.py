@@ -6,13 +6,13 @@ nograd, the head's output under vanilla). Odd, strictly monotone, parameter-free
 invertible (:func:`inverse`), so against an attacker who knows it (the weights and the
 design are public) it adds no privacy by itself; it shrinks small values toward 0
 (fewer bits survive fp16) and makes learning-based inversion harder to train.
-Schemes: vanilla, nograd.
+Schemes: every split scheme (those whose clients offer the hook).
 """
 from __future__ import annotations
 
 import torch
 
-from .base import SPLIT, Defense, HookContext, register
+from .base import Defense, HookContext, register
 
 
 def symsigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,6 @@ class SymSigmoid(Defense):
 
     name = "symsigmoid"
     hooks = ("feature",)
-    schemes = SPLIT
     why_not = "FedAvg sends weights, not features"
     threat_model = "invertible by anyone who knows it; hinders learned inversion, no formal guarantee"
 

@@ -1,6 +1,6 @@
 """Truncated timestep policy (the paper's): t ~ U{t_start, ..., T-1} instead of U{0, ..., T-1}.
 
-Hook: timestep. Schemes: vanilla, nograd (FedAvg sends no per-step features).
+Hook: timestep. Schemes: every split scheme (FedAvg sends no per-step features).
 Large t means a small sqrt(abar_t), so less of the private latent z0 in what is sent.
 ``t-start=0`` is the uniform policy every scheme uses by default. The paper's examples:
 14, 226, 536. Threat model: helps only against an attacker who does NOT learn the noise
@@ -9,7 +9,7 @@ target eps; a server that receives eps (the reference design) subtracts it
 """
 from __future__ import annotations
 
-from .base import SPLIT, Defense, register
+from .base import Defense, register
 
 
 @register
@@ -18,7 +18,6 @@ class TimestepTruncated(Defense):
 
     name = "timestep"
     hooks = ("timestep",)
-    schemes = SPLIT
     why_not = "FedAvg sends no per-step features, so the training timesteps are never exposed"
     params = {"t-start": 0}
     at_inference = False

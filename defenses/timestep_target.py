@@ -13,12 +13,12 @@ Delta is the replace-one L2 sensitivity of z0 (default: latents in [-1, 1], so
 Delta = 2 sqrt(dim); exact for the tiny preset, whose latents are pixels); one release.
 Under the reference design the server receives eps, so this epsilon does NOT hold there:
 use latent-dp, which adds client-private noise and accounts with eps known.
-Hook: timestep. Schemes: vanilla, nograd.
+Hook: timestep. Schemes: every split scheme (those whose clients offer the hook).
 """
 from __future__ import annotations
 
 from . import accounting
-from .base import SPLIT, Defense, register
+from .base import Defense, register
 
 
 def epsilon_at(abar: float, sensitivity: float, delta: float) -> float:
@@ -50,7 +50,6 @@ class TimestepTarget(Defense):
 
     name = "timestep-target"
     hooks = ("timestep",)
-    schemes = SPLIT
     why_not = "FedAvg sends no per-step features, so the training timesteps are never exposed"
     params = {"epsilon": 10.0, "delta": 1e-5, "sensitivity": 0.0}
     at_inference = False

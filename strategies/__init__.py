@@ -1,23 +1,32 @@
 """Training schemes, one file each, registered by name.
 
 ``fedavg`` (federated averaging, through Flower's own FedAvg), ``vanilla`` (split
-learning with cut-layer gradient return) and ``nograd`` (the paper's no-gradient-return
-split learning). Each is a strategy class (server side, ``start(channel)``) plus a
-client class (``serve(request) -> reply``) speaking typed messages (:mod:`sim.wire`);
-see :mod:`strategies.base`.
+learning with cut-layer gradient return), ``nograd`` (the paper's no-gradient-return
+split learning) and ``splitfed`` (Thapa et al.'s SplitFed: vanilla's cut, clients in
+parallel, heads averaged each round). Each file defines a strategy class and registers
+it (:func:`strategies.base.register`); every module of this package is imported here, so
+a new scheme is one new file. The interface a scheme implements: :mod:`strategies.base`.
 """
-from .base import Channel, ClientEnv, SchemeResult
-from .fedavg import FedAvgStrategy
-from .nograd import NoGradStrategy
-from .vanilla import VanillaStrategy
+import importlib
+import pkgutil
 
-STRATEGIES = {s.name: s for s in (FedAvgStrategy, VanillaStrategy, NoGradStrategy)}
+from .base import (
+    SCHEMES,
+    Channel,
+    ClientEnv,
+    Scheme,
+    SchemeResult,
+    get_strategy,
+    register,
+)
 
+for _m in pkgutil.iter_modules(__path__):
+    if _m.name != "base":
+        importlib.import_module(f"{__name__}.{_m.name}")
 
-def get_strategy(name: str):
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown scheme {name!r}; choose one of {list(STRATEGIES)}")
-    return STRATEGIES[name]
+# listing order (tables, figures): each class's ``order``, then its name
+for _name in sorted(SCHEMES, key=lambda n: (SCHEMES[n].order, n)):
+    SCHEMES[_name] = SCHEMES.pop(_name)
+STRATEGIES = SCHEMES  # name -> strategy class
 
-
-__all__ = ["STRATEGIES", "get_strategy", "Channel", "ClientEnv", "SchemeResult"]
+__all__ = ["SCHEMES", "STRATEGIES", "get_strategy", "register", "Channel", "ClientEnv", "Scheme", "SchemeResult"]

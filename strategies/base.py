@@ -1,48 +1,105 @@
-"""What every scheme shares: client data and noise streams, clients, the server's channel.
+"""What every scheme shares: the scheme interface and registry, data and noise streams, clients, the channel.
+
+A scheme owns itself
+--------------------
+A scheme is one file in strategies/ that defines a *strategy* class (server side) and
+registers it with :func:`register`. The class names or holds everything the rest of the
+project needs, so the engine, bench, cost and evaluation dispatch on the registry and
+never on a scheme's name:
+
+``name``, ``message_type``, ``client_class``
+    registry name, the Flower message type its requests travel as, and the client
+    (``serve(request) -> reply``, typed messages: :mod:`sim.core.wire`);
+``cut``
+    a :class:`sim.core.cuts.Cut`: what each side holds, trains and sends;
+``hooks``
+    the defense hook points its client offers (a defense applies where all its hooks are);
+``client_part``
+    what the client runs of the ControlNet: ``"frozen"`` (nothing trainable: it sends
+    h = E(hint) + x_t), ``"head"`` (a trainable head whose output it sends) or ``"whole"``
+    (the whole model; nothing is sent per step). Attacks declare the parts they apply to.
+``start(channel)``
+    the server loop; returns a :class:`SchemeResult`;
+``cut_features(controlnet, base, x_t, hint, stack, ctx)``
+    the two cut-layer tensors of the composed model (evaluation, attacks);
+``bare(envs, controlnet, settings, turns)``
+    the same training as a plain PyTorch loop without messages (``splitcontrol bench``);
+``trace_client(models, batch, meter)`` / ``trace_server(models, up)``
+    one step on meta tensors for ``splitcontrol cost``; ``up_message`` / ``down_message``
+    (and ``turn_state``) the message classes whose bytes it counts;
+``batches_in(message)`` / ``batches_drawn(stat, settings, num_clients)``
+    how many training batches a client drew for a message (the scorer replays clients).
 
 Transport independence
 ----------------------
-A scheme is a *strategy* (server side: ``start(channel)`` drives training) plus a
-*client* class (``serve(request) -> reply``), talking in typed messages
-(:mod:`sim.wire`) over a Flower grid: the in-process grid by default, Flower's Ray
-simulation or Deployment Engine otherwise (``sim/server_app.py``, ``sim/client_app.py``).
-Payloads are serialised to Flower records and back, so no tensor or autograd graph links
-the two sides, and a strategy gets neither the clients nor their data: only the frozen
-UNet, the public initial ControlNet, the config and the replies. Every message passes
-through one :class:`sim.transcript.Transcript`. (In one process the frozen modules are the
-same Python objects on both sides; the simulation assumes an honest-but-curious server
-that does not tamper with them. Attacks read only the transcript.)
+Strategies talk to clients over a Flower grid (the in-process grid by default, Flower's
+Ray simulation or Deployment Engine otherwise: :mod:`sim.engine.server_app`,
+:mod:`sim.engine.client_app`). Payloads are serialised to Flower records and back, so no
+tensor or autograd graph links the two sides, and a strategy gets neither the clients nor
+their data: only the frozen UNet, the public initial ControlNet, the public recipe and
+the replies. (In one process the frozen modules are the same Python objects on both
+sides; the simulation assumes an honest-but-curious server that does not tamper with them.)
 
-Identical data and seeds
-------------------------
+Identical data and seeds, private randomness apart
+--------------------------------------------------
 Every scheme uses the same turn schedule (client c trains ``local_steps`` batches, then
-the next client, cycling) and each client draws its batches, timesteps and noise from
-its own generator seeded by (seed, client id). So batch i of client c is the same
-images, t and noise under FedAvg, vanilla and no-gradient-return split learning.
+the next client, cycling) and each client draws its batches, timesteps and noise from a
+generator seeded by the public ``seed`` and its id, so batch i of client c is the same
+images, t and noise under every scheme. Everything a defense calls private (noise, the
+fp16 offset, mixing partners, ...) comes from a second generator seeded by the
+client-side ``client-seed`` (:func:`private_generator`), which no public key determines.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from flwr.app import Message
 from torch import nn
 from tqdm.auto import tqdm
 
-from sim.cuts import control_rest, resolve, unet_rest
-from sim.diffusion import bar_position, high_noise_weights, noisy_latents, sample_timesteps, weighted_mse
+from defenses import DefenseStack, HookContext
+from sim.core.cuts import (
+    Cut,
+    control_head,
+    control_rest,
+    controlled_eps,
+    resolve,
+    unet_first_conv,
+    unet_rest,
+)
+from sim.core.diffusion import (
+    bar_position,
+    high_noise_weights,
+    noisy_latents,
+    sample_timesteps,
+    weighted_mse,
+)
+from sim.core.splits import ClientData
+from sim.core.wire import decode, encode
 
-# ----------------------------------------------------------------------------- data
-@dataclass
-class ClientData:
-    """One client's private triples: target images in [-1, 1], conditions in [0, 1], prompts."""
+# ----------------------------------------------------------------------------- registry
+SCHEMES: dict[str, type] = {}
 
-    target: torch.Tensor
-    condition: torch.Tensor
-    prompts: list[str]
 
-    def __len__(self) -> int:
-        return self.target.shape[0]
+def register(cls: type) -> type:
+    """Class decorator: add a strategy class to the scheme registry under ``cls.name``."""
+    missing = [a for a in ("name", "message_type", "client_class", "cut", "hooks", "client_part") if not getattr(cls, a, None)]
+    if missing or not cls.name or cls.name in SCHEMES:
+        raise ValueError(f"scheme {getattr(cls, 'name', cls)!r}: name empty or taken, or missing {missing}")
+    if cls.cut.scheme != cls.name:
+        raise ValueError(f"scheme {cls.name!r} declares the cut of {cls.cut.scheme!r}")
+    SCHEMES[cls.name] = cls
+    return cls
+
+
+def get_strategy(name: str):
+    if name not in SCHEMES:
+        raise ValueError(f"unknown scheme {name!r}; choose one of {list(SCHEMES)}")
+    return SCHEMES[name]
 
 
 @dataclass
@@ -59,10 +116,25 @@ class Batch:
     prompts: list[str] | None = None  # the prompts after dropout (never sent as text)
 
 
-def client_generator(seed: int, cid: int, stream: int = 0) -> torch.Generator:
-    """The client's generator: stream 0 draws batches, t and noise; stream 1 is the defenses'
-    private randomness (so a defense never changes which images, t and noise a batch gets)."""
-    return torch.Generator().manual_seed(int(seed) * 100_003 + int(cid) + 7_777_777 * int(stream))
+def client_generator(seed: int, cid: int) -> torch.Generator:
+    """The client's batch generator (batches, t, noise, prompt dropout), from the public ``seed``:
+    the same under every scheme, so the schemes train on identical streams."""
+    return torch.Generator().manual_seed(int(seed) * 100_003 + int(cid))
+
+
+def client_secret(client_seed: int, cid: int, stream: int = 0) -> int:
+    """An integer only the client can know, from the client-side ``client-seed``, its id and a stream
+    number (0: its private generator; 1: fixed per-client values such as fp16's offset)."""
+    if client_seed < 0:
+        raise ValueError("client-seed is unset (-1): the runner or the ClientApp draws one before clients start")
+    digest = hashlib.sha256(f"splitcontrol-private:{int(client_seed)}:{int(cid)}:{int(stream)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
+
+
+def private_generator(client_seed: int, cid: int) -> torch.Generator:
+    """The client's private generator: every defense's randomness (never the batch generator, so a
+    defense never changes which images, t and noise a batch gets)."""
+    return torch.Generator().manual_seed(client_secret(client_seed, cid))
 
 
 def sample_batch(base, scheduler, data: ClientData, batch_size: int, gen: torch.Generator,
@@ -110,14 +182,14 @@ class TrainSettings:
     steps: int
     local_steps: int
     batch_size: int
-    high_noise_weight: float = 1.0  # see sim.diffusion.high_noise_weights; 1 = plain epsilon MSE
+    high_noise_weight: float = 1.0  # see sim.core.diffusion.high_noise_weights; 1 = plain epsilon MSE
     prompt_dropout: float = 0.0  # fraction of training prompts replaced by the empty prompt
     defenses: tuple[str, ...] = ()  # defense specs (public: the server knows which defenses run)
     keep_optimizer: bool = True  # fedavg: a client keeps its AdamW state between rounds (else a fresh one per round)
 
     @classmethod
     def from_config(cls, cfg) -> "TrainSettings":
-        """The recipe of a :class:`sim.config.ExperimentConfig`."""
+        """The recipe of a :class:`sim.core.config.ExperimentConfig`."""
         return cls(lr=cfg.lr, steps=cfg.steps, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
                    high_noise_weight=cfg.high_noise_weight, prompt_dropout=cfg.prompt_dropout,
                    defenses=tuple(cfg.defenses), keep_optimizer=cfg.fedavg_keep_optimizer)
@@ -140,8 +212,9 @@ class ClientEnv:
     scheduler: object
     settings: TrainSettings
     data: ClientData
-    seed: int
+    seed: int  # public: the batch stream
     controlnet_template: nn.Module | None = None  # the public ControlNet architecture (weights arrive by message)
+    client_seed: int = -1  # client-side: the seed of this client's private randomness (-1: none, e.g. a public client)
 
 
 def prefixed(d: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -180,26 +253,28 @@ class SchemeClient:
     scheme: str = ""
 
     def __init__(self, cid: int, env: ClientEnv):
-        from defenses import DefenseStack
-
         self.cid = cid
         self.env = env
         self.base, self.scheduler, self.data, self.settings = env.base, env.scheduler, env.data, env.settings
         self.gen = client_generator(env.seed, cid)
-        self.defense_gen = client_generator(env.seed, cid, stream=1)
         p = self.base.preset
-        self.defenses = DefenseStack(self.settings.defenses, self.scheme,
+        self.defenses = DefenseStack(self.settings.defenses, get_strategy(self.scheme),
                                      p.latent_channels * p.latent_size ** 2)
+        # private randomness only where a client seed is held (a "public client", built to count
+        # parameters or bytes, has none and must not pretend to)
+        self.has_secret = env.client_seed >= 0
+        self.defense_gen = private_generator(env.client_seed, cid) if self.has_secret else torch.Generator()
+        self.secret = client_secret(env.client_seed, cid, stream=1) if self.has_secret else None
 
     def next_batch(self) -> Batch:
         return sample_batch(self.base, self.scheduler, self.data, self.settings.batch_size, self.gen,
                             self.settings.prompt_dropout, self.defenses.t_start(self.scheduler))
 
-    def hook_context(self, batch: Batch):
+    def hook_context(self, batch: Batch) -> HookContext:
         """What the defense hooks of this client may use for ``batch``."""
-        from defenses import HookContext
-
-        return HookContext(batch.t, self.scheduler, self.cid, self.defense_gen)
+        if not self.has_secret and self.defenses:
+            raise RuntimeError(f"client {self.cid} runs defenses {list(self.defenses.specs)} without a client-seed")
+        return HookContext(batch.t, self.scheduler, self.cid, self.defense_gen, secret=self.secret)
 
     def serve(self, request):
         raise NotImplementedError
@@ -241,10 +316,9 @@ class Channel:
     """
 
     def __init__(self, grid, node_ids: list[int], message_type: str):
-        from sim.transcript import RecordingGrid
-
-        if not isinstance(grid, RecordingGrid):
-            raise TypeError("Channel needs a sim.transcript.RecordingGrid, so that every message is recorded")
+        if not hasattr(grid, "transcript"):
+            raise TypeError("Channel needs a recording grid (sim.engine.transcript.RecordingGrid), so that every "
+                            "message is recorded")
         self.grid, self.node_ids, self.message_type = grid, list(node_ids), message_type
 
     @property
@@ -256,10 +330,6 @@ class Channel:
         return self.grid.transcript
 
     def call(self, cid: int, request, reply_type, steps: tuple[int, int] = (0, 0), round: int = 0):
-        from flwr.app import Message
-
-        from sim.wire import decode, encode
-
         self.grid.window, self.grid.round = steps, round
         msg = Message(encode(request), dst_node_id=self.node_ids[cid], message_type=self.message_type,
                       group_id=str(steps[0]))
@@ -267,10 +337,113 @@ class Channel:
         return decode(reply.content, reply_type)
 
 
-class SplitServer:
-    """What both split-learning servers share: the frozen UNet, a trainable ControlNet copy
+@dataclass
+class ClientTrace:
+    """One client step traced on meta tensors (``Scheme.trace_client``, for ``splitcontrol cost``):
+    the tensors it sends up and receives down at batch 1, the backward FLOPs it computes, and the
+    FLOPs of deterministic encodings beyond the target's and the prompt's (cacheable per image)."""
+
+    up: dict
+    down: dict
+    backward_flops: int = 0
+    extra_cacheable_flops: int = 0
+
+
+class Scheme:
+    """The interface every strategy class implements (module docstring), with the shared defaults."""
+
+    name: str = ""
+    order: int = 100  # where it is listed in tables and figures
+    message_type: str = ""
+    client_class: type = object
+    cut: Cut
+    hooks: tuple[str, ...] = ()
+    client_part: str = ""  # "frozen" | "head" | "whole"
+    up_message: type | None = None  # the per-step (or per-turn) message classes, for the cost table
+    down_message: type | None = None
+
+    def start(self, channel: "Channel") -> "SchemeResult":
+        raise NotImplementedError
+
+    @classmethod
+    def cut_features(cls, controlnet, base, x_t, hint, stack: DefenseStack | None = None,
+                     ctx: HookContext | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ControlNet first-conv features, UNet first-conv features) of the composed model; with a
+        defense ``stack`` through the client's pipeline, as in training."""
+        raise NotImplementedError
+
+    @staticmethod
+    def bare(envs, controlnet, settings, turns) -> list[float]:
+        """The scheme's training as a plain PyTorch loop (no messages); returns the per-step losses."""
+        raise NotImplementedError
+
+    @classmethod
+    def trace_client(cls, models, batch: dict, meter) -> ClientTrace:
+        """One client step on meta tensors; ``meter()`` is the FLOP count so far."""
+        raise NotImplementedError
+
+    @classmethod
+    def trace_server(cls, models, up: dict, meter) -> int | None:
+        """The server's step on the received ``up`` tensors; returns the forward FLOPs (None: no server step)."""
+        return None
+
+    @classmethod
+    def turn_state(cls, controlnet) -> dict | None:
+        """Weights relayed once per turn (vanilla's head), for the cost table; None if none."""
+        return None
+
+    @staticmethod
+    def batches_in(message: dict) -> int:
+        """How many training batches the client drew to answer a kept ``message`` (its payload)."""
+        raise NotImplementedError
+
+    @classmethod
+    def batches_drawn(cls, stat: dict, settings: TrainSettings, num_clients: int) -> int:
+        """How many batches the client drew for a message, from its statistics alone."""
+        return int(stat["num_steps"])
+
+
+def composed_eps(scheme, base, controlnet, x_t, t, context, hint, control_scale=None,
+                 stack: DefenseStack | None = None, ctx: HookContext | None = None,
+                 control_context=None) -> torch.Tensor:
+    """A scheme's whole model in one place: the noise prediction with control (``controlnet=None``:
+    the base model without). With a defense ``stack`` the cut-layer features go through the
+    client's pipeline (``ctx``: its hook context), as in training."""
+    if controlnet is None:
+        return controlled_eps(base.unet, None, None, unet_first_conv(base.unet, x_t), t, context)
+    control, feats = scheme.cut_features(controlnet, base, x_t, hint, stack, ctx)
+    return controlled_eps(base.unet, controlnet, control, feats, t, context, control_scale, control_context)
+
+
+def whole_features(controlnet, base, x_t, hint) -> tuple[torch.Tensor, torch.Tensor]:
+    """The undefended cut-layer tensors when the ControlNet's hint block reads the hint (fedavg, vanilla)."""
+    return control_head(controlnet, x_t, hint), unet_first_conv(base.unet, x_t)
+
+
+class SplitServer(Scheme):
+    """What the split-learning servers share: the frozen UNet, a trainable ControlNet copy
     minus the modules the scheme's cut keeps off the server, one AdamW, and the loss
-    from the ControlNet's first-conv features on."""
+    from the ControlNet's first-conv features on. Subclasses say how the control tensor a
+    client sends becomes those features (:meth:`server_features`)."""
+
+    hooks = ("timestep", "latent", "feature", "wire", "prompt")  # the split client's pipeline
+
+    @staticmethod
+    def server_features(controlnet, control: torch.Tensor) -> torch.Tensor:
+        """The ControlNet's first-conv features from the control tensor a client sent."""
+        raise NotImplementedError
+
+    @classmethod
+    def trace_server(cls, models, up: dict, meter) -> int:
+        up = {k: v.detach().clone() for k, v in up.items()}  # the received message: fresh tensors
+        features = cls.server_features(models.controlnet, up.pop(cls.cut.up[0]))
+        down, mid = control_rest(models.controlnet, features, up["t"], up["context"])
+        eps_hat = unet_rest(models.unet, up["unet_features"], up["t"], up["context"], down, mid)
+        loss = F.mse_loss(eps_hat, up["noise"])
+        forward = meter()
+        del down, mid, eps_hat
+        loss.backward()
+        return forward
 
     def __init__(self, unet, controlnet, scheduler, settings: TrainSettings, off_server: tuple[str, ...],
                  null_context: torch.Tensor | None = None):
@@ -314,7 +487,7 @@ class SchemeResult:
     steps: int
     wall_s: float
     server_s: float
-    transcript: object  # sim.transcript.Transcript
+    transcript: object  # sim.engine.transcript.Transcript
     server_trainable_params: int
     client_trainable_params: int = 0  # filled in by the simulation harness, which can see clients
     extra: dict = field(default_factory=dict)

@@ -31,17 +31,41 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from sim.cuts import controlled_eps
-from sim.diffusion import high_noise_weights
-from sim.wire import config, decode, metric, state
+from defenses import DefenseStack
+from sim.core.cuts import Cut, controlled_eps
+from sim.core.diffusion import high_noise_weights
+from sim.core.wire import config, decode, metric, state
 
-from .base import (Channel, SchemeClient, SchemeResult, TrainSettings, diffusion_loss, load_optimizer_tensors,
-                   optimizer_tensors, progress, turn_schedule)
+from .base import (
+    Channel,
+    ClientTrace,
+    Scheme,
+    SchemeClient,
+    SchemeResult,
+    TrainSettings,
+    client_generator,
+    diffusion_loss,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    progress,
+    register,
+    sample_batch,
+    turn_schedule,
+    whole_features,
+)
 
 MESSAGE_TYPE = "train"  # Flower's MessageType.TRAIN: what its FedAvg sends
+CUT = Cut(
+    scheme="fedavg",
+    client=("autoencoder", "text_encoder", "unet", "controlnet"),
+    client_trainable=("controlnet",),
+    server=(), server_trainable=(), unused=(),
+    up=(), down=(),  # weights cross once per round, not per step
+)
 
 
 @dataclass
@@ -100,8 +124,7 @@ class FedAvgClient(SchemeClient):
             if private:
                 losses.append(self._private_step(private[0], b, opt))
                 continue
-            eps_hat = controlled_eps("fedavg", self.base.unet, self.controlnet, self.base.autoencoder,
-                                     b.x_t, b.t, b.context, b.hint)
+            eps_hat = FedAvgStrategy.eps(self.controlnet, self.base, b)
             loss = diffusion_loss(eps_hat, b.noise, b.t, self.scheduler, self.settings)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -115,8 +138,7 @@ class FedAvgClient(SchemeClient):
         """One local step taken by an fl-client defense, from per-sample losses (their mean is
         the ordinary step's loss); its randomness comes from the client-private generator."""
         def per_sample_loss() -> torch.Tensor:
-            eps_hat = controlled_eps("fedavg", self.base.unet, self.controlnet, self.base.autoencoder,
-                                     b.x_t, b.t, b.context, b.hint)
+            eps_hat = FedAvgStrategy.eps(self.controlnet, self.base, b)
             mse = ((eps_hat.float() - b.noise.float()) ** 2).flatten(1).mean(1)
             return mse * high_noise_weights(self.scheduler, b.t, self.settings.high_noise_weight).to(mse)
 
@@ -177,12 +199,18 @@ class _TurnFedAvg(FedAvg):
         return super().aggregate_train(server_round, replies)
 
 
-class FedAvgStrategy:
+@register
+class FedAvgStrategy(Scheme):
     """Server side: Flower's FedAvg over the global ControlNet."""
 
     name = "fedavg"
+    order = 0
     client_class = FedAvgClient
     message_type = MESSAGE_TYPE
+    cut = CUT
+    hooks = ("fl-client", "fl-server")
+    client_part = "whole"
+    up_message, down_message = FitRes, FitIns
 
     def __init__(self, unet, controlnet, scheduler, settings: TrainSettings, null_context=None):
         self.unet = unet  # the server's frozen UNet (fedavg: unused)
@@ -190,8 +218,6 @@ class FedAvgStrategy:
         self.settings = settings
 
     def start(self, channel: Channel) -> SchemeResult:
-        from defenses import DefenseStack
-
         t0 = time.perf_counter()
         n = channel.num_clients
         turns = turn_schedule(self.settings.steps, n, self.settings.local_steps)
@@ -199,7 +225,7 @@ class FedAvgStrategy:
         flower = _TurnFedAvg(turns, channel.grid.partition_of, bar, fraction_train=1.0, fraction_evaluate=0.0,
                              min_train_nodes=n, min_available_nodes=n, train_metrics_aggr_fn=_mean_scalar_metrics)
         strategy = flower  # fl-server defenses (e.g. server-dp) wrap Flower's strategy
-        for d in DefenseStack(self.settings.defenses, self.name).with_hook("fl-server"):
+        for d in DefenseStack(self.settings.defenses, type(self)).with_hook("fl-server"):
             strategy = d.wrap_strategy(strategy, n)
         result = strategy.start(grid=channel.grid,
                                 initial_arrays=ArrayRecord(torch_state_dict=self.controlnet.state_dict()),
@@ -214,3 +240,66 @@ class FedAvgStrategy:
             extra["server_dp_noise_std"] = list(strategy.noise_std)
         return SchemeResult(self.name, final.eval(), flower.losses, len(flower.losses), wall, server_s,
                             channel.transcript, server_trainable_params=0, extra=extra)
+
+    # ------------------------------------------------------------------ the scheme's other parts
+    @classmethod
+    def cut_features(cls, controlnet, base, x_t, hint, stack=None, ctx=None):
+        return whole_features(controlnet, base, x_t, hint)  # no cut: fl defenses act on training only
+
+    @classmethod
+    def eps(cls, controlnet, base, b) -> torch.Tensor:
+        """The client's whole model on a batch: noise prediction with its ControlNet."""
+        control, feats = whole_features(controlnet, base, b.x_t, b.hint)
+        return controlled_eps(base.unet, controlnet, control, feats, b.t, b.context)
+
+    @staticmethod
+    def bare(envs, controlnet, settings, turns) -> list[float]:
+        base = envs[0].base
+        n = len(envs)
+        global_sd = copy.deepcopy(controlnet.state_dict())
+        local = copy.deepcopy(controlnet).train()
+        gens = [client_generator(e.seed, c) for c, e in enumerate(envs)]
+        opt_states = [None] * n  # keep-optimizer: each client's AdamW state from its last round
+        losses = []
+        for r in range(0, len(turns), n):
+            states, weights = [], []
+            for cid, k in turns[r:r + n]:
+                local.load_state_dict(global_sd)
+                opt = torch.optim.AdamW(local.parameters(), lr=settings.lr)
+                if settings.keep_optimizer and opt_states[cid] is not None:
+                    opt.load_state_dict(opt_states[cid])
+                for _ in range(k):
+                    b = sample_batch(base, envs[cid].scheduler, envs[cid].data, settings.batch_size, gens[cid],
+                                     settings.prompt_dropout)
+                    loss = diffusion_loss(FedAvgStrategy.eps(local, base, b), b.noise, b.t, envs[cid].scheduler,
+                                          settings)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    losses.append(loss.item())
+                if settings.keep_optimizer:
+                    opt_states[cid] = copy.deepcopy(opt.state_dict())
+                states.append({k: v.clone() for k, v in local.state_dict().items()})
+                weights.append(len(envs[cid].data))
+            total = float(sum(weights))
+            global_sd = {k: sum(s[k] * (w / total) for s, w in zip(states, weights)) for k in global_sd}
+        return losses
+
+    @classmethod
+    def trace_client(cls, models, batch: dict, meter) -> ClientTrace:
+        control, feats = whole_features(models.controlnet, models, batch["x_t"], batch["hint"])
+        eps_hat = controlled_eps(models.unet, models.controlnet, control, feats, batch["t"], batch["context"])
+        loss = F.mse_loss(eps_hat, batch["noise"])
+        fwd = meter()
+        loss.backward()
+        return ClientTrace({}, {}, meter() - fwd, 0)
+
+    @staticmethod
+    def batches_in(message: dict) -> int:
+        return int(message["down"]["config"]["local-steps"]) if "config" in message["down"] else 0
+
+    @classmethod
+    def batches_drawn(cls, stat: dict, settings: TrainSettings, num_clients: int) -> int:
+        """A FedAvg message's window is its whole round: its client's share comes from the public turn schedule."""
+        turns = turn_schedule(settings.steps, num_clients, settings.local_steps)
+        return dict(turns[(stat["round"] - 1) * num_clients: stat["round"] * num_clients]).get(stat["client"], 0)

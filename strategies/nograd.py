@@ -10,7 +10,7 @@ message: 10x fewer messages than one per step at the default K = 10).
 
 Threat model: the server is honest-but-curious and sees every sent tensor, including
 the noise target and t; this is the reference design, whose leak (solve the public
-first conv for x_t, subtract the noise) later issues measure and defend against.
+first conv for x_t, subtract the noise) the noise-target attack measures.
 """
 from __future__ import annotations
 
@@ -19,12 +19,41 @@ from dataclasses import dataclass
 
 import torch
 
-from sim.cuts import CUTS
-from sim.wire import FEATURE_DTYPES, config, same_leading_dims, tensor
+from defenses import split_client_features
+from sim.core.cuts import (
+    CONTROLNET_REST,
+    UNET_REST,
+    Cut,
+    nograd_control_input,
+    unet_first_conv,
+)
+from sim.core.wire import FEATURE_DTYPES, config, same_leading_dims, tensor
 
-from .base import Channel, SchemeClient, SchemeResult, SplitServer, TrainSettings, progress, turn_schedule
+from .base import (
+    Channel,
+    ClientTrace,
+    SchemeClient,
+    SchemeResult,
+    SplitServer,
+    TrainSettings,
+    client_generator,
+    progress,
+    register,
+    sample_batch,
+    turn_schedule,
+)
 
 MESSAGE_TYPE = "query.nograd"
+CUT = Cut(
+    scheme="nograd",
+    client=("autoencoder", "text_encoder", "unet.conv_in"),
+    client_trainable=(),
+    server=UNET_REST + ("controlnet.conv_in",) + CONTROLNET_REST,
+    server_trainable=("controlnet.conv_in",) + CONTROLNET_REST,
+    unused=("controlnet.controlnet_cond_embedding",),
+    up=("control_input", "unet_features", "t", "noise", "context"),
+    down=(),
+)
 
 
 @dataclass
@@ -60,32 +89,79 @@ class NoGradClient(SchemeClient):
 
     @torch.no_grad()
     def serve(self, request: FeaturesRequest) -> Features:
-        from defenses import split_client_features
-
         parts = []
         dtype = self.defenses.wire_dtype
         for _ in range(request.k):
             b = self.next_batch()
-            control, feats = split_client_features(self.defenses, "nograd", self.base.autoencoder, self.base.unet,
-                                                   b.x_t, b.hint, self.hook_context(b))
+            control, feats = split_client_features(
+                self.defenses, lambda x: nograd_control_input(self.base.autoencoder, x, b.hint), self.base.unet,
+                b.x_t, self.hook_context(b))
             parts.append(dict(control_input=control.to(dtype), unet_features=feats.to(dtype), t=b.t, noise=b.noise,
                               context=b.context if self.defenses.sends_prompt else None))
         return Features(**{k: None if parts[0][k] is None else torch.stack([p[k] for p in parts]) for k in parts[0]})
 
 
+@register
 class NoGradStrategy(SplitServer):
     """Server side: trains the ControlNet on the features clients stream, sends nothing back."""
 
     name = "nograd"
+    order = 2
     client_class = NoGradClient
     message_type = MESSAGE_TYPE
+    cut = CUT
+    client_part = "frozen"
+    up_message, down_message = Features, FeaturesRequest
 
     def __init__(self, unet, controlnet, scheduler, settings: TrainSettings, null_context=None):
-        super().__init__(unet, controlnet, scheduler, settings, off_server=CUTS["nograd"].unused,
-                         null_context=null_context)
+        super().__init__(unet, controlnet, scheduler, settings, off_server=CUT.unused, null_context=null_context)
+
+    @staticmethod
+    def server_features(controlnet, control: torch.Tensor) -> torch.Tensor:
+        return controlnet.conv_in(control.float())
 
     def train_step(self, control_input, unet_features, t, noise, context) -> float:
-        return self.server_step(self.controlnet.conv_in(control_input.float()), unet_features, t, noise, context)
+        return self.server_step(self.server_features(self.controlnet, control_input), unet_features, t, noise, context)
+
+    @classmethod
+    def cut_features(cls, controlnet, base, x_t, hint, stack=None, ctx=None):
+        branch = lambda x: nograd_control_input(base.autoencoder, x, hint)  # noqa: E731
+        if stack:
+            control, feats = split_client_features(stack, branch, base.unet, x_t, ctx)
+        else:
+            control, feats = branch(x_t), unet_first_conv(base.unet, x_t)
+        return cls.server_features(controlnet, control), feats
+
+    @staticmethod
+    def bare(envs, controlnet, settings, turns) -> list[float]:
+        base = envs[0].base
+        server = SplitServer(base.unet, controlnet, envs[0].scheduler, settings, off_server=CUT.unused)
+        gens = [client_generator(e.seed, c) for c, e in enumerate(envs)]
+        losses = []
+        for cid, k in turns:
+            for _ in range(k):
+                b = sample_batch(base, envs[cid].scheduler, envs[cid].data, settings.batch_size, gens[cid],
+                                 settings.prompt_dropout)
+                with torch.no_grad():
+                    ci = nograd_control_input(base.autoencoder, b.x_t, b.hint)
+                    uf = unet_first_conv(base.unet, b.x_t)
+                losses.append(server.server_step(server.controlnet.conv_in(ci), uf, b.t, b.noise, b.context))
+        return losses
+
+    @classmethod
+    def trace_client(cls, models, batch: dict, meter) -> ClientTrace:
+        before = meter()
+        with torch.no_grad():
+            control = nograd_control_input(models.autoencoder, batch["x_t"], batch["hint"])
+            encode_hint = meter() - before  # E(hint): deterministic, cacheable per image
+            up = dict(control_input=control, unet_features=unet_first_conv(models.unet, batch["x_t"]),
+                      t=batch["t"], noise=batch["noise"], context=batch["context"])
+        return ClientTrace(up, {}, 0, encode_hint)
+
+    @staticmethod
+    def batches_in(message: dict) -> int:
+        up = message["up"].get("tensors", {})
+        return int(up["t"].shape[0]) if "t" in up else 0
 
     def start(self, channel: Channel) -> SchemeResult:
         t0 = time.perf_counter()

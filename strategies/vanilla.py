@@ -28,13 +28,46 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sim.cuts import CUTS, control_head, resolve
-from sim.wire import FEATURE_DTYPES, config, same_leading_dims, state, tensor
+from defenses import HookContext, split_client_features
+from sim.core.cuts import (
+    CONTROLNET_REST,
+    UNET_REST,
+    Cut,
+    control_head,
+    resolve,
+    unet_first_conv,
+)
+from sim.core.wire import FEATURE_DTYPES, config, same_leading_dims, state, tensor
 
-from .base import (Channel, SchemeClient, SchemeResult, SplitServer, TrainSettings, load_optimizer_tensors,
-                   optimizer_tensors, prefixed, progress, turn_schedule)
+from .base import (
+    Channel,
+    ClientTrace,
+    SchemeClient,
+    SchemeResult,
+    SplitServer,
+    TrainSettings,
+    client_generator,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    prefixed,
+    progress,
+    register,
+    sample_batch,
+    turn_schedule,
+    whole_features,
+)
 
-CUT = CUTS["vanilla"]
+CUT = Cut(
+    scheme="vanilla",
+    client=("autoencoder", "text_encoder", "unet.conv_in", "controlnet.controlnet_cond_embedding",
+            "controlnet.conv_in"),
+    client_trainable=("controlnet.controlnet_cond_embedding", "controlnet.conv_in"),
+    server=UNET_REST + CONTROLNET_REST,
+    server_trainable=CONTROLNET_REST,
+    unused=(),
+    up=("control_features", "unet_features", "t", "noise", "context"),
+    down=("control_features_grad",),
+)
 MESSAGE_TYPE = "query.vanilla"
 BATCH_FIELDS = ["control_features", "unet_features", "t", "noise", "context"]
 
@@ -71,7 +104,7 @@ class VanillaReply:
 
 
 class ControlHead(nn.Module):
-    """The client-side ControlNet head: copies of the modules ``CUTS["vanilla"].client_trainable``
+    """The client-side ControlNet head: copies of the modules ``CUT.client_trainable``
     names (the hint block and the first conv), under their diffusers names."""
 
     def __init__(self, controlnet: nn.Module):
@@ -147,30 +180,81 @@ class VanillaClient(SchemeClient):
 
     def _features(self, x_t, hint, t, gen_state) -> tuple[torch.Tensor, torch.Tensor]:
         """The cut-layer features through the defense pipeline, replaying its private randomness."""
-        from defenses import HookContext, split_client_features
-
         self.defense_gen.set_state(gen_state)
-        ctx = HookContext(t, self.scheduler, self.cid, self.defense_gen)
-        return split_client_features(self.defenses, "vanilla", self.base.autoencoder, self.base.unet, x_t, hint,
-                                     ctx, head=self.head)
+        ctx = HookContext(t, self.scheduler, self.cid, self.defense_gen, secret=self.secret)
+        return split_client_features(self.defenses, lambda x: control_head(self.head, x, hint), self.base.unet,
+                                     x_t, ctx)
 
 
-class VanillaStrategy(SplitServer):
+class HeadSplitServer(SplitServer):
+    """What the split schemes whose client trains a head share (vanilla, splitfed): the head
+    returns its gradient, so the server's control features are a leaf of the server's graph."""
+
+    hooks = SplitServer.hooks + ("loss",)  # a trainable client part can take a loss term (NoPeek)
+    client_part = "head"
+    up_message, down_message = VanillaReply, VanillaRequest
+
+    @staticmethod
+    def server_features(controlnet, control: torch.Tensor) -> torch.Tensor:
+        return control.float().requires_grad_(True)
+
+    def train_step(self, control_features, unet_features, t, noise, context) -> tuple[float, torch.Tensor]:
+        control_features = self.server_features(self.controlnet, control_features)
+        loss = self.server_step(control_features, unet_features, t, noise, context)
+        return loss, control_features.grad
+
+    def merged(self, head_state: dict) -> nn.Module:
+        """The server's ControlNet with the client head ``head_state`` put back in place."""
+        head = ControlHead(self.controlnet)
+        head.load_state_dict(head_state)
+        final = copy.deepcopy(self.controlnet)
+        for name in CUT.client_trainable:
+            resolve(name, controlnet=final).load_state_dict(resolve(name, controlnet=head).state_dict())
+        return final.eval()
+
+    @classmethod
+    def cut_features(cls, controlnet, base, x_t, hint, stack=None, ctx=None):
+        if stack:
+            return split_client_features(stack, lambda x: control_head(controlnet, x, hint), base.unet, x_t, ctx)
+        return whole_features(controlnet, base, x_t, hint)
+
+    @classmethod
+    def trace_client(cls, models, batch: dict, meter) -> ClientTrace:
+        cn, x_t, hint = models.controlnet, batch["x_t"], batch["hint"]
+        with torch.no_grad():
+            up = dict(control_features=control_head(cn, x_t, hint), unet_features=unet_first_conv(models.unet, x_t),
+                      t=batch["t"], noise=batch["noise"], context=batch["context"])
+        grad = torch.empty_like(up["control_features"])  # arrives from the server: d loss / d control_features
+        fwd = meter()
+        activation = control_head(cn, x_t, hint)  # recomputed: the very activation the server used
+        act_fwd = meter() - fwd
+        activation.backward(grad)
+        backward = meter() - fwd - act_fwd
+        return ClientTrace(up, dict(control_features_grad=grad), backward, 0)
+
+    @classmethod
+    def turn_state(cls, controlnet) -> dict:
+        return ControlHead(controlnet).state_dict()
+
+    @staticmethod
+    def batches_in(message: dict) -> int:
+        return 1 if "control_features" in message["up"].get("tensors", {}) else 0
+
+
+@register
+class VanillaStrategy(HeadSplitServer):
     """Server side: the ControlNet after its head, trained with the cut-layer gradient returned."""
 
     name = "vanilla"
+    order = 1
     client_class = VanillaClient
     message_type = MESSAGE_TYPE
+    cut = CUT
 
     def __init__(self, unet, controlnet, scheduler, settings: TrainSettings, null_context=None):
         super().__init__(unet, controlnet, scheduler, settings, off_server=CUT.client_trainable,
                          null_context=null_context)
         self.head_state = ControlHead(controlnet).state_dict()
-
-    def train_step(self, control_features, unet_features, t, noise, context) -> tuple[float, torch.Tensor]:
-        control_features = control_features.float().requires_grad_(True)
-        loss = self.server_step(control_features, unet_features, t, noise, context)
-        return loss, control_features.grad
 
     def start(self, channel: Channel) -> SchemeResult:
         t0 = time.perf_counter()
@@ -196,10 +280,25 @@ class VanillaStrategy(SplitServer):
                 raise RuntimeError(f"vanilla: client {cid} did not return its head at the end of its turn")
             self.head_state = reply.head
         bar.close()
-        head = ControlHead(self.controlnet)
-        head.load_state_dict(self.head_state)
-        final = copy.deepcopy(self.controlnet)
-        for name in CUT.client_trainable:
-            resolve(name, controlnet=final).load_state_dict(resolve(name, controlnet=head).state_dict())
-        return SchemeResult(self.name, final.eval(), losses, len(losses), time.perf_counter() - t0, server_s,
-                            channel.transcript, server_trainable_params=self.server_trainable_params())
+        return SchemeResult(self.name, self.merged(self.head_state), losses, len(losses), time.perf_counter() - t0,
+                            server_s, channel.transcript, server_trainable_params=self.server_trainable_params())
+
+    @staticmethod
+    def bare(envs, controlnet, settings, turns) -> list[float]:
+        base = envs[0].base
+        server = SplitServer(base.unet, controlnet, envs[0].scheduler, settings, off_server=CUT.client_trainable)
+        head = ControlHead(controlnet).train()
+        gens = [client_generator(e.seed, c) for c, e in enumerate(envs)]
+        losses = []
+        for cid, k in turns:
+            opt = torch.optim.AdamW(head.parameters(), lr=settings.lr)  # as the client: fresh per turn
+            for _ in range(k):
+                b = sample_batch(base, envs[cid].scheduler, envs[cid].data, settings.batch_size, gens[cid],
+                                 settings.prompt_dropout)
+                act = head(b.x_t, b.hint)
+                with torch.no_grad():
+                    uf = unet_first_conv(base.unet, b.x_t)
+                opt.zero_grad(set_to_none=True)
+                losses.append(server.server_step(act, uf, b.t, b.noise, b.context))  # backprop reaches the head
+                opt.step()
+        return losses

@@ -30,7 +30,7 @@ class HashTextEncoder(torch.nn.Module):
 
 
 def make_base(preset_name: str = "tiny", seed: int = 0):
-    from sim.models import BaseModel, build_autoencoder, build_unet, get_preset
+    from sim.core.models import BaseModel, build_autoencoder, build_unet, get_preset
 
     p = get_preset(preset_name)
     unet = build_unet(p, seed=seed)

@@ -27,16 +27,16 @@ from attacks.scoring import image_scores
 
 
 def _cfg(*overrides):
-    from sim.config import load_config
+    from sim.core.config import load_config
 
     return load_config("smoke", list(overrides))
 
 
 def _trained_view(scheme: str, cfg) -> ServerView:
     """Train ``scheme`` in process and return the server's view of the kept round trips."""
-    from sim.compare import _setup, train_scheme
-    from sim.models import ddpm_scheduler
-    from sim.transcript import Transcript, record_to_dict
+    from sim.engine.runner import _setup, train_scheme
+    from sim.core.models import ddpm_scheduler
+    from sim.engine.transcript import Transcript, record_to_dict
 
     base, _, controlnet, _ = _setup(cfg)
     res = train_scheme(scheme, cfg, base, controlnet, transcript=Transcript(keep=cfg.keep_messages))
@@ -47,7 +47,7 @@ def _trained_view(scheme: str, cfg) -> ServerView:
 
 def _bare_view(base, scheme: str) -> ServerView:
     """A view with nothing kept (random tiny base): enough for the declarations and N/A reasons."""
-    from sim.models import build_controlnet, ddpm_scheduler
+    from sim.core.models import build_controlnet, ddpm_scheduler
 
     torch.manual_seed(0)
     return ServerView(scheme, _cfg(f"schemes={scheme}"), [], base, ddpm_scheduler(base.preset),
@@ -55,7 +55,7 @@ def _bare_view(base, scheme: str) -> ServerView:
 
 
 def _truth(view, refs, messages=None):
-    from attacks.truth import private_samples
+    from sim.engine.truth import private_samples
 
     return private_samples(view.cfg, view.scheme, view.messages if messages is None else messages, refs)
 
@@ -118,8 +118,8 @@ def test_unwinding_one_adamw_step_gives_the_gradient():
 def test_timestep_and_prompt_from_rank_one_gradients(tiny_base):
     """With batch 1, time_embedding.linear_1 and the cross-attention K/V gradients give t and the prompt."""
     from attacks.grad_inversion import recover_prompt, recover_timestep
-    from sim.cuts import controlled_eps
-    from sim.models import build_controlnet, ddpm_scheduler
+    from sim.core.cuts import controlled_eps
+    from sim.core.models import build_controlnet, ddpm_scheduler
     from strategies.base import TrainSettings, diffusion_loss
 
     from conftest import perturb_zero_convs
@@ -179,7 +179,7 @@ def test_grad_inversion_batch1_recovers_t_prompt_and_beats_blind_guess(fedavg_b1
     truth = _truth(view, rec.refs)
     assert rec.prompts == truth["prompt_used"]  # exactly, dropout ("") included
     # t: replay the true timesteps (test-side only) and compare
-    from sim.compare import client_datasets
+    from sim.engine.runner import client_datasets
     from strategies.base import ClientEnv, TrainSettings
     from strategies.fedavg import FedAvgClient
 

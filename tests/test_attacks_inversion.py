@@ -22,8 +22,8 @@ FAST = {"inverse-net": "inverse-net:steps=120,aux=256",
 
 
 def _view(base, scheme: str, defenses=(), messages=None) -> ServerView:
-    from sim.config import load_config
-    from sim.models import build_controlnet, ddpm_scheduler
+    from sim.core.config import load_config
+    from sim.core.models import build_controlnet, ddpm_scheduler
 
     overrides = [f"schemes={scheme}"] + ([f"defenses={list(defenses)}".replace("'", '"')] if defenses else [])
     cfg = load_config("smoke", overrides)
@@ -124,7 +124,7 @@ def test_inverse_net_shapes():
 def test_map_z0_shrinks_with_t():
     """Stage 2 of rmle: near-exact x_t / sqrt(abar) at t = 0, a flat guess at t = T-1."""
     from attacks.rmle import map_z0
-    from sim.models import ddpm_scheduler, get_preset
+    from sim.core.models import ddpm_scheduler, get_preset
 
     sched = ddpm_scheduler(get_preset("tiny"))
     z0 = torch.zeros(2, 3, 16, 16)
@@ -139,8 +139,8 @@ def test_map_z0_shrinks_with_t():
 # ----------------------------------------------------------------------------- slow: a tiny run
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from sim.compare import run_compare
-    from sim.config import load_config
+    from sim.engine.runner import run_compare
+    from sim.core.config import load_config
 
     out = tmp_path_factory.mktemp("inversion_run")
     cfg = load_config("smoke", ["schemes=vanilla,nograd", "keep-messages=4", "steps=4", "local-steps=2",
@@ -184,7 +184,7 @@ def test_finite_reconstructions_of_every_kept_sample(views, scheme):
 
 @pytest.fixture(scope="module")
 def nograd_truth(views):
-    from attacks.truth import private_samples
+    from sim.engine.truth import private_samples
 
     view = views["nograd"]
     truth = private_samples(view.cfg, "nograd", view.messages, _kept(view))

@@ -11,7 +11,7 @@ PRESETS = sorted((Path(__file__).parents[1] / "baselines").glob("*.toml"))
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_sweep_preset_variants_are_valid_configs(preset):
-    from sim.sweep import load_sweep, variant_config
+    from sim.commands.sweep import load_sweep, variant_config
 
     spec = load_sweep(preset)
     for v in spec["variant"]:
@@ -22,9 +22,9 @@ def test_sweep_preset_variants_are_valid_configs(preset):
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_sweep_preset_smoke_runs(preset, tmp_path):
-    from sim.cli import main
+    from sim.commands.cli import main
 
-    from sim.sweep import load_sweep
+    from sim.commands.sweep import load_sweep
 
     spec = load_sweep(preset)
     assert main(["sweep", str(preset), "--smoke", "--out", str(tmp_path)]) == 0
@@ -45,7 +45,7 @@ def test_sweep_preset_smoke_runs(preset, tmp_path):
 
 
 def test_pareto_front_keeps_only_undominated_points(tmp_path):
-    from sim.plots import pareto_front, plot_privacy_utility
+    from sim.core.plots import pareto_front, plot_privacy_utility
 
     pts = [(0.9, 0.7), (0.3, 0.6), (0.5, 0.5), (0.1, 0.2), (0.3, 0.65)]
     assert pareto_front(pts) == [3, 4, 0]  # (0.5, 0.5) and (0.3, 0.6) are dominated
@@ -59,7 +59,7 @@ def test_pareto_front_keeps_only_undominated_points(tmp_path):
 def test_sweep_copies_a_finished_run_of_the_same_configuration_and_runs_missing_attacks(tmp_path):
     """A variant equal to a finished run (the ``jobs`` split aside) is copied, not trained; the
     attacks the copy lacks run on it; --no-reuse trains it anyway."""
-    from sim.sweep import run_sweep
+    from sim.commands.sweep import run_sweep
 
     small = ["num-samples=32", "steps=8", "batch-size=4", "local-steps=2", "eval-samples=2", "ddim-steps=2",
              "schemes=[\"nograd\", \"vanilla\", \"fedavg\"]", "baseline=false", "keep-messages=2", "keep-from=end",

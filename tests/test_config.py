@@ -6,7 +6,7 @@ import tomllib
 
 import pytest
 
-from sim.config import ExperimentConfig, list_presets, load_config
+from sim.core.config import ExperimentConfig, list_presets, load_config
 
 
 def test_presets_load_and_round_trip_through_toml(tmp_path):
@@ -53,7 +53,7 @@ def test_flower_run_config_declares_every_key_with_the_default_values():
     import tomllib
     from pathlib import Path
 
-    from sim.config import from_run_config, load_config, to_run_config
+    from sim.core.config import from_run_config, load_config, to_run_config
 
     declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     default = to_run_config(load_config("default"))
@@ -69,8 +69,8 @@ def test_flower_run_config_declares_every_key_with_the_default_values():
 def test_an_older_run_config_without_a_key_keeps_the_behaviour_it_was_made_with(tmp_path):
     """fedavg-keep-optimizer became true by default after runs were written without the key
     (stateless FedAvg clients): such a run still reads as stateless, a preset gets the new default."""
-    from sim.config import load_run_config
-    from sim.sweep import config_differences
+    from sim.core.config import load_run_config
+    from sim.commands.sweep import config_differences
 
     cfg = load_config("smoke")
     text = "\n".join(l for l in cfg.to_toml().splitlines() if not l.startswith("fedavg-keep-optimizer"))

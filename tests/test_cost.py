@@ -1,4 +1,4 @@
-"""Cost accounting (sim.cost): parameters, FLOPs, memory and bytes from the configuration alone.
+"""Cost accounting (sim.commands.cost): parameters, FLOPs, memory and bytes from the configuration alone.
 
 Fast tests use the ``tiny`` preset's whole table and the ``sd15`` preset's parameter counts
 and client-side traces (meta device: seconds, no memory); the whole ``sd15`` table is a
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import make_base
-from sim import cost
-from sim.cost import MiB, build_meta_models, cost_table, markdown, param_counts, trace_step, wire_costs
-from sim.wire import encode, record_nbytes
+from sim.commands import cost
+from sim.commands.cost import MiB, build_meta_models, cost_table, markdown, param_counts, trace_step, wire_costs
+from sim.core.wire import encode, record_nbytes
 
 # SD1.5's published module sizes (diffusers' runwayml/stable-diffusion-v1-5 and lllyasviel ControlNet v1.1)
 SD15_UNET = 859_520_964
@@ -79,7 +79,7 @@ def test_who_holds_and_trains_what_sd15(sd15):
 
 
 def test_tiny_meta_counts_equal_the_real_tiny_models(tiny_table):
-    from sim.models import build_controlnet
+    from sim.core.models import build_controlnet
 
     base = make_base("tiny")
     cn = build_controlnet(base.unet, base.preset)
@@ -120,9 +120,9 @@ def test_sd15_fedavg_round_is_the_controlnet_in_fp32(sd15):
 
 
 def test_tiny_analytic_bytes_equal_record_nbytes_of_real_messages(tiny_table):
-    """The analytic counts against what sim.wire.record_nbytes measures on messages the real
+    """The analytic counts against what sim.core.wire.record_nbytes measures on messages the real
     clients build (tiny preset, batch 1, K = 1)."""
-    from sim.models import build_controlnet, ddpm_scheduler
+    from sim.core.models import build_controlnet, ddpm_scheduler
     from strategies.base import ClientData, ClientEnv, TrainSettings
     from strategies.fedavg import FitRes
     from strategies.nograd import FeaturesRequest, NoGradClient

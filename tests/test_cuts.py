@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import perturb_zero_convs, through_wire
-from sim.cuts import (CUTS, control_head, control_rest, nograd_control_input, unet_first_conv, unet_rest)
-from sim.models import build_controlnet
+from sim.core.cuts import (CUTS, control_head, control_rest, nograd_control_input, unet_first_conv, unet_rest)
+from sim.core.models import build_controlnet
 
 
 def _inputs(base, batch=2, seed=0):

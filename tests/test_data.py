@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from sim import data
-from sim.data import COLOURS
+from sim.core import data
+from sim.core.data import COLOURS
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 
 from defenses import DefenseStack, HookContext, accounting, make_defense, split_client_features
 from defenses.symsigmoid import inverse, symsigmoid
-from sim.models import ddpm_scheduler, get_preset
+from sim.core.models import ddpm_scheduler, get_preset
 
 SCHED = ddpm_scheduler(get_preset("tiny"))
 
@@ -25,8 +25,8 @@ def test_symsigmoid_is_odd_monotone_and_invertible():
 
 def test_symsigmoid_is_applied_at_inference(tiny_base, monkeypatch):
     from conftest import perturb_zero_convs
-    from sim.evaluate import generate
-    from sim.models import build_controlnet
+    from sim.engine.evaluate import generate
+    from sim.core.models import build_controlnet
 
     import defenses.symsigmoid as mod
 
@@ -102,7 +102,7 @@ def test_latent_dp_noise_std_matches_the_accounting(tiny_base):
 
 
 def test_fp16_wire_round_trip_halves_the_bytes(tiny_base):
-    from sim.wire import decode, encode, record_nbytes
+    from sim.core.wire import decode, encode, record_nbytes
     from strategies.nograd import Features
 
     x_t, hint = torch.randn(4, 3, 32, 32), torch.rand(4, 3, 32, 32)
@@ -131,7 +131,7 @@ def test_fp16_offset_is_fixed_per_client():
 
 
 def test_inapplicable_defenses_are_refused_with_the_reason():
-    from sim.config import load_config
+    from sim.core.config import load_config
 
     with pytest.raises(ValueError, match="symsigmoid.*fedavg.*weights"):
         DefenseStack(["symsigmoid"], "fedavg")
@@ -146,7 +146,7 @@ def test_inapplicable_defenses_are_refused_with_the_reason():
 
 
 def test_defenses_cli_lists_declarations_and_the_timestep_table(capsys):
-    from sim.cli import main
+    from sim.commands.cli import main
 
     assert main(["defenses", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -161,8 +161,8 @@ def test_defenses_cli_lists_declarations_and_the_timestep_table(capsys):
 
 # ----------------------------------------------------------------------------- whole runs, attacked
 def _run(tmp_path, name: str, overrides: list[str]):
-    from sim.compare import run_compare
-    from sim.config import load_config
+    from sim.engine.runner import run_compare
+    from sim.core.config import load_config
 
     cfg = load_config("smoke", ["schemes=vanilla,nograd", "keep-messages=1000", "steps=6", *overrides])
     out = tmp_path / name
@@ -181,7 +181,7 @@ def _blind_ssim(run, scheme: str) -> float:
     """A blind guess: the mean auxiliary image, scored against the private targets."""
     from attacks import ServerView
     from attacks.scoring import image_scores
-    from attacks.truth import private_samples
+    from sim.engine.truth import private_samples
 
     view = ServerView.from_run(run, scheme)
     refs = [(b["ref"][0], b["ref"][1], j) for b in view.batches() for j in range(b["t"].shape[0])]
@@ -212,8 +212,8 @@ def test_noise_target_attack_breaks_the_reference_and_not_pp_protected(runs):
 def test_wire_audit_no_prompt_leaves_a_protected_client(runs):
     """Every record the server received in a whole pp-protected run: no prompt string, no
     token ids, no text embedding (of any prompt the clients hold, or of the empty prompt)."""
-    from sim.compare import _setup, client_datasets
-    from sim.config import load_config
+    from sim.engine.runner import _setup, client_datasets
+    from sim.core.config import load_config
 
     from attacks import ServerView
 

@@ -23,7 +23,7 @@ NEW = ("noise", "local-dp", "patch-shuffle", "mixup", "nopeek", "dp-sgd", "serve
 @pytest.fixture(scope="module")
 def models(tiny_base):
     """The session's tiny base model and a ControlNet whose zero convs are perturbed (real residuals)."""
-    from sim.models import build_controlnet
+    from sim.core.models import build_controlnet
 
     torch.manual_seed(0)
     return tiny_base, perturb_zero_convs(build_controlnet(tiny_base.unet, tiny_base.preset))
@@ -160,7 +160,7 @@ def test_distance_correlation_is_one_for_dependence_and_small_for_independence()
 
 
 def test_nopeek_changes_the_vanilla_clients_head_gradient(models):
-    from sim.models import ddpm_scheduler
+    from sim.core.models import ddpm_scheduler
     from strategies.base import ClientData, ClientEnv, TrainSettings
     from strategies.vanilla import ControlHead, VanillaClient, VanillaRequest
 
@@ -224,7 +224,7 @@ def test_dp_sgd_noise_std_is_multiplier_times_clip_over_batch():
 
 def test_per_sample_gradients_of_the_batched_controlnet_equal_single_sample_ones(models):
     """The diffusers modules normalise per sample, so one batched forward gives per-sample gradients."""
-    from sim.cuts import controlled_eps
+    from sim.core.cuts import controlled_eps
 
     tiny_base, cn = models
     s, p = tiny_base.preset.image_size, tiny_base.preset
@@ -258,11 +258,11 @@ def test_rdp_accountant_matches_known_regimes():
 
 
 def _fedavg_run(base, controlnet, defenses, steps=2, local_steps=1, batch=2):
-    from sim.client_app import client_app_for
-    from sim.compare import discover, run_strategy
-    from sim.grid import InProcessGrid
-    from sim.models import ddpm_scheduler
-    from sim.transcript import Transcript
+    from sim.engine.client_app import client_app_for
+    from sim.engine.runner import discover, run_strategy
+    from sim.engine.grid import InProcessGrid
+    from sim.core.models import ddpm_scheduler
+    from sim.engine.transcript import Transcript
     from strategies.base import ClientData, ClientEnv, TrainSettings
 
     g = torch.Generator().manual_seed(0)
@@ -315,7 +315,7 @@ def test_server_dp_clips_the_aggregated_update_and_adds_the_configured_noise(mod
     (["fedavg"], ["dp-sgd:clip=1,noise-multiplier=0.5", "server-dp:clipping-norm=5,noise-multiplier=0.01"]),
 ])
 def test_compare_smoke_runs_with_the_baseline_defenses(tmp_path, schemes, defenses):
-    from sim.cli import main
+    from sim.commands.cli import main
 
     out = tmp_path / "run"
     assert main(["compare", "--preset", "smoke", "--set", f"schemes={json.dumps(schemes)}",

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from sim.cli import main
-from sim.models import TINY_BASE_DIR
+from sim.commands.cli import main
+from sim.core.models import TINY_BASE_DIR
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from sim import fidelity
-from sim.data import make_fill50k
+from sim.core import fidelity
+from sim.core.data import make_fill50k
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch 2.13 deprecates TorchScript
 
@@ -78,7 +78,7 @@ def test_standard_fid_is_zero_for_identical_sets_and_grows_with_the_difference(i
 
 
 def test_score_adds_fid_inception_only_with_weights(inception_path):
-    from sim.evaluate import score
+    from sim.engine.evaluate import score
 
     targets, conds, _ = _eval_data()
     assert "fid_inception" not in score(targets, conds, targets_uint8=targets)
@@ -142,7 +142,7 @@ def test_clip_score_refuses_without_local_weights(tmp_path, clip_path):
 
 
 def test_score_adds_clip_score_only_with_weights(clip_path):
-    from sim.evaluate import score
+    from sim.engine.evaluate import score
 
     targets, conds, prompts = _eval_data()
     assert "clip_score" not in score(targets, conds, targets_uint8=targets, prompts=prompts)
@@ -155,8 +155,8 @@ def test_score_adds_clip_score_only_with_weights(clip_path):
 
 
 def test_evaluate_threads_both_weights(tiny_base, inception_path, clip_path):
-    from sim.data import to_tensors
-    from sim.evaluate import evaluate
+    from sim.core.data import to_tensors
+    from sim.engine.evaluate import evaluate
 
     eval_set = to_tensors(make_fill50k(4, seed=6103, max_radius=0.25))
     plain, imgs = evaluate(tiny_base, eval_set, None, None, steps=1, guidance=1.0, seed=0, desc="test")
@@ -170,7 +170,7 @@ def test_evaluate_threads_both_weights(tiny_base, inception_path, clip_path):
 
 
 def test_config_keys_for_local_weights(tmp_path, inception_path, clip_path):
-    from sim.config import load_config, to_run_config
+    from sim.core.config import load_config, to_run_config
 
     cfg = load_config("smoke", [f"inception-weights={inception_path}", f"clip-weights={clip_path}"])
     assert cfg.inception_weights == str(inception_path) and cfg.clip_weights == str(clip_path)
@@ -194,8 +194,8 @@ def test_reevaluate_accepts_the_weights_and_passes_them_on(tmp_path, monkeypatch
     to every evaluate() call (sampling itself is stubbed out here)."""
     from diffusers import ControlNetModel
 
-    from sim import compare
-    from sim.config import load_config
+    from sim.engine import runner
+    from sim.core.config import load_config
 
     run = tmp_path / "run"
     run.mkdir()

@@ -1,4 +1,4 @@
-"""Offline fidelity metrics (sim.fidelity) and the committed project feature network (sim.feature_net)."""
+"""Offline fidelity metrics (sim.core.fidelity) and the committed project feature network (sim.core.feature_net)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,9 +6,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from sim import fidelity
-from sim.data import make_faces, make_fill50k
-from sim.feature_net import (DEFAULT_DIR, FEATURE_DIM, WEIGHTS_FILE, FeatureNet, heldout_accuracy,
+from sim.core import fidelity
+from sim.core.data import make_faces, make_fill50k
+from sim.core.feature_net import (DEFAULT_DIR, FEATURE_DIM, WEIGHTS_FILE, FeatureNet, heldout_accuracy,
                              load_feature_net)
 
 N = 64

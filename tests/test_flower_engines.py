@@ -34,7 +34,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sim.config import load_config, to_run_config
+from sim.core.config import load_config, to_run_config
 
 pytestmark = pytest.mark.slow
 

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from sim import data, metrics
-from sim.data import COLOURS
+from sim.core import data
+from sim.core import metrics
+from sim.core.data import COLOURS
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +164,7 @@ def test_bad_shapes_are_rejected(fill):
 
 def test_score_reports_the_standard_error_of_outline_iou(fill):
     """Half perfect images, half flat backgrounds: IoU ~0.5 with SE = std(ddof=1)/sqrt(n)."""
-    from sim.evaluate import score, standard_error
+    from sim.engine.evaluate import score, standard_error
 
     n = 40
     flats = np.stack([_flat(bg) for bg in fill["bg"][n // 2:n]])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sim.models import build_controlnet, count_params, get_preset, load_base
+from sim.core.models import build_controlnet, count_params, get_preset, load_base
 
 
 def test_sd15_preset_has_sd15_sizes_without_any_download():
@@ -30,7 +30,7 @@ def test_missing_tiny_checkpoint_says_how_to_make_it(tmp_path):
 
 
 def test_minilm_text_encoder_gives_token_states_and_zero_padding():
-    from sim.text import MiniLMTextEncoder
+    from sim.core.text import MiniLMTextEncoder
 
     enc = MiniLMTextEncoder(max_tokens=16)
     a, b = enc(["a red circle on a blue background", "a blue circle on a red background"])
@@ -43,8 +43,8 @@ def test_minilm_text_encoder_gives_token_states_and_zero_padding():
 @pytest.mark.parametrize("preset", ["tiny", "sd15-mini"])
 def test_controlnet_encoder_computes_the_unets_encoder_function(preset):
     """from_unet copies weights; we also restore the config it forgets (text-pooling heads)."""
-    from sim.cuts import _down, time_embedding
-    from sim.models import build_unet
+    from sim.core.cuts import _down, time_embedding
+    from sim.core.models import build_unet
 
     p = get_preset(preset)
     unet = build_unet(p, seed=1)

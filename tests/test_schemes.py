@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from conftest import make_base, perturb_zero_convs
-from sim.client_app import client_app_for
-from sim.compare import discover, fingerprint, run_strategy
-from sim.cuts import controlled_eps
-from sim.grid import InProcessGrid
-from sim.models import build_controlnet, ddpm_scheduler
-from sim.transcript import Transcript
+from sim.engine.client_app import client_app_for
+from sim.engine.runner import discover, fingerprint, run_strategy
+from sim.core.cuts import controlled_eps
+from sim.engine.grid import InProcessGrid
+from sim.core.models import build_controlnet, ddpm_scheduler
+from sim.engine.transcript import Transcript
 from strategies import get_strategy
 from strategies.base import ClientData, ClientEnv, TrainSettings, client_generator, sample_batch, turn_schedule
 
@@ -125,7 +125,7 @@ def test_turn_schedule_covers_the_budget():
 
 
 def test_high_noise_weights_are_one_at_low_noise_and_capped_at_high_noise(base):
-    from sim.diffusion import high_noise_weights
+    from sim.core.diffusion import high_noise_weights
 
     s = ddpm_scheduler(base.preset)
     w = high_noise_weights(s, torch.tensor([0, 100, 500, 900, 999]), 20.0)
@@ -149,7 +149,7 @@ def test_prompt_dropout_replaces_prompts_with_the_empty_prompt(base):
 def test_flower_path_equals_a_bare_pytorch_loop(scheme, keep, base, controlnet):
     """The apps over the in-process grid compute what a plain loop computes: same batches, same losses
     (FedAvg with stateful and with stateless clients)."""
-    from sim.bench import BARE
+    from sim.commands.bench import BARE
 
     settings = TrainSettings(lr=1e-3, steps=6, local_steps=2, batch_size=2, high_noise_weight=20.0, keep_optimizer=keep)
     res, envs = _run(scheme, base, controlnet, steps=6, local_steps=2, weight=20.0, keep_optimizer=keep)

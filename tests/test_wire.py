@@ -5,8 +5,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from sim.transcript import MessageStat, Transcript
-from sim.wire import WireError, decode, encode, record_nbytes
+from sim.engine.transcript import MessageStat, Transcript
+from sim.core.wire import WireError, decode, encode, record_nbytes
 from strategies.fedavg import FitRes
 from strategies.nograd import Features, FeaturesRequest
 from strategies.vanilla import VanillaReply, VanillaRequest

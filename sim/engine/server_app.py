@@ -2,8 +2,9 @@
 
 ``flwr run .`` (Ray simulation) and ``flwr run . <deployment-federation>`` (Deployment
 Engine) load ``app`` (see ``[tool.flwr.app.components]`` in pyproject.toml). Its main
-reads the experiment config from the run config (every key of
-:class:`sim.config.ExperimentConfig`, plus ``out``: the results folder), asks the nodes
+reads the public experiment config from the run config (every key of
+:class:`sim.core.config.PublicConfig`, plus ``out``: the results folder; the client-side
+keys are the SuperNodes' own, in their node configs), asks the nodes
 for their partition ids, trains each scheme in turn through the grid, evaluates, and
 writes the same results folder as ``splitcontrol compare`` (``flwr run`` returns
 nothing, so the files are the result).
@@ -16,17 +17,18 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from sim.core.config import from_run_config
+from sim.engine.context import check_components
+from sim.engine.grid import discover, quiet_flower_logs
+from sim.engine.runner import run_compare
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from .compare import discover, run_compare
-    from .config import from_run_config
-    from .grid import quiet_flower_logs
-
     quiet_flower_logs()
-    cfg = from_run_config(context.run_config)
+    cfg = check_components(from_run_config(context.run_config))
     out = str(context.run_config.get("out", "") or "")
     out_dir = Path(out) if out else Path("results") / cfg.experiment / time.strftime("flower-%Y%m%d-%H%M%S")
     node_ids = discover(grid, cfg.num_clients)

@@ -3,7 +3,7 @@
 Every preset is built from diffusers' own classes: ``UNet2DConditionModel`` (the frozen
 base model), ``ControlNetModel.from_unet`` (the trainable branch, initialised from the
 UNet encoder as in the ControlNet paper), DDPM/DDIM schedulers and an autoencoder slot
-(see :mod:`sim.autoencoder`). Presets differ only in numbers:
+(see :mod:`sim.core.autoencoder`). Presets differ only in numbers:
 
 ``tiny`` (default)
     32x32 pixel-space UNet (identity autoencoder), 4 resolutions, attention at 8x8 and
@@ -22,15 +22,24 @@ UNet encoder as in the ControlNet paper), DDPM/DDIM schedulers and an autoencode
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDPMScheduler,
+    UNet2DConditionModel,
+)
 from torch import nn
 
-from .autoencoder import IdentityAutoencoder, KLAutoencoder
+from sim.core.autoencoder import IdentityAutoencoder, KLAutoencoder
+from sim.core.cuts import check_supported
+from sim.core.text import CLIPTextEncoder, MiniLMTextEncoder
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TINY_BASE_DIR = ASSETS / "tiny-base"
 TINY_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
 
@@ -56,8 +65,6 @@ def committed_asset(folder: Path, weights: Path) -> Path:
     installed ``sim`` (``pip install [-e] .``), found on ``sys.path`` or through the
     import finder an editable install registers.
     """
-    import sys
-
     here = ASSETS / folder
     if (here / weights).exists():
         return here
@@ -195,8 +202,6 @@ def unet_config(p: ModelPreset) -> dict:
 
 def build_unet(p: ModelPreset, seed: int = 0, device: str = "cpu"):
     """A randomly initialised (seeded) UNet of preset ``p``; ``device="meta"`` allocates nothing."""
-    from diffusers import UNet2DConditionModel
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with torch.device(device):
@@ -210,8 +215,6 @@ def build_controlnet(unet, p: ModelPreset):
     ``add_embedding`` would compute a different function from the UNet's with the same
     weights; we take its config, restore that field, and copy the encoder weights.
     """
-    from diffusers import ControlNetModel
-
     with torch.device("meta"):
         template = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=p.conditioning_embedding_out_channels,
                                              load_weights_from_unet=False)
@@ -220,7 +223,6 @@ def build_controlnet(unet, p: ModelPreset):
     device = next(unet.parameters()).device
     with torch.device(device):
         controlnet = ControlNetModel.from_config(config)
-    from .cuts import check_supported
 
     check_supported(controlnet)
     if device.type != "meta":
@@ -234,7 +236,6 @@ def build_autoencoder(p: ModelPreset, folder: str | None = None, device: str = "
     """The autoencoder slot: identity for pixel presets, AutoencoderKL for SD presets."""
     if p.autoencoder == "identity":
         return IdentityAutoencoder()
-    from diffusers import AutoencoderKL
 
     if folder is not None:
         return KLAutoencoder(AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True))
@@ -251,8 +252,6 @@ def build_autoencoder(p: ModelPreset, folder: str | None = None, device: str = "
 
 def build_text_encoder(p: ModelPreset, folder: str | None = None, device: str = "cpu"):
     """The frozen text encoder of a preset (None for test presets fed random context)."""
-    from .text import CLIPTextEncoder, MiniLMTextEncoder
-
     if p.text_encoder == "minilm":
         return MiniLMTextEncoder(max_tokens=p.max_tokens)
     if p.text_encoder == "clip":
@@ -268,8 +267,6 @@ def scheduler_config(p: ModelPreset) -> dict:
 
 
 def ddpm_scheduler(p: ModelPreset):
-    from diffusers import DDPMScheduler
-
     return DDPMScheduler(**scheduler_config(p))
 
 
@@ -303,9 +300,6 @@ def load_base(preset: str = "tiny", folder: str | Path | None = None, device: st
     otherwise builds random weights (``device="meta"`` for accounting without memory).
     Nothing is ever downloaded.
     """
-    from diffusers import UNet2DConditionModel
-
-    from .cuts import check_supported
 
     p = get_preset(preset)
     if p.name == "tiny":

@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from collections.abc import Iterable
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+from sim.core.config import ExperimentConfig, to_run_config
+from sim.engine.client_app import HELLO, make_client_app
 
 SERVER_NODE_ID = 1  # Flower's SUPERLINK_NODE_ID
 FIRST_CLIENT_NODE_ID = 100
@@ -34,9 +38,14 @@ def quiet_flower_logs() -> None:
 
 
 class InProcessGrid(Grid):
-    """``num_nodes`` clients served by ``client_app`` in this process (node ids 100, 101, ...)."""
+    """``num_nodes`` clients served by ``client_app`` in this process (node ids 100, 101, ...).
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict, run_id: int = 1):
+    ``node_config`` (e.g. the client-side ``data-seed`` and ``client-seed``) joins every
+    node's ``partition-id`` and ``num-partitions``, as a SuperNode's ``--node-config`` does;
+    the ``run_config`` is what the ServerApp sees too, so it holds public keys only."""
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict, run_id: int = 1,
+                 node_config: dict | None = None):
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
         self.client_app = client_app
@@ -44,7 +53,8 @@ class InProcessGrid(Grid):
         self._pending: dict[str, Message] = {}
         self.contexts = {
             FIRST_CLIENT_NODE_ID + i: Context(run_id=run_id, node_id=FIRST_CLIENT_NODE_ID + i,
-                                              node_config={"partition-id": i, "num-partitions": num_nodes},
+                                              node_config={**(node_config or {}), "partition-id": i,
+                                                           "num-partitions": num_nodes},
                                               state=RecordDict(), run_config=dict(run_config))
             for i in range(num_nodes)
         }
@@ -84,3 +94,27 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return list(self.pull_messages(list(self.push_messages(messages))))
+
+
+def in_process_grid(cfg: ExperimentConfig) -> InProcessGrid:
+    """``num-clients`` clients of the Flower ClientApp in this process: the public run config for all,
+    each node's client-side keys in its node config (as a SuperNode's ``--node-config``)."""
+    return InProcessGrid(make_client_app(), cfg.num_clients, to_run_config(cfg), node_config=cfg.client_side())
+
+
+def discover(grid, num_clients: int) -> list[int]:
+    """Node ids ordered by partition id: asks every node (node ids are random per Flower run)."""
+    deadline = time.monotonic() + 120  # SuperNodes that just started may not be registered yet
+    while len(nodes := list(grid.get_node_ids())) < num_clients and time.monotonic() < deadline:
+        time.sleep(1.0)
+    replies = grid.send_and_receive([Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
+                                             message_type=f"query.{HELLO}") for n in nodes])
+    by_pid = {}
+    for r in replies:
+        if r.has_error():
+            raise RuntimeError(f"node {r.metadata.src_node_id} failed to say hello: {r.error.reason}")
+        by_pid[int(r.content.config_records["config"]["partition-id"])] = r.metadata.src_node_id
+    if sorted(by_pid) != list(range(num_clients)):
+        raise RuntimeError(f"expected clients with partition ids 0..{num_clients - 1}, found {sorted(by_pid)} "
+                           f"on {len(nodes)} nodes")
+    return [by_pid[i] for i in range(num_clients)]

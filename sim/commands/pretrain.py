@@ -26,9 +26,24 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import data as data_mod
-from .diffusion import min_snr_weights, noisy_latents, sample_timesteps, weighted_mse
-from .models import build_text_encoder, build_unet, ddpm_scheduler, get_preset, load_base
+from sim.core import data as data_mod
+from sim.core.diffusion import (
+    min_snr_weights,
+    noisy_latents,
+    sample_timesteps,
+    to_uint8,
+    weighted_mse,
+)
+from sim.core.metrics import colour_accuracy
+from sim.core.models import (
+    build_text_encoder,
+    build_unet,
+    ddpm_scheduler,
+    get_preset,
+    load_base,
+)
+from sim.core.plots import save_image_grid
+from sim.engine.evaluate import generate
 
 PRETRAIN_DATA_SEED = 1000  # base-model data; client data use other seeds
 PRETRAIN_MAX_RADIUS = 0.35  # the base learns the full size range; client data use its lower part
@@ -121,8 +136,6 @@ def pretrain_base(cfg: PretrainConfig) -> dict:
 def generate_base(base, prompts: list[str], steps: int = 25, guidance: float = 5.0, seed: int = 0,
                   progress: bool = True) -> torch.Tensor:
     """Text -> image with the frozen base model only (no control). Returns images in [-1, 1]."""
-    from .evaluate import generate
-
     return generate(base, prompts, steps=steps, guidance=guidance, seed=seed, progress=progress, desc="eval-base")
 
 
@@ -141,20 +154,15 @@ def eval_prompts(n: int, seed: int = 0) -> tuple[list[str], list[str], list[str]
 def eval_base(folder: str | None = None, n: int = 64, steps: int = 25, guidance: float = 5.0,
               seed: int = 0, save_grid: str | None = None) -> dict:
     """Generate ``n`` images and measure prompt-colour accuracy (the base model's bar: >= 0.70)."""
-    from .metrics import colour_accuracy
-
     base = load_base("tiny", folder=folder)
     prompts, fgs, bgs = eval_prompts(n, seed)
     t0 = time.time()
     images = generate_base(base, prompts, steps=steps, guidance=guidance, seed=seed)
-    from .diffusion import to_uint8
 
     imgs = to_uint8(images)
     result = colour_accuracy(imgs, fgs, bgs)
     result.update(n=n, ddim_steps=steps, guidance=guidance, seed=seed,
                   chance_colour_acc=1 / len(data_mod.COLOURS), sample_s=round(time.time() - t0, 1))
     if save_grid:
-        from .plots import save_image_grid
-
         save_image_grid(imgs, save_grid, ncol=int(math.ceil(math.sqrt(n))))
     return result

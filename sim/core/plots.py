@@ -1,6 +1,8 @@
 """Image grids and figures written with matplotlib (Agg backend, files only)."""
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +21,7 @@ def image_grid(images: np.ndarray, ncol: int, pad: int = 1, fill: int = 255) -> 
 
 def save_image_grid(images: np.ndarray, path: str | Path, ncol: int = 8, scale: int = 4) -> Path:
     """Save a grid PNG, upscaled ``scale`` x with nearest neighbour so small images stay readable."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     grid = image_grid(np.asarray(images), ncol)
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     path = Path(path)
@@ -34,11 +32,7 @@ def save_image_grid(images: np.ndarray, path: str | Path, ncol: int = 8, scale: 
 
 def save_rows_grid(rows: dict[str, np.ndarray], path: str | Path, scale: int = 4, title: str | None = None) -> Path:
     """One labelled row per entry (e.g. condition | generated | target), same number of images each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     names = list(rows)
     ncol = min(len(v) for v in rows.values())
     fig, axes = plt.subplots(len(names), 1, figsize=(ncol * 0.6 + 1.5, len(names) * 0.75 + 0.4), squeeze=False)
@@ -62,10 +56,11 @@ SCHEME_COLOURS = {"fedavg": "#1f77b4", "vanilla": "#ff7f0e", "nograd": "#2ca02c"
 
 
 def _plt():
-    import matplotlib
+    """pyplot on the headless backend, chosen only when a figure is drawn (a notebook keeps its own)."""
+    import matplotlib  # lazy: importing this module must not switch an interactive session's backend
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after the backend is chosen
 
     return plt
 
@@ -95,8 +90,6 @@ def plot_run(run_dir: str | Path, colour=None) -> list[Path]:
     """Figures of a results folder, drawn from its files alone: loss.png, bytes.png, client_cost.png, samples.png.
 
     ``colour`` maps a row's scheme label to a colour (default: the scheme colours, grey otherwise)."""
-    import json
-
     run = Path(run_dir)
     summary_path = run / "summary.json"
     if not summary_path.exists():
@@ -244,8 +237,6 @@ def plot_privacy_utility(sweep_json: str | Path, out: str | Path | None = None,
     """Privacy (best attack SSIM over the attacks that ran, lower is better) against utility, one
     point per (variant, scheme) of a sweep, with the Pareto front; from sweep.json alone. ``blind``:
     the same score of a guess made without any transcript (a vertical line)."""
-    import json
-
     plt = _plt()
     path = Path(sweep_json)
     rows = json.loads(path.read_text())
@@ -298,8 +289,6 @@ def plot_sweep_curves(sweep_json: str | Path, x_label: str, blind: dict | None =
     when attacks ran, ``sweep_leakage.png``: per attack the mean SSIM of reconstructed private
     images (solid) and hints (dashed), or prompt accuracy, with ``blind`` ({"image", "hint"}: a
     transcript-free guess's SSIM) as dotted lines."""
-    import json
-
     plt = _plt()
     path = Path(sweep_json)
     rows = [r for r in json.loads(path.read_text()) if r.get("x") is not None]
@@ -362,9 +351,6 @@ def plot_sweep_curves(sweep_json: str | Path, x_label: str, blind: dict | None =
 def plot_variants(out: str | Path, names: list[str]) -> list[Path]:
     """``plot_run``'s loss, bytes and client-cost figures across a sweep's variants (one bar or
     curve per variant and scheme), written to ``out``; per-round loss curves in ``rounds.png``."""
-    import json
-    import tempfile
-
     out = Path(out)
     rows, losses, rounds = [], [], []
     for name in names:

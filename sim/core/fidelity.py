@@ -5,7 +5,7 @@ Distribution metrics on the project's own feature network
 Papers report FID / KID on Inception-v3 features. No Inception weights can be
 downloaded on this project's machines, so :func:`fid_project` and
 :func:`kid_project` compute the same statistics on the features of
-:mod:`sim.feature_net`, a small CNN the project trained on its own 32x32 data.
+:mod:`sim.core.feature_net`, a small CNN the project trained on its own 32x32 data.
 Call them "FID (project features)" / "KID (project features)"
 (:data:`FID_PROJECT_LABEL`, :data:`KID_PROJECT_LABEL`), never plain "FID":
 their values are not comparable with Inception FID, nor across versions of the
@@ -26,7 +26,7 @@ Inputs
 ------
 Images: uint8 (N, H, W, 3), or float arrays / tensors (N, 3, H, W) in [-1, 1]
 (the diffusion model's output range). Conditions: uint8 (N, H, W, 3) (white on
-black), or float (N, 3, H, W) in [0, 1] (what :func:`sim.data.to_tensors` makes).
+black), or float (N, 3, H, W) in [0, 1] (what :func:`sim.core.data.to_tensors` makes).
 """
 from __future__ import annotations
 
@@ -34,8 +34,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import linalg, ndimage
+from skimage.color import rgb2gray
+from skimage.feature import canny
+from skimage.metrics import structural_similarity
+from transformers import AutoTokenizer, CLIPModel
 
-from .metrics import _batch, _condition_to_bool
+from sim.core.data import make_fill50k
+from sim.core.feature_net import load_feature_net, uint8_to_input
+from sim.core.metrics import _batch, _condition_to_bool
 
 FID_PROJECT_LABEL = "FID (project features)"
 KID_PROJECT_LABEL = "KID (project features)"
@@ -60,11 +67,9 @@ def project_features(images, net=None, batch_size: int = 256) -> np.ndarray:
     ----------
     images : (N, H, W, 3) uint8, or (N, 3, H, W) float in [-1, 1]
         Images of any size (resized to 32x32, bilinear with antialiasing).
-    net : sim.feature_net.FeatureNet, optional
-        Default: the committed weights (:func:`sim.feature_net.load_feature_net`).
+    net : sim.core.feature_net.FeatureNet, optional
+        Default: the committed weights (:func:`sim.core.feature_net.load_feature_net`).
     """
-    from .feature_net import load_feature_net, uint8_to_input
-
     net = load_feature_net() if net is None else net
     x = uint8_to_input(_batch(images, "images"))
     was_training = net.training
@@ -126,8 +131,6 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         eig = np.linalg.eigvalsh((m + m.T) / 2)
         tr_covmean = float(np.sqrt(np.clip(eig, 0, None)).sum())
     elif method == "sqrtm":
-        from scipy import linalg
-
         covmean = linalg.sqrtm(s1 @ s2)
         if not np.isfinite(covmean).all():
             offset = np.eye(len(s1)) * 1e-6
@@ -150,7 +153,7 @@ def fid_from_features(feats1: np.ndarray, feats2: np.ndarray, method: str = "eig
 def fid_project(real_uint8, fake_uint8, net=None) -> float:
     """FID (project features): Frechet distance of real and generated images on the project's feature net.
 
-    Fits a Gaussian (mean, covariance) to the :data:`sim.feature_net.FEATURE_DIM`-
+    Fits a Gaussian (mean, covariance) to the :data:`sim.core.feature_net.FEATURE_DIM`-
     dimensional features of each set and returns the Frechet distance between the
     two (lower is better, 0 for identical sets). The features are standardised
     (unit std per dimension on clean training images), so the value is in
@@ -160,7 +163,7 @@ def fid_project(real_uint8, fake_uint8, net=None) -> float:
     ----------
     real_uint8, fake_uint8 : (N, H, W, 3) uint8, or (N, 3, H, W) float in [-1, 1]
         At least 2 images each; the two sets may differ in size.
-    net : sim.feature_net.FeatureNet, optional
+    net : sim.core.feature_net.FeatureNet, optional
         Default: the committed feature network.
 
     Returns
@@ -181,7 +184,7 @@ def fid_project(real_uint8, fake_uint8, net=None) -> float:
     - What it sees is what the feature net was trained to tell apart: circle and
       background colours, circle position and size, circle or face, and whether
       an image was blurred, noised or had its colours shifted off the palette
-      (:mod:`sim.feature_net`). It responds strongly to those (64 vs 64 images:
+      (:mod:`sim.core.feature_net`). It responds strongly to those (64 vs 64 images:
       real 28, blur sigma 1 102, noise std 10/255 100, washed-out colours 383),
       weakly to other defects (2x pixelation: 28), and is a weak judge of face
       quality (it saw 80 faces, which also appear among the project's client data).
@@ -246,7 +249,7 @@ def kid_project(real_uint8, fake_uint8, net=None, subsets: int = 100, subset_siz
     ----------
     real_uint8, fake_uint8 : (N, H, W, 3) uint8, or (N, 3, H, W) float in [-1, 1]
         At least 2 images each.
-    net : sim.feature_net.FeatureNet, optional
+    net : sim.core.feature_net.FeatureNet, optional
         Default: the committed feature network.
     subsets, subset_size, degree, gamma, coef, seed
         Estimator settings; ``seed`` draws the subsets.
@@ -285,12 +288,9 @@ def canny_edges(images, sigma: float = CANNY_SIGMA, low_threshold: float | None 
     :func:`skimage.feature.canny` on the grey image (:func:`skimage.color.rgb2gray`
     of the RGB values / 255). Thresholds are in skimage's units (gradient
     magnitude of the [0, 1] grey image after Gaussian smoothing); ``None`` uses
-    skimage's defaults (0.1, 0.2), which are what :func:`sim.data.make_faces`
+    skimage's defaults (0.1, 0.2), which are what :func:`sim.core.data.make_faces`
     used to make the faces' conditions.
     """
-    from skimage.color import rgb2gray
-    from skimage.feature import canny
-
     batch = _batch(images, "images")
     return np.stack([canny(rgb2gray(img.astype(np.float64) / 255.0), sigma=sigma,
                            low_threshold=low_threshold, high_threshold=high_threshold) for img in batch])
@@ -307,8 +307,6 @@ def edge_ssim_per_image(images_uint8, conditions_uint8, sigma: float = CANNY_SIG
                         low_threshold: float | None = CANNY_LOW, high_threshold: float | None = CANNY_HIGH,
                         win_size: int = SSIM_WIN) -> np.ndarray:
     """SSIM between each image's Canny edge map and its condition's edge map: float64 (N,)."""
-    from skimage.metrics import structural_similarity
-
     edges = canny_edges(images_uint8, sigma, low_threshold, high_threshold)
     cond = _condition_edges(conditions_uint8, len(edges))
     if edges.shape != cond.shape:
@@ -371,7 +369,7 @@ def edge_ssim(images_uint8, conditions_uint8, sigma: float = CANNY_SIGMA,
     whenever both maps are empty there: an image with no edges scores 0.57 on
     Fill50K, above a well-formed circle in the wrong place. Read it against
     those reference values, and next to :func:`edge_f1` or
-    :func:`sim.metrics.outline_iou`.
+    :func:`sim.core.metrics.outline_iou`.
     """
     return float(edge_ssim_per_image(images_uint8, conditions_uint8, sigma, low_threshold, high_threshold,
                                      win_size).mean())
@@ -397,8 +395,6 @@ def edge_f1(images_uint8, conditions_uint8, tolerance: int = 1, sigma: float = C
     tolerance 1: real targets 1.00, other conditions' targets 0.28, uniform
     noise 0.25, flat images 0.00. Faces, tolerance 0: real 0.97, other faces 0.27.
     """
-    from scipy import ndimage
-
     edges = canny_edges(images_uint8, sigma, low_threshold, high_threshold)
     cond = _condition_edges(conditions_uint8, len(edges))
     if edges.shape != cond.shape:
@@ -525,7 +521,6 @@ def clip_score(images_uint8, prompts, clip_path: str | Path | None = None, batch
         raise FileNotFoundError(
             f"CLIP score needs a local CLIP model and {where}: none is available offline and this project never "
             "downloads one. Pass clip_path= a Hugging Face CLIP folder (model, config and tokenizer files).")
-    from transformers import AutoTokenizer, CLIPModel
 
     images = _batch(images_uint8, "images_uint8")
     prompts = [str(p) for p in prompts]
@@ -555,8 +550,6 @@ def clip_score(images_uint8, prompts, clip_path: str | Path | None = None, batch
 
 def _alterations() -> dict:
     """Name -> function(uint8 images, rng) of the alterations of the model card's reference table."""
-    from scipy import ndimage
-
     def blur(sigma):
         return lambda x, rng: np.stack([ndimage.gaussian_filter(i.astype(np.float64), (sigma, sigma, 0))
                                         for i in x]).round().astype(np.uint8)
@@ -585,11 +578,9 @@ def reference_table(n: int = 64, seed: int = 6000, net=None) -> dict[str, tuple[
 
     The real sets are ``make_fill50k(n, seed=seed)`` and ``seed + 1`` (max_radius
     0.25); the alterations are those of ``sim/assets/feature-net/MODEL_CARD.md``.
-    Returns ``{alteration: (fid, kid_mean)}``; ``python -m sim.feature_net --report``
+    Returns ``{alteration: (fid, kid_mean)}``; ``python -m sim.commands.feature_net --report``
     prints it.
     """
-    from .data import make_fill50k
-
     real = make_fill50k(n, seed=seed, max_radius=0.25)["target"]
     other = make_fill50k(n, seed=seed + 1, max_radius=0.25)["target"]
     f_real = _features_of(real, net, "real")

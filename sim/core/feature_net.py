@@ -1,7 +1,7 @@
 """The project's own feature network: a small CNN trained on the project's offline data.
 
 No Inception (or CLIP, LPIPS, ...) weights can be downloaded on this project's
-machines, so the distribution metrics of :mod:`sim.fidelity` (``fid_project``,
+machines, so the distribution metrics of :mod:`sim.core.fidelity` (``fid_project``,
 ``kid_project``) embed images with this network instead. It is a supervised
 multi-head classifier trained from scratch on procedural Fill50K-style circles
 (and 80 of the 100 LFW faces of scikit-image) at 32x32; its penultimate layer, a
@@ -11,7 +11,7 @@ training images, is the feature space (:meth:`FeatureNet.features`).
 Heads (each a linear layer on ``relu(embedding)``):
 
 - ``fg``, ``bg``: circle and background colour, 8 classes each (the palette
-  :data:`sim.data.COLOURS`);
+  :data:`sim.core.data.COLOURS`);
 - ``cx``, ``cy``: circle centre column / row, :data:`POS_BINS` equal bins over
   the image side;
 - ``r``: circle radius, :data:`RADIUS_BINS` equal bins over
@@ -40,13 +40,12 @@ are held out.
 
 Train (and write ``feature_net.safetensors``, ``train_log.json``)::
 
-    .venv/bin/python -m sim.feature_net --out sim/assets/feature-net --steps 2000 --seed 5000
+    .venv/bin/python -m sim.commands.feature_net --out sim/assets/feature-net --steps 2000 --seed 5000
 
 Load the committed weights with :func:`load_feature_net`.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import time
@@ -55,9 +54,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .data import COLOURS, MIN_RADIUS, make_faces, make_fill50k
+from sim.core.data import COLOURS, MIN_RADIUS, make_faces, make_fill50k
+from sim.core.models import committed_asset
 
 FEATURE_DIM = 128
 IMAGE_SIZE = 32
@@ -70,7 +72,7 @@ NUM_HELDOUT_CIRCLES = 2_000
 NUM_HELDOUT_FACES = 20
 FACE_FRACTION = 0.125  # share of faces in a training batch
 WEIGHTS_FILE = "feature_net.safetensors"
-DEFAULT_DIR = Path(__file__).resolve().parent / "assets" / "feature-net"
+DEFAULT_DIR = Path(__file__).resolve().parents[1] / "assets" / "feature-net"
 COLOUR_INDEX = {name: i for i, name in enumerate(COLOURS)}
 DEGRADATIONS = ("clean", "blur", "noise", "colour")
 CLEAN_FRACTION = 0.4  # share of training images left undegraded
@@ -144,7 +146,7 @@ class FeatureNet(nn.Module):
 
 
 def uint8_to_input(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1] (as :func:`sim.data.to_tensors`)."""
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1] (as :func:`sim.core.data.to_tensors`)."""
     arr = np.ascontiguousarray(np.asarray(images, dtype=np.uint8).transpose(0, 3, 1, 2))
     return torch.from_numpy(arr).float() / 127.5 - 1.0
 
@@ -378,11 +380,9 @@ def set_feature_stats(net: FeatureNet, x: torch.Tensor, batch_size: int = 500) -
 
 def save_feature_net(net: FeatureNet, out_dir: str | Path, record: dict | None = None) -> Path:
     """Write ``feature_net.safetensors`` (and ``train_log.json`` when ``record`` is given)."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"feature_dim": str(net.feature_dim), "format": "sim.feature_net.FeatureNet"}
+    meta = {"feature_dim": str(net.feature_dim), "format": "sim.core.feature_net.FeatureNet"}
     path = out / WEIGHTS_FILE
     save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(path), metadata=meta)
     if record is not None:
@@ -401,7 +401,6 @@ def load_feature_net(path: str | Path | None = None) -> FeatureNet:
         cached: do not modify the returned module.
     """
     if path is None:  # under `flwr run` the FAB holds no weights: find the installed package's
-        from .models import committed_asset
 
         path = committed_asset(Path("feature-net"), Path(WEIGHTS_FILE))
     p = Path(path)
@@ -412,42 +411,12 @@ def load_feature_net(path: str | Path | None = None) -> FeatureNet:
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(path: str) -> FeatureNet:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     if not Path(path).is_file():
         raise FileNotFoundError(
             f"no feature-network weights at {path}; train them with "
-            f"`python -m sim.feature_net --out {Path(path).parent} --steps 2000 --seed {TRAIN_SEED}`")
+            f"`python -m sim.commands.feature_net --out {Path(path).parent} --steps 2000 --seed {TRAIN_SEED}`")
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
     net = FeatureNet(feature_dim=int(meta.get("feature_dim", FEATURE_DIM)))
     net.load_state_dict(load_file(path))
     return net.eval().requires_grad_(False)
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m sim.feature_net", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(DEFAULT_DIR), help="output folder (default: %(default)s)")
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--seed", type=int, default=TRAIN_SEED)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    ap.add_argument("--report", action="store_true",
-                    help="train nothing: print FID / KID (project features) of the weights in --out against "
-                         "real and altered circles (the model card's reference table)")
-    ap.add_argument("--n", type=int, default=64, help="--report: images per set (default 64)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.report:
-        from .fidelity import reference_table
-
-        for name, (fid, kid) in reference_table(args.n, net=load_feature_net(args.out)).items():
-            print(f"{name:28s} FID(project) {fid:8.1f}   KID(project) {kid:8.3f}")
-        return
-    train_feature_net(args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
-
-
-if __name__ == "__main__":
-    main()

@@ -9,14 +9,14 @@ condition, needing no pretrained network:
   drawn by the condition's outline?
 
 Both snap every pixel to the nearest colour of the palette
-:data:`sim.data.COLOURS` and read the background off the image border, so they
+:data:`sim.core.data.COLOURS` and read the background off the image border, so they
 work wherever the model put its circle.
 
 Images may be given as uint8 arrays (H, W, 3) / (N, H, W, 3), or as float
 arrays or torch tensors (3, H, W) / (N, 3, H, W) in [-1, 1] (the diffusion
 model's output range). Conditions may be given as uint8 arrays (H, W, 3) /
 (N, H, W, 3), or as float arrays or tensors (3, H, W) / (N, 3, H, W) in
-[0, 1] (what :func:`sim.data.to_tensors` makes).
+[0, 1] (what :func:`sim.core.data.to_tensors` makes).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .data import COLOURS
+from sim.core.data import COLOURS
 
 PALETTE = np.array(list(COLOURS.values()), dtype=np.float64)  # (8, 3), rows in COLOURS order
 COLOUR_NAMES = list(COLOURS)
@@ -97,7 +97,7 @@ def _batch(images, name: str) -> np.ndarray:
 
 
 def nearest_colour_map(img) -> np.ndarray:
-    """Index into :data:`sim.data.COLOURS` of each pixel's nearest colour (Euclidean RGB).
+    """Index into :data:`sim.core.data.COLOURS` of each pixel's nearest colour (Euclidean RGB).
 
     Returns an int64 (H, W) array (or (N, H, W) for a batch); ties go to the
     colour listed first.
@@ -135,7 +135,7 @@ def measure_colours(img) -> tuple[str | None, str]:
     Returns
     -------
     (fg, bg) : (str or None, str)
-        Colour names, keys of :data:`sim.data.COLOURS`.
+        Colour names, keys of :data:`sim.core.data.COLOURS`.
     """
     labels = nearest_colour_map(img)
     if labels.ndim != 2:

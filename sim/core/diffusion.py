@@ -6,12 +6,12 @@ that takes any epsilon-predicting callable (base UNet alone, or UNet + ControlNe
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import os
+from typing import Callable
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -67,7 +67,7 @@ BAR_POSITION_ENV = "SPLITCONTROL_BAR_POSITION"
 
 
 def bar_position() -> int:
-    """The line a progress bar draws on: one line per parallel job (set by ``sim.compare``)."""
+    """The line a progress bar draws on: one line per parallel job (set by ``sim.engine.runner``)."""
     return int(os.environ.get(BAR_POSITION_ENV, "0"))
 
 
@@ -87,8 +87,6 @@ def ddim_sample(eps_fn: EpsFn, scheduler, shape: tuple[int, ...], context: torch
     by ~0; measured on the tiny base at 1000 steps it cut colour accuracy from
     0.375/0.36 (fg/bg) to 0.14/0.34.
     """
-    from diffusers import DDIMScheduler
-
     sched = DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=True, timestep_spacing=spacing)
     sched.set_timesteps(steps)
     x = torch.randn(shape, generator=generator)

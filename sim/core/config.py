@@ -2,8 +2,20 @@
 
 Keys are flat and kebab-case (``num-clients``, ``local-steps``), as in Flower's run
 config; underscores are accepted too. Unknown keys and bad values fail before any work
-starts, naming the key and what is allowed. The resolved config is saved with every
-result (``config.toml``), so a run can be repeated exactly.
+starts, naming the key and what is allowed.
+
+The trust boundary starts here. Every key is either **public** (what the server may
+know: the recipe, the models, the schemes, the defenses and their parameters, the public
+seeds) or **client-side** (:data:`CLIENT_KEYS`: what only the clients know: ``data-seed``,
+which draws their private data, and ``client-seed``, the seed of every client's private
+randomness). :class:`PublicConfig` holds the public keys only; :class:`ExperimentConfig`
+adds the client-side ones. A run folder keeps them apart (``config.toml`` public,
+``clients.toml`` client-side; :mod:`sim.engine.clientside` is the only reader of the
+second), and the server's view of a run is built from a :class:`PublicConfig`, which has
+no attribute that names a client secret.
+
+Component names (schemes, defenses, attacks) are checked against their registries one
+layer up (:func:`sim.engine.context.check_components`); this module checks types and ranges.
 """
 from __future__ import annotations
 
@@ -13,13 +25,18 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-PRESET_DIR = Path(__file__).resolve().parent / "presets"
+from sim.core.components import parse_bool
+from sim.core.data import NUM_LFW_FACES
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
 DEFAULT_KEEP_FOR_ATTACKS = 4  # round trips kept per scheme when attacks are listed and keep-messages is 0
+FRESH = -1  # client-seed: draw a fresh one at run start (kept client-side in clients.toml)
+CLIENT_KEYS = ("data-seed", "client-seed")  # client-side: never in config.toml, the run config or the server's view
 
 
 @dataclass(frozen=True)
-class ExperimentConfig:
-    """Everything a ``compare`` run depends on (see the README's config table)."""
+class PublicConfig:
+    """The public part of a run's configuration: what the server may know (README's config table)."""
 
     experiment: str = "compare"
     model: str = "tiny"                      # model preset: tiny | sd15
@@ -28,7 +45,7 @@ class ExperimentConfig:
     dataset: str = "fill50k"                 # fill50k | faces
     num_samples: int = 2000                  # private training samples, split over the clients
     max_radius: float = 0.25                 # fill50k: largest circle radius / image size (base: 0.35)
-    data_seed: int = 1                       # client data (the base model was pretrained on seed 1000)
+    eval_seed: int = 1                       # public held-out eval set and the server's auxiliary data
     num_clients: int = 2
     partition: str = "iid"                   # iid | dirichlet
     dirichlet_alpha: float = 0.5
@@ -43,7 +60,7 @@ class ExperimentConfig:
     ddim_steps: int = 50
     guidance: float = 7.5                    # classifier-free guidance at evaluation (SD's default)
     uncond_control: bool = False             # also apply the ControlNet in guidance's unconditional branch
-    seed: int = 0
+    seed: int = 0                            # public: ControlNet init, the clients' batch/t/noise streams, sampling
     threads: int = 1                         # torch threads per job (results are deterministic per value)
     jobs: int = 4                            # worker processes: the schemes and the no-control baseline in parallel
     baseline: bool = True                    # also sample the base model without control (the reference row)
@@ -56,16 +73,13 @@ class ExperimentConfig:
 
     # ---------------------------------------------------------------- validation
     def __post_init__(self) -> None:
-        from sim.cuts import SCHEMES
-
         choices = {"model": ("tiny", "sd15"), "dataset": ("fill50k", "faces"), "partition": ("iid", "dirichlet"),
                    "keep_from": ("start", "end")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{_kebab(key)}={getattr(self, key)!r} is not allowed; choose one of {list(allowed)}")
-        bad = [s for s in self.schemes if s not in SCHEMES]
-        if bad or not self.schemes:
-            raise ValueError(f"schemes={list(self.schemes)} is not allowed; choose a non-empty subset of {list(SCHEMES)}")
+        if not self.schemes or len(set(self.schemes)) != len(self.schemes):
+            raise ValueError(f"schemes={list(self.schemes)} is not allowed; choose a non-empty list without repeats")
         for key in ("num_samples", "num_clients", "steps", "batch_size", "local_steps", "eval_samples",
                     "ddim_steps", "threads", "jobs"):
             if getattr(self, key) < 1:
@@ -80,8 +94,6 @@ class ExperimentConfig:
             if not getattr(self, key) > 0:
                 raise ValueError(f"{_kebab(key)} must be > 0, got {getattr(self, key)}")
         if self.dataset == "faces":
-            from sim.data import NUM_LFW_FACES
-
             if self.num_samples + self.eval_samples > NUM_LFW_FACES:
                 raise ValueError(f"dataset='faces' has {NUM_LFW_FACES} images, split disjointly into training and "
                                  f"evaluation: num-samples={self.num_samples} + eval-samples={self.eval_samples} "
@@ -97,27 +109,45 @@ class ExperimentConfig:
                 raise ValueError(f"{_kebab(key)}={path!r} {what} {kind} (local weights only; nothing is downloaded)")
         if self.keep_messages < 0:
             raise ValueError(f"keep-messages must be >= 0, got {self.keep_messages}")
-        if self.attacks:
-            from attacks import make_attack
-
-            for spec in self.attacks:
-                make_attack(spec)  # unknown names and bad parameters fail here
-            if self.keep_messages == 0:
-                object.__setattr__(self, "keep_messages", DEFAULT_KEEP_FOR_ATTACKS)
-        if self.defenses:
-            from defenses import DefenseStack
-
-            for scheme in self.schemes:  # fails naming the defense and why it cannot serve the scheme
-                DefenseStack(self.defenses, scheme)
+        if self.attacks and self.keep_messages == 0:
+            object.__setattr__(self, "keep_messages", DEFAULT_KEEP_FOR_ATTACKS)
         if self.num_clients > self.num_samples:
             raise ValueError(f"num-clients={self.num_clients} is larger than num-samples={self.num_samples}")
 
     def to_toml(self) -> str:
-        lines = []
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            lines.append(f"{_kebab(f.name)} = {_toml_value(v)}")
-        return "\n".join(lines) + "\n"
+        """The keys of this object as TOML (a :class:`PublicConfig`: the public keys only)."""
+        return "".join(f"{_kebab(f.name)} = {_toml_value(getattr(self, f.name))}\n"
+                       for f in dataclasses.fields(self))
+
+
+@dataclass(frozen=True)
+class ExperimentConfig(PublicConfig):
+    """Everything a run depends on: the public keys plus the client-side ones (:data:`CLIENT_KEYS`).
+
+    Only the runner that provisions the clients, the clients themselves and the scorer hold
+    one; the server gets :meth:`public`."""
+
+    data_seed: int = 1                       # client-side: the clients' private data (the base model: seed 1000)
+    client_seed: int = FRESH                 # client-side: every client's private randomness (-1: drawn fresh)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.client_seed < FRESH:
+            raise ValueError(f"client-seed must be >= 0, or {FRESH} to draw a fresh one; got {self.client_seed}")
+
+    def public(self) -> PublicConfig:
+        """The public part: what config.toml, the Flower run config and the server's view hold."""
+        return PublicConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(PublicConfig)})
+
+    def client_side(self) -> dict[str, int]:
+        """The client-side keys (kebab-case), as clients.toml and a SuperNode's node config hold them."""
+        return {k: getattr(self, k.replace("-", "_")) for k in CLIENT_KEYS}
+
+    def client_toml(self) -> str:
+        return "".join(f"{k} = {_toml_value(v)}\n" for k, v in self.client_side().items())
+
+    def with_client_seed(self, seed: int) -> "ExperimentConfig":
+        return dataclasses.replace(self, client_seed=int(seed))
 
 
 def _kebab(name: str) -> str:
@@ -143,8 +173,6 @@ def _coerce(key: str, value):
     typ = _TYPES[key]
     try:
         if typ is bool:
-            from .components import parse_bool
-
             return parse_bool(value)
         if typ in (int, float, str):
             if typ is int and isinstance(value, float) and not value.is_integer():
@@ -171,15 +199,14 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
-def load_config(preset: str = "default", overrides: typing.Iterable[str] = ()) -> ExperimentConfig:
-    """Load ``preset`` (a name in sim/presets or a path to a TOML file), then apply ``key=value`` overrides."""
-    path = Path(preset)
-    if not path.suffix == ".toml":
-        path = PRESET_DIR / f"{preset}.toml"
-    if not path.exists():
-        raise ValueError(f"unknown preset {preset!r}; choose one of {list_presets()} or give a .toml path")
+def _read_values(path: Path, overrides: typing.Iterable[str] = ()) -> dict:
+    """Typed field values from a TOML file and ``key=value`` overrides (unknown keys fail naming the file)."""
+    try:
+        loaded = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML ({e})") from None
     values = {}
-    for key, value in tomllib.loads(path.read_text()).items():
+    for key, value in loaded.items():
         name = _field_name(key)
         values[name] = _coerce(name, value)
     for item in overrides:
@@ -188,7 +215,24 @@ def load_config(preset: str = "default", overrides: typing.Iterable[str] = ()) -
         key, value = item.split("=", 1)
         name = _field_name(key)
         values[name] = _coerce(name, value.strip())
-    return ExperimentConfig(**values)
+    return values
+
+
+def _client_side(names) -> list[str]:
+    return [_kebab(n) for n in names if _kebab(n) in CLIENT_KEYS]
+
+
+def load_config(preset: str = "default", overrides: typing.Iterable[str] = ()) -> ExperimentConfig:
+    """Load ``preset`` (a name in sim/presets or a path to a TOML file), then apply ``key=value`` overrides.
+
+    A preset may pin the client-side keys (so its numbers reproduce); the result holds both
+    parts, and only the runner that provisions the clients should hold it."""
+    path = Path(preset)
+    if not path.suffix == ".toml":
+        path = PRESET_DIR / f"{preset}.toml"
+    if not path.exists():
+        raise ValueError(f"unknown preset {preset!r}; choose one of {list_presets()} or give a .toml path")
+    return ExperimentConfig(**_read_values(path, overrides))
 
 
 # Keys added after runs were written without them, whose default is not the behaviour those
@@ -196,23 +240,39 @@ def load_config(preset: str = "default", overrides: typing.Iterable[str] = ()) -
 BEHAVIOUR_BEFORE_KEY = {"fedavg-keep-optimizer": "false"}  # FedAvg clients were stateless before the key
 
 
-def load_run_config(run_dir: str | Path, overrides: typing.Iterable[str] = ()) -> ExperimentConfig:
-    """The configuration a finished run was made with (its ``config.toml``), then ``overrides``.
+def public_values(run_dir: str | Path, overrides: typing.Iterable[str] = ()) -> dict:
+    """The public field values of a finished run (its ``config.toml``), then ``overrides``.
 
-    Unlike :func:`load_config` on a preset, keys missing from an older run's file take the
-    behaviour the run had (:data:`BEHAVIOUR_BEFORE_KEY`), not today's default."""
+    Keys missing from an older run's file take the behaviour the run had
+    (:data:`BEHAVIOUR_BEFORE_KEY`), not today's default. A client-side key in config.toml
+    or in ``overrides`` fails: the public file never holds one."""
     path = Path(run_dir) / "config.toml"
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} has no config.toml: is it a results folder of `splitcontrol compare`?")
-    present = set(tomllib.loads(path.read_text()))
+    try:
+        present = set(tomllib.loads(path.read_text()))
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML ({e})") from None
     legacy = [f"{k}={v}" for k, v in BEHAVIOUR_BEFORE_KEY.items() if k not in present]
-    return load_config(str(path), legacy + list(overrides))
+    values = _read_values(path, legacy + list(overrides))
+    leaked = _client_side(values)
+    if leaked:
+        raise ValueError(f"{path} (or the overrides) names the client-side key(s) {leaked}; they belong in "
+                         "clients.toml, never in the public config")
+    return values
+
+
+def load_public_config(run_dir: str | Path, overrides: typing.Iterable[str] = ()) -> PublicConfig:
+    """The public configuration of a finished run: what the server knew (config.toml only)."""
+    return PublicConfig(**public_values(run_dir, overrides))
 
 
 # ----------------------------------------------------------------------------- Flower run config
-def to_run_config(cfg: ExperimentConfig) -> dict[str, bool | int | float | str]:
-    """The config as a Flower run config: kebab-case keys, scalar values (lists as TOML list strings,
-    since defense specs may contain commas)."""
+def to_run_config(cfg: PublicConfig) -> dict[str, bool | int | float | str]:
+    """The public config as a Flower run config: kebab-case keys, scalar values (lists as TOML list
+    strings, since defense specs may contain commas). Client-side keys never enter it."""
+    if isinstance(cfg, ExperimentConfig):
+        cfg = cfg.public()
     out = {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
@@ -222,15 +282,20 @@ def to_run_config(cfg: ExperimentConfig) -> dict[str, bool | int | float | str]:
     return out
 
 
-def from_run_config(run_config: typing.Mapping) -> ExperimentConfig:
-    """An :class:`ExperimentConfig` from a Flower run config (as ``flwr run`` or the in-process grid give it).
+def from_run_config(run_config: typing.Mapping) -> PublicConfig:
+    """A :class:`PublicConfig` from a Flower run config (as ``flwr run`` or the in-process grid give it).
 
     Keys that are not config keys (Flower's own, e.g. an ``out`` folder) are ignored;
-    values are coerced and validated as ``--set`` overrides are.
+    values are coerced and validated as ``--set`` overrides are. A client-side key fails:
+    under Flower's engines those travel in each SuperNode's node config, never here.
     """
+    leaked = _client_side(k.strip().replace("-", "_") for k in run_config)
+    if leaked:
+        raise ValueError(f"the run config names the client-side key(s) {leaked}: the ServerApp would see them. "
+                         "Give them in each SuperNode's node config (--node-config \"data-seed=... client-seed=...\")")
     values = {}
     for key, value in run_config.items():
         name = key.strip().replace("-", "_")
         if name in _FIELDS:
             values[name] = _coerce(name, value)
-    return ExperimentConfig(**values)
+    return PublicConfig(**values)

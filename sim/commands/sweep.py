@@ -44,7 +44,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .config import load_config, load_run_config
+from attacks import best_ssim, make_attack
+from sim.core import plots
+from sim.core.config import FRESH
+from sim.core.tables import markdown_table
+from sim.engine.clientside import load_run_config
+from sim.engine.context import load_experiment
+from sim.engine.runner import run_compare
+from sim.engine.scoring import blind_scores, run_attacks
 
 ROW_KEYS = ("outline_iou", "outline_iou_se", "edge_ssim", "colour_acc", "fid_project", "fid_inception", "clip_score", "final_loss",
             "bytes_up_per_step", "bytes_down_per_step", "wall_s")
@@ -67,28 +74,29 @@ def variant_config(spec: dict, variant: dict, smoke: bool = False):
         overrides.append("attacks=" + json.dumps(spec["attacks"]))
     if smoke:
         overrides += list(spec.get("smoke", []))
-    return load_config(spec.get("preset", "default"), overrides)
+    return load_experiment(spec.get("preset", "default"), overrides)
 
 
 def attack_ids(cfg) -> set[str]:
     """The attacks a configuration lists, as their rows name them (canonical ``name:k=v`` order)."""
-    from attacks import make_attack
-
     return {repr(make_attack(a)) for a in cfg.attacks}
 
 
-def _training_key(cfg):
-    """What a run's outputs depend on: everything but the process split and the attack list."""
-    return dataclasses.replace(cfg, jobs=1, attacks=())
+def _training_key(cfg, client_seed: int | None = None):
+    """What a run's outputs depend on: everything but the process split and the attack list (and,
+    with ``client_seed``, the client seed replaced by it)."""
+    key = dataclasses.replace(cfg, jobs=1, attacks=())
+    return key if client_seed is None else key.with_client_seed(client_seed)
 
 
 def config_differences(cfg, run: Path) -> list[str]:
-    """The config keys in which the finished run ``run`` differs from ``cfg`` (jobs and attacks aside)."""
+    """The config keys in which the finished run ``run`` differs from ``cfg`` (jobs and attacks aside;
+    an unset client seed in ``cfg`` accepts whichever the run drew), client-side keys included."""
     try:
         other = _training_key(load_run_config(run))
     except (ValueError, TypeError, KeyError, FileNotFoundError) as e:  # an older or foreign configuration
         return [f"unreadable config.toml ({e})"]
-    key = _training_key(cfg)
+    key = _training_key(cfg, other.client_seed if cfg.client_seed == FRESH else None)
     return [f.name.replace("_", "-") for f in dataclasses.fields(key) if getattr(key, f.name) != getattr(other, f.name)]
 
 
@@ -106,25 +114,19 @@ def find_identical(cfg, root: Path, exclude: Path | None = None) -> Path | None:
 def reuse_run(src: Path, dst: Path, cfg) -> None:
     """Copy the finished run ``src`` to ``dst`` as ``cfg``'s run; run the attacks of ``cfg`` it lacks."""
     shutil.copytree(src, dst, dirs_exist_ok=True)
-    (dst / "config.toml").write_text(cfg.to_toml())
+    (dst / "config.toml").write_text(cfg.public().to_toml())  # clients.toml: the source's (the same keys)
     (dst / "reused_from").write_text(str(src.resolve()) + "\n")
     summary = json.loads((dst / "summary.json").read_text())
     summary["reused_from"] = str(src)
     (dst / "summary.json").write_text(json.dumps(summary, indent=2))
     done = {r["attack"] for r in json.loads((dst / "attacks.json").read_text())} if (dst / "attacks.json").exists() else set()
-    from attacks import make_attack
-
     missing = [a for a in cfg.attacks if repr(make_attack(a)) not in done]
     if missing:
-        from attacks import run_attacks
-
         run_attacks(dst, missing)
 
 
 def run_sweep(preset: str | Path, out: str | Path, smoke: bool = False, only: list[str] | None = None,
               reuse: bool = True) -> list[dict]:
-    from .compare import run_compare
-
     spec = load_sweep(preset)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,14 +158,11 @@ def run_sweep(preset: str | Path, out: str | Path, smoke: bool = False, only: li
 
 def figures(spec: dict, out: Path, rows: list[dict], names: list[str]) -> list[Path]:
     """The figures and tables a preset asks for (see the module docstring); returns their paths."""
-    from . import plots
 
     written = []
     first = load_run_config(out / rows[0]["variant"]) if rows else None
     blind = None
     if first is not None and any(k.startswith("attack:") for r in rows for k in r):
-        from attacks.scoring import blind_scores
-
         blind = {k: v["ssim"] for k, v in blind_scores(first).items()}  # a guess without any transcript
     if blind and first.dataset == "fill50k":  # (the utility metrics are the circles')
         written += [plots.plot_privacy_utility(out / "sweep.json", utility=u, blind=max(blind.values()))
@@ -181,8 +180,6 @@ def figures(spec: dict, out: Path, rows: list[dict], names: list[str]) -> list[P
 
 
 def collect(out: Path, names: list[str], spec: dict | None = None) -> list[dict]:
-    from attacks import best_ssim
-
     extra = {v["name"]: {k: v[k] for k in ("x", "group") if k in v} for v in (spec or {}).get("variant", [])}
     rows = []
     for name in names:
@@ -216,8 +213,6 @@ def collect(out: Path, names: list[str], spec: dict | None = None) -> list[dict]
 
 
 def markdown(rows: list[dict]) -> str:
-    from .compare import markdown_table
-
     attack_cols = sorted({k for r in rows for k in r if k.startswith("attack:")})
     cols = ["variant", "scheme", "outline_iou", "outline_iou_se", "edge_ssim", "colour_acc", "fid_project", "final_loss",
             "bytes_up_per_step"] + attack_cols
@@ -233,10 +228,6 @@ def matrix_markdown(out: Path, names: list[str]) -> str:
     """Variant x attack table from each run's attacks.json: mean SSIM of the reconstructed private
     images / hints (prompt inference: accuracy, with chance), or N/A with a numbered reason below the
     table; the ``blind`` column is what a guess without any transcript scores on the same data."""
-    from attacks.scoring import blind_scores
-
-    from .compare import markdown_table
-
     rows, reasons, attacks, blind = [], [], [], {}
     for name in names:
         path = out / name / "attacks.json"

@@ -17,15 +17,18 @@ step, so keeping a whole run in memory is a choice, not a default.
 """
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+import torch
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from .wire import METRICS, record_nbytes
+from sim.core.wire import METRICS, record_nbytes
 
 CLIENT_S = "client-s"  # reply metric: seconds the client spent in its handler
 CLIENT_PEAK_MB = "client-peak-mb"  # reply metric: the client process's peak resident memory so far (MiB)
@@ -174,9 +177,6 @@ class RecordingGrid(Grid):
 # ----------------------------------------------------------------------------- what the server saw, on disk
 def record_to_dict(content: RecordDict) -> dict:
     """Flower records as plain Python: array records as {name: tensor}, config/metric records as dicts."""
-    import numpy as np
-    import torch
-
     out: dict = {}
     for key, rec in content.array_records.items():
         out[key] = {k: torch.from_numpy(np.ascontiguousarray(a.numpy())) for k, a in rec.items()}
@@ -187,10 +187,6 @@ def record_to_dict(content: RecordDict) -> dict:
 
 def save_seen(transcript: Transcript, path) -> int:
     """Write the kept round trips (what the server sent and received) for attacks; returns how many."""
-    import dataclasses
-
-    import torch
-
     seen = [{"stat": dataclasses.asdict(stat), "down": record_to_dict(down), "up": record_to_dict(up)}
             for stat, down, up in transcript.seen]
     torch.save(seen, path)

@@ -1,6 +1,6 @@
 """Generate images with (or without) a trained ControlNet and score them.
 
-Scores (see :mod:`sim.metrics`): ``outline_iou`` (IoU of the generated circle with the
+Scores (see :mod:`sim.core.metrics`): ``outline_iou`` (IoU of the generated circle with the
 condition's disc), prompt-colour accuracy (``fg_colour_acc``, ``bg_colour_acc`` and
 ``colour_acc`` = both right). Sampling is DDIM with classifier-free guidance.
 
@@ -20,36 +20,50 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .cuts import controlled_eps
-from .diffusion import bar_position, ddim_sample, to_uint8
-from .models import ddpm_scheduler
+from defenses import DefenseStack, HookContext
+from sim.core.config import ExperimentConfig
+from sim.core.diffusion import bar_position, ddim_sample, to_uint8
+from sim.core.fidelity import clip_score, edge_ssim, fid_project, standard_fid
+from sim.core.metrics import colour_accuracy, outline_iou_per_image
+from sim.core.models import ddpm_scheduler
+from strategies import get_strategy
+from strategies.base import client_secret, composed_eps
+
+
+def inference_secret(cfg) -> int | None:
+    """The secret of client 0, which samples in the evaluation (its fixed per-client values, e.g.
+    fp16's offset, apply at inference as in training); None where the client-side keys are not held."""
+    if isinstance(cfg, ExperimentConfig) and cfg.client_seed >= 0:
+        return client_secret(cfg.client_seed, 0, stream=1)
+    return None
 
 
 @torch.no_grad()
 def generate(base, prompts: list[str], scheme: str | None = None, controlnet=None,
              hints: torch.Tensor | None = None, steps: int = 20, guidance: float = 5.0, seed: int = 0,
              progress: bool = True, desc: str = "sampling", uncond_control: bool = False,
-             defenses: tuple[str, ...] = ()) -> torch.Tensor:
+             defenses: tuple[str, ...] = (), secret: int | None = None) -> torch.Tensor:
     """Images in [-1, 1] from the frozen base model, controlled by ``controlnet`` when given.
 
-    ``scheme`` decides how the ControlNet reads the hint (see :func:`sim.cuts.control_features`);
+    ``scheme`` decides how the ControlNet reads the hint (its strategy's ``cut_features``);
     ``uncond_control`` whether guidance's unconditional branch gets the control too (module doc).
     ``defenses`` (the run's defense specs) apply the split client's pipeline at inference
     as in training (activation, wire quantisation, offsets, noise; the ControlNet gets the
-    empty prompt when prompts stay home), from the generating client 0's side. Under a
+    empty prompt when prompts stay home), from the generating client 0's side (``secret``: its
+    secret, for fixed per-client values; its inference noise comes from the public ``seed``:
+    what it samples is not private training data). Under a
     timestep policy (t_start > 0) the ControlNet acts only at sampling steps t >= t_start,
     the timesteps it was trained on; below, the base model samples alone. (Measured on the
     defense sweep: applied at every step, a ControlNet trained at t >= 993 pushed outline
     IoU from 0.27 without control to 0.11.)
     """
-    from defenses import DefenseStack, HookContext
-
     p = base.preset
     ctx = base.encode_prompts(prompts)
     null = base.encode_prompts([""])
     n = len(prompts)
-    stack = DefenseStack(defenses, scheme, p.latent_channels * p.latent_size ** 2) \
-        if defenses and scheme in ("vanilla", "nograd") else None
+    strategy = get_strategy(scheme) if scheme is not None else None
+    stack = DefenseStack(defenses, strategy, p.latent_channels * p.latent_size ** 2) \
+        if defenses and strategy is not None else None
     defense_gen = torch.Generator().manual_seed(seed + 1)
     sched = ddpm_scheduler(p)
     t_start = stack.t_start(sched) if stack is not None else 0
@@ -62,11 +76,10 @@ def generate(base, prompts: list[str], scheme: str | None = None, controlnet=Non
         if t_start > 0:  # the ControlNet acts only at the timesteps it was trained on
             scale = (scale if scale is not None else torch.ones(x.shape[0])) * (t >= t_start).float()
         if stack is None:
-            return controlled_eps(scheme or "fedavg", base.unet, controlnet, base.autoencoder, x, t, c, h, scale)
-        hook_ctx = HookContext(t, sched, 0, defense_gen, inference=True)
+            return composed_eps(strategy, base, controlnet, x, t, c, h, scale)
+        hook_ctx = HookContext(t, sched, 0, defense_gen, inference=True, secret=secret)
         cn_ctx = None if stack.sends_prompt else null.expand(x.shape[0], *null.shape[1:])
-        return controlled_eps(scheme, base.unet, controlnet, base.autoencoder, x, t, c, h, scale, stack, hook_ctx,
-                              cn_ctx)
+        return composed_eps(strategy, base, controlnet, x, t, c, h, scale, stack, hook_ctx, cn_ctx)
 
     g = torch.Generator().manual_seed(seed)
     shape = (len(prompts), p.latent_channels, p.latent_size, p.latent_size)
@@ -104,13 +117,10 @@ def score(images_uint8, conditions_uint8, fgs=None, bgs=None, targets_uint8=None
 
     Only with local weights the user points to (nothing is downloaded):
     ``inception_weights`` (a TorchScript Inception file) adds ``fid_inception``, "FID
-    (Inception)" of the targets vs the images (:func:`sim.fidelity.standard_fid`);
+    (Inception)" of the targets vs the images (:func:`sim.core.fidelity.standard_fid`);
     ``clip_weights`` (a Hugging Face CLIP folder) adds ``clip_score`` of each image vs
-    its prompt in ``prompts`` (:func:`sim.fidelity.clip_score`). Both see 32x32 images
+    its prompt in ``prompts`` (:func:`sim.core.fidelity.clip_score`). Both see 32x32 images
     upsampled, so neither is comparable with papers' values at 512 px."""
-    from .fidelity import clip_score, edge_ssim, fid_project, standard_fid
-    from .metrics import colour_accuracy, outline_iou_per_image
-
     ious = outline_iou_per_image(images_uint8, conditions_uint8)
     out = {"outline_iou": float(ious.mean()), "outline_iou_se": standard_error(ious),
            "edge_ssim": float(edge_ssim(images_uint8, conditions_uint8))}
@@ -129,13 +139,14 @@ def score(images_uint8, conditions_uint8, fgs=None, bgs=None, targets_uint8=None
 
 def evaluate(base, eval_set: dict, scheme: str | None, controlnet, steps: int, guidance: float, seed: int,
              desc: str, uncond_control: bool = False, defenses: tuple[str, ...] = (),
-             inception_weights=None, clip_weights=None) -> tuple[dict, np.ndarray]:
+             inception_weights=None, clip_weights=None, secret: int | None = None) -> tuple[dict, np.ndarray]:
     """Generate one image per eval condition and score it; returns (metrics, uint8 images).
 
     ``inception_weights`` / ``clip_weights``: local weights for ``fid_inception`` and
     ``clip_score`` (see :func:`score`); None or "" leaves them out."""
     images = generate(base, eval_set["prompt"], scheme, controlnet, eval_set["condition"], steps=steps,
-                      guidance=guidance, seed=seed, desc=desc, uncond_control=uncond_control, defenses=defenses)
+                      guidance=guidance, seed=seed, desc=desc, uncond_control=uncond_control, defenses=defenses,
+                      secret=secret)
     imgs = to_uint8(images)
     conds = conditions_uint8(eval_set["condition"])
     return score(imgs, conds, eval_set.get("fg"), eval_set.get("bg"), to_uint8(eval_set["target"]),

@@ -1,4 +1,4 @@
-"""Cut points: the client and server halves of each scheme, on diffusers module names.
+"""Cut points: the pieces of diffusers' UNet and ControlNet that a split can put on either side.
 
 The forward passes below re-assemble diffusers' ``UNet2DConditionModel.forward`` and
 ``ControlNetModel.forward`` from the models' own sub-modules (``conv_in``,
@@ -8,21 +8,10 @@ The forward passes below re-assemble diffusers' ``UNet2DConditionModel.forward``
 machine and the rest on another. Tests check every split forward against diffusers'
 whole forward (max abs diff <= 1e-6) for the tiny preset and the SD1.5 block layout.
 
-Who holds what (``CUTS``), following the paper (Yao, arXiv 2409.08503) and its Plato code:
-
-* ``fedavg``: the client holds everything and trains its ControlNet copy.
-* ``vanilla``: the client holds the autoencoder, the text encoder, the frozen UNet
-  ``conv_in`` and the trainable ControlNet head (``controlnet_cond_embedding`` +
-  ``conv_in``); it sends the head's output, the UNet first-conv output, t, the noise
-  target and the text context; the server returns the gradient of the head's output.
-* ``nograd``: the client holds frozen parts only (autoencoder, text encoder, UNet
-  ``conv_in``) and sends ``h = E(hint) + x_t`` (E = the autoencoder's encoder), the UNet
-  first-conv output, t, the noise target and the context; the server trains the whole
-  ControlNet from its ``conv_in`` on (its ``controlnet_cond_embedding`` is unused) and
-  sends nothing back.
-
-The time embedding never crosses the wire: the server recomputes it from t (and the
-context, for models with a text-conditioned time embedding).
+Which scheme holds what is declared by each scheme in its own file (``strategies/<name>.py``:
+its :class:`Cut`); this module only knows the pieces. The time embedding never crosses
+the wire: the server recomputes it from t (and the context, for models with a
+text-conditioned time embedding).
 """
 from __future__ import annotations
 
@@ -30,8 +19,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-SCHEMES = ("fedavg", "vanilla", "nograd")
 
 
 @dataclass(frozen=True)
@@ -53,48 +40,12 @@ class Cut:
     down: tuple[str, ...]
 
 
-_UNET_REST = ("unet.time_proj", "unet.time_embedding", "unet.add_embedding", "unet.down_blocks",
-              "unet.mid_block", "unet.up_blocks", "unet.conv_norm_out", "unet.conv_act", "unet.conv_out")
-_CN_REST = ("controlnet.time_proj", "controlnet.time_embedding", "controlnet.add_embedding",
-            "controlnet.down_blocks", "controlnet.mid_block", "controlnet.controlnet_down_blocks",
-            "controlnet.controlnet_mid_block")
-
-CUTS: dict[str, Cut] = {
-    "fedavg": Cut(
-        scheme="fedavg",
-        client=("autoencoder", "text_encoder", "unet", "controlnet"),
-        client_trainable=("controlnet",),
-        server=(), server_trainable=(), unused=(),
-        up=(), down=(),  # weights cross once per round, not per step
-    ),
-    "vanilla": Cut(
-        scheme="vanilla",
-        client=("autoencoder", "text_encoder", "unet.conv_in",
-                "controlnet.controlnet_cond_embedding", "controlnet.conv_in"),
-        client_trainable=("controlnet.controlnet_cond_embedding", "controlnet.conv_in"),
-        server=_UNET_REST + _CN_REST,
-        server_trainable=_CN_REST,
-        unused=(),
-        up=("control_features", "unet_features", "t", "noise", "context"),
-        down=("control_features_grad",),
-    ),
-    "nograd": Cut(
-        scheme="nograd",
-        client=("autoencoder", "text_encoder", "unet.conv_in"),
-        client_trainable=(),
-        server=_UNET_REST + ("controlnet.conv_in",) + _CN_REST,
-        server_trainable=("controlnet.conv_in",) + _CN_REST,
-        unused=("controlnet.controlnet_cond_embedding",),
-        up=("control_input", "unet_features", "t", "noise", "context"),
-        down=(),
-    ),
-}
-
-
-def get_cut(scheme: str) -> Cut:
-    if scheme not in CUTS:
-        raise ValueError(f"unknown scheme {scheme!r}; choose one of {list(CUTS)}")
-    return CUTS[scheme]
+UNET_REST = ("unet.time_proj", "unet.time_embedding", "unet.add_embedding", "unet.down_blocks",
+             "unet.mid_block", "unet.up_blocks", "unet.conv_norm_out", "unet.conv_act", "unet.conv_out")
+CONTROLNET_REST = ("controlnet.time_proj", "controlnet.time_embedding", "controlnet.add_embedding",
+                   "controlnet.down_blocks", "controlnet.mid_block", "controlnet.controlnet_down_blocks",
+                   "controlnet.controlnet_mid_block")
+MODELS = ("autoencoder", "text_encoder", "unet", "controlnet")
 
 
 def resolve(name: str, **models: nn.Module) -> nn.Module:
@@ -217,43 +168,23 @@ def control_rest(controlnet: nn.Module, features: torch.Tensor, t, context: torc
     return down, controlnet.controlnet_mid_block(h)
 
 
-def control_features(scheme: str, controlnet: nn.Module, autoencoder: nn.Module,
-                     x_t: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
-    """The ControlNet's first-conv features under ``scheme`` (composed centrally, for evaluation)."""
-    if scheme == "nograd":
-        return controlnet.conv_in(nograd_control_input(autoencoder, x_t, hint))
-    return control_head(controlnet, x_t, hint)
-
-
-def controlled_eps(scheme: str, unet: nn.Module, controlnet: nn.Module | None, autoencoder: nn.Module,
-                   x_t: torch.Tensor, t, context: torch.Tensor, hint: torch.Tensor | None,
-                   control_scale: torch.Tensor | None = None, defenses=None, defense_ctx=None,
+def controlled_eps(unet: nn.Module, controlnet: nn.Module | None, control: torch.Tensor | None,
+                   unet_features: torch.Tensor, t, context: torch.Tensor,
+                   control_scale: torch.Tensor | None = None,
                    control_context: torch.Tensor | None = None) -> torch.Tensor:
-    """The whole model of a scheme composed in one place: noise prediction with control.
+    """The noise prediction from the two cut-layer tensors: the UNet's first-conv features and the
+    ControlNet's (``control``; None, or ``controlnet=None``: the base model without control).
 
-    ``controlnet=None`` gives the base model without control. ``control_scale`` (one
-    factor per sample) multiplies the ControlNet's residuals; sampling uses 0 in the
-    unconditional half of a guided batch (see :func:`sim.evaluate.generate`). With a
-    split scheme's ``defenses`` (a :class:`defenses.DefenseStack`) the cut-layer features
-    go through the same client pipeline as in training (``defense_ctx``: its hook
-    context), and the ControlNet reads ``control_context`` (e.g. the empty prompt's,
-    when prompts stay on the client) instead of ``context``.
+    ``control_scale`` (one factor per sample) multiplies the ControlNet's residuals; sampling
+    uses 0 in the unconditional half of a guided batch. The ControlNet reads
+    ``control_context`` (e.g. the empty prompt's, when prompts stay on the client) instead
+    of ``context`` when given. Each scheme computes the two tensors its own way
+    (``strategies.base.Scheme.cut_features``).
     """
-    if controlnet is not None and defenses and scheme != "fedavg":
-        from defenses import split_client_features
-
-        head = controlnet if scheme == "vanilla" else None
-        control, feats = split_client_features(defenses, scheme, autoencoder, unet, x_t, hint, defense_ctx, head)
-        if scheme == "nograd":
-            control = controlnet.conv_in(control)
-    else:
-        feats = unet_first_conv(unet, x_t)
-        if controlnet is None:
-            return unet_rest(unet, feats, t, context)
-        control = control_features(scheme, controlnet, autoencoder, x_t, hint)
-    cn_context = context if control_context is None else control_context
-    down, mid = control_rest(controlnet, control, t, cn_context)
+    if controlnet is None or control is None:
+        return unet_rest(unet, unet_features, t, context)
+    down, mid = control_rest(controlnet, control, t, context if control_context is None else control_context)
     if control_scale is not None:
         s = control_scale.view(-1, 1, 1, 1).to(mid.dtype)
         down, mid = [d * s for d in down], mid * s
-    return unet_rest(unet, feats, t, context, down, mid)
+    return unet_rest(unet, unet_features, t, context, down, mid)

@@ -1,0 +1,1 @@
+"""Commands and reports: the CLI, sweeps, benchmarks, cost accounting, pretraining."""

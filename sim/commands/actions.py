@@ -1,0 +1,150 @@
+"""What each ``splitcontrol`` sub-command does (the parser is :mod:`sim.commands.cli`).
+
+One function per sub-command, ``cmd_<name>(args) -> exit code``; imported only when a
+sub-command runs, so ``splitcontrol --help`` and bad arguments answer at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import datasets
+
+from attacks import list_attacks
+from defenses import BUNDLES, list_defenses
+from defenses.timestep_target import epsilon_at, t_start_for
+from sim.commands.bench import bench
+from sim.commands.cost import cost_table, markdown
+from sim.commands.pretrain import PretrainConfig, eval_base, pretrain_base
+from sim.commands.sweep import load_sweep, run_sweep
+from sim.core.models import ddpm_scheduler, get_preset
+from sim.core.plots import plot_run
+from sim.core.tables import print_table
+from sim.engine.context import load_experiment
+from sim.engine.runner import reevaluate, run_compare
+from sim.engine.scoring import run_attacks
+from strategies import SCHEMES
+
+
+def setup_env() -> None:
+    datasets.disable_progress_bars()  # our own progress bars cover the long loops (sim/__init__: offline)
+
+
+def cmd_pretrain(a: argparse.Namespace) -> int:
+    cfg = PretrainConfig(out=a.out, steps=a.steps, minutes=a.minutes, batch_size=a.batch_size, lr=a.lr,
+                         seed=a.seed, threads=a.threads, num_samples=a.num_samples)
+    print(json.dumps(pretrain_base(cfg)))
+    return 0
+
+
+def cmd_eval_base(a: argparse.Namespace) -> int:
+    res = eval_base(folder=a.model, n=a.n, steps=a.steps, guidance=a.guidance, seed=a.seed, save_grid=a.grid)
+    if a.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k:>18}: {v}")
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    cfg = load_experiment(a.preset, a.set or [])
+    out = Path(a.out) if a.out else Path("results") / cfg.experiment / time.strftime("%Y%m%d-%H%M%S")
+    summary = run_compare(cfg, out)
+    figures = plot_run(out)
+    print("figures: " + ", ".join(str(p) for p in figures))
+    if a.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_plot(a: argparse.Namespace) -> int:
+    for p in plot_run(a.run_dir):
+        print(p)
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    rows = reevaluate(a.run_dir, a.set or [], update=a.update)
+    if a.json:
+        print(json.dumps(rows))
+    else:
+        print_table(rows, ["scheme", "outline_iou", "outline_iou_se", "edge_ssim", "fg_colour_acc", "bg_colour_acc", "colour_acc",
+                           "fid_project"])
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    overrides = [f"steps={a.steps}"] + (a.set or [])
+    res = bench(load_experiment(a.preset, overrides), repeats=a.repeats, progress=not a.json)
+    print(json.dumps(res, indent=None if a.json else 2))
+    return 0
+
+
+def cmd_defenses(a: argparse.Namespace) -> int:
+    preset = get_preset(a.model)
+    sched = ddpm_scheduler(preset)
+    dim = preset.latent_channels * preset.latent_size ** 2
+    sens = 2.0 * dim ** 0.5
+    table = []
+    for eps in (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024):
+        try:
+            t0 = t_start_for(sched, eps, a.delta, sens)
+            table.append({"epsilon": eps, "delta": a.delta, "t_start": t0,
+                          "abar_t_start": float(sched.alphas_cumprod[t0]),
+                          "epsilon_at_t_start": epsilon_at(float(sched.alphas_cumprod[t0]), sens, a.delta)})
+        except ValueError:
+            table.append({"epsilon": eps, "delta": a.delta, "t_start": None})
+    res = {"defenses": list_defenses(sched, SCHEMES.values()), "bundles": {k: list(v) for k, v in BUNDLES.items()},
+           "timestep_table": {"model": a.model, "sensitivity": sens, "assumes": "eps secret; latents in [-1, 1]",
+                              "rows": table}}
+    if a.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    for d in res["defenses"]:
+        print(f"{d['name']:<16} hooks={','.join(d['hooks']):<18} schemes={','.join(d['schemes']):<22} "
+              f"params={d['params']}\n{'':16} {d['summary']}")
+    for k, v in res["bundles"].items():
+        print(f"bundle {k}: {v}")
+    print(f"\nt_start from a privacy target (model {a.model}, forward noise as the mechanism, eps secret, "
+          f"delta={a.delta}, sensitivity {sens:.1f}):")
+    print("  epsilon  t_start  abar_t_start")
+    for r in table:
+        print(f"  {r['epsilon']:>7}  {str(r['t_start']):>7}  " +
+              (f"{r['abar_t_start']:.3g}" if r["t_start"] is not None else "unreachable"))
+    return 0
+
+
+def cmd_attacks(a: argparse.Namespace) -> int:
+    rows = list_attacks()
+    if a.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            print(f"{r['name']:<18} schemes={','.join(r['schemes']):<22} needs={','.join(r['needs'])}\n"
+                  f"{'':18} {r['summary']}")
+    return 0
+
+
+def cmd_attack(a: argparse.Namespace) -> int:
+    rows = run_attacks(a.run, a.attack, a.scheme or None)
+    if a.json:
+        print(json.dumps(rows))
+    return 0
+
+
+def cmd_sweep(a: argparse.Namespace) -> int:
+    name = load_sweep(a.preset).get("name", Path(a.preset).stem)
+    out = a.out or str(Path("results") / (name + ("-smoke" if a.smoke else "")))
+    rows = run_sweep(a.preset, out, smoke=a.smoke, only=a.only, reuse=not a.no_reuse)
+    if a.json:
+        print(json.dumps(rows))
+    return 0
+
+
+def cmd_cost(a: argparse.Namespace) -> int:
+    table = cost_table(a.preset)
+    print(json.dumps(table, indent=1) if a.json else markdown(table))
+    return 0

@@ -1,0 +1,1 @@
+"""The engine: run context, Flower ServerApp/ClientApp, grid, transcript, runner, evaluation, scorer."""
