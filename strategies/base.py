@@ -270,10 +270,15 @@ class SchemeClient:
         return sample_batch(self.base, self.scheduler, self.data, self.settings.batch_size, self.gen,
                             self.settings.prompt_dropout, self.defenses.t_start(self.scheduler))
 
-    def hook_context(self, batch: Batch) -> HookContext:
-        """What the defense hooks of this client may use for ``batch``."""
+    def check_secret(self) -> None:
+        """Refuse to run defenses without a client seed: their draws would come from a generator with
+        a public (default) seed."""
         if not self.has_secret and self.defenses:
             raise RuntimeError(f"client {self.cid} runs defenses {list(self.defenses.specs)} without a client-seed")
+
+    def hook_context(self, batch: Batch) -> HookContext:
+        """What the defense hooks of this client may use for ``batch``."""
+        self.check_secret()
         return HookContext(batch.t, self.scheduler, self.cid, self.defense_gen, secret=self.secret)
 
     def serve(self, request):

@@ -137,6 +137,8 @@ class FedAvgClient(SchemeClient):
     def _private_step(self, defense, b, opt) -> float:
         """One local step taken by an fl-client defense, from per-sample losses (their mean is
         the ordinary step's loss); its randomness comes from the client-private generator."""
+        self.check_secret()
+
         def per_sample_loss() -> torch.Tensor:
             eps_hat = FedAvgStrategy.eps(self.controlnet, self.base, b)
             mse = ((eps_hat.float() - b.noise.float()) ** 2).flatten(1).mean(1)

@@ -87,6 +87,7 @@ class SplitFedStrategy(HeadSplitServer):
     client_class = SplitFedClient
     message_type = MESSAGE_TYPE
     cut = CUT
+    relay = "round"  # every client's head crosses once per round each way (sent, then averaged)
 
     def __init__(self, unet, controlnet, scheduler, settings: TrainSettings, null_context=None):
         super().__init__(unet, controlnet, scheduler, settings, off_server=CUT.client_trainable,

@@ -180,6 +180,7 @@ class VanillaClient(SchemeClient):
 
     def _features(self, x_t, hint, t, gen_state) -> tuple[torch.Tensor, torch.Tensor]:
         """The cut-layer features through the defense pipeline, replaying its private randomness."""
+        self.check_secret()
         self.defense_gen.set_state(gen_state)
         ctx = HookContext(t, self.scheduler, self.cid, self.defense_gen, secret=self.secret)
         return split_client_features(self.defenses, lambda x: control_head(self.head, x, hint), self.base.unet,
@@ -193,6 +194,7 @@ class HeadSplitServer(SplitServer):
     hooks = SplitServer.hooks + ("loss",)  # a trainable client part can take a loss term (NoPeek)
     client_part = "head"
     up_message, down_message = VanillaReply, VanillaRequest
+    relay = "turn"  # the head crosses once per turn each way
 
     @staticmethod
     def server_features(controlnet, control: torch.Tensor) -> torch.Tensor:

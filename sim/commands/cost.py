@@ -651,7 +651,8 @@ def markdown(table: dict) -> str:
                          f"{r['round_down_payload'] / GB:.3f} GB down per client per round (fp32 ControlNet) "
                          f"| {paper.get(s, '-')} |")
             continue
-        turn = (f"+ head {r['turn_head_payload'] / MiB:.2f} MiB each way per turn" if "turn_head_payload" in r
+        turn = (f"+ head {r['turn_head_payload'] / MiB:.2f} MiB each way per {get_strategy(s).relay}"
+                if "turn_head_payload" in r
                 else "+ 8 B request per turn of K batches")
         lines.append(f"| {s} | {_mib(r['up_bytes_per_sample'])} ({_mib(r['up_bytes_per_sample_fp16'])}) "
                      f"| {_mib(r['down_bytes_per_sample'])} ({_mib(r['down_bytes_per_sample_fp16'])}) "
