@@ -63,9 +63,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from sim.core.cuts import controlled_eps
 from sim.core.diffusion import ddim_sample
-from strategies.base import TrainSettings, diffusion_loss
+from strategies.base import TrainSettings, composed_eps, diffusion_loss
 
 from .base import Attack, Reconstruction, ServerView, register
 
@@ -206,7 +205,7 @@ class GradInversion(Attack):
             z0 = torch.tanh(u_img)
             hint = torch.sigmoid(h_logit)
             x_t = abar.sqrt() * z0 + (1 - abar).sqrt() * eps
-            eps_hat = controlled_eps("fedavg", view.base.unet, cn, view.base.autoencoder, x_t, t, ctx, hint)
+            eps_hat = composed_eps(view.strategy, view.base, cn, x_t, t, ctx, hint)  # the client's whole model
             loss = diffusion_loss(eps_hat, eps, t, sched, settings)
             sim = torch.autograd.grad(loss, [params[i] for i in keep], create_graph=True)
             cos = torch.stack([F.cosine_similarity(s.flatten(), g, dim=0, eps=1e-30)
