@@ -180,3 +180,20 @@ def test_the_rule_catches_what_it_forbids(tmp_path):
     assert check_module("sim.core.probe", probe) == []
     probe.write_text("def f():\n    from sim.core.data import make_fill50k\n")  # same layer, but no reason given
     assert "function-local import of sim.core.data" in "\n".join(check_module("sim.core.probe", probe))
+
+
+def test_no_attack_can_reach_the_client_side_reader():
+    """Everything attacks/ imports, transitively, stays below the engine: clients.toml's reader
+    (sim.engine.clientside), the ground truth and the scorer are out of an attack's reach."""
+    reach, todo = set(), [m for m in MODULES if m == "attacks" or m.startswith("attacks.")]
+    while todo:
+        m = todo.pop()
+        if m in reach:
+            continue
+        reach.add(m)
+        todo += [t for t, _, _, _ in imports(m, MODULES[m])[0] if t in MODULES]
+        parent = m.rsplit(".", 1)[0]
+        if parent != m and parent in MODULES:  # importing a.b runs a/__init__.py too
+            todo.append(parent)
+    assert {"attacks.base", "strategies.base", "sim.core.splits"} <= reach  # the closure is real
+    assert not [m for m in reach if m.startswith("sim.engine") or m.startswith("sim.commands")]
