@@ -1,4 +1,4 @@
-"""Seed replay: regenerate the clients' "private" noise from what the server holds, subtract it, then the noise-target algebra.
+"""Seed replay: regenerate the clients' "private" noise from what the server holds, subtract it, solve for z0.
 
 A defense's noise protects only while its seed is secret. This attack plays the server
 that tries: for each candidate client seed it rebuilds every client's private generator
