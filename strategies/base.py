@@ -79,7 +79,7 @@ from sim.core.diffusion import (
     weighted_mse,
 )
 from sim.core.splits import ClientData
-from sim.core.wire import decode, encode
+from sim.core.wire import WireError, decode, encode
 
 # ----------------------------------------------------------------------------- registry
 SCHEMES: dict[str, type] = {}
@@ -339,7 +339,11 @@ class Channel:
         msg = Message(encode(request), dst_node_id=self.node_ids[cid], message_type=self.message_type,
                       group_id=str(steps[0]))
         (reply,) = self.grid.send_and_receive([msg])
-        return decode(reply.content, reply_type)
+        try:
+            return decode(reply.content, reply_type)
+        except WireError as e:  # a corrupt reply stops the run naming the client and the message type
+            raise WireError(f"client {cid} (node {self.node_ids[cid]}) sent an invalid reply to "
+                            f"{self.message_type!r}: {e}") from e
 
 
 @dataclass

@@ -49,6 +49,25 @@ def perturb_zero_convs(controlnet, std: float = 0.05, seed: int = 1):
     return controlnet
 
 
+def model_context(base, controlnet, settings, seed: int = 0, scheduler=None):
+    """A :class:`sim.engine.context.RunContext` around given models (tests: tiny random bases, a chosen
+    initial ControlNet, a recipe) instead of one loaded from a config: what ``run_strategy`` needs."""
+    import types
+
+    from sim.core.models import ddpm_scheduler
+    from sim.engine.context import RunContext
+
+    class ModelContext(RunContext):
+        def __init__(self):  # RunContext's fields, from the given models (no config, no data)
+            self.cfg = types.SimpleNamespace(seed=seed)
+            self.base, self.controlnet, self.settings = base, controlnet, settings
+            self.scheduler = scheduler if scheduler is not None else ddpm_scheduler(base.preset)
+            self.frozen_fingerprint = self.frozen_now()
+            self._clients = {}
+
+    return ModelContext()
+
+
 @pytest.fixture(scope="session")
 def tiny_base():
     return make_base("tiny")

@@ -21,43 +21,86 @@ import dataclasses
 import pytest
 import torch
 
-from attacks import make_attack
-from attacks.base import ServerView
+from attacks import REGISTRY, make_attack
+from attacks.base import CLIENT_PARTS, ServerView
 from attacks.scoring import image_scores
+from strategies import SCHEMES
+
+CLIENT_SEED = 7  # the harness provisions the clients with it; attacks never see it
 
 
 def _cfg(*overrides):
     from sim.core.config import load_config
 
-    return load_config("smoke", list(overrides))
+    return load_config("smoke", [f"client-seed={CLIENT_SEED}", *overrides])
+
+
+def _connect(cfg, scheme: str):
+    """``connect`` for an active attack: a fresh in-process session with the clients of ``cfg``
+    (provisioned by the harness, as :func:`sim.engine.scoring.session` does from a run folder)."""
+    from sim.engine.grid import discover, in_process_grid, quiet_flower_logs
+    from sim.engine.scoring import _Forward
+    from sim.engine.transcript import RecordingGrid
+
+    def connect(on_message):
+        quiet_flower_logs()
+        grid = in_process_grid(cfg)
+        node_ids = discover(grid, cfg.num_clients)
+        return RecordingGrid(grid, _Forward(on_message), {n: i for i, n in enumerate(node_ids)}, scheme), node_ids
+
+    return connect
 
 
 def _trained_view(scheme: str, cfg) -> ServerView:
-    """Train ``scheme`` in process and return the server's view of the kept round trips."""
-    from sim.engine.runner import _setup, train_scheme
-    from sim.core.models import ddpm_scheduler
+    """Train ``scheme`` in process and return the server's view of the kept round trips (public config only)."""
+    from sim.engine.context import context_for
+    from sim.engine.grid import quiet_flower_logs
+    from sim.engine.runner import train_scheme
     from sim.engine.transcript import Transcript, record_to_dict
 
-    base, _, controlnet, _ = _setup(cfg)
-    res = train_scheme(scheme, cfg, base, controlnet, transcript=Transcript(keep=cfg.keep_messages))
+    quiet_flower_logs()
+    ctx = context_for(cfg)
+    res = train_scheme(scheme, cfg, transcript=Transcript(keep=cfg.keep_messages))
     messages = [{"stat": dataclasses.asdict(s), "down": record_to_dict(d), "up": record_to_dict(u)}
                 for s, d, u in res.transcript.seen]
-    return ServerView(scheme, cfg, messages, base, ddpm_scheduler(base.preset), controlnet, res.controlnet)
+    return ServerView(scheme, cfg.public(), messages, ctx.base, ctx.scheduler, ctx.controlnet, res.controlnet,
+                      history=[dataclasses.asdict(s) for s in res.transcript.stats], connect=_connect(cfg, scheme))
 
 
-def _bare_view(base, scheme: str) -> ServerView:
-    """A view with nothing kept (random tiny base): enough for the declarations and N/A reasons."""
+def _bare_view(base, scheme: str, **kw) -> ServerView:
+    """A view with nothing kept (random tiny base): enough for the N/A reasons."""
     from sim.core.models import build_controlnet, ddpm_scheduler
 
     torch.manual_seed(0)
-    return ServerView(scheme, _cfg(f"schemes={scheme}"), [], base, ddpm_scheduler(base.preset),
-                      build_controlnet(base.unet, base.preset))
+    return ServerView(scheme, _cfg(f"schemes={scheme}").public(), [], base, ddpm_scheduler(base.preset),
+                      build_controlnet(base.unet, base.preset), **kw)
 
 
-def _truth(view, refs, messages=None):
+def _no_session(on_message):
+    raise AssertionError("not_applicable must not open a session with the clients")
+
+
+@pytest.fixture(scope="module")
+def scheme_views():
+    """A real server view of every registered scheme: two undefended steps, every round trip kept
+    (fedavg with a fresh AdamW per round, which grad-inversion's unwinding needs), and a session
+    offer that fails if used (applicability must not open one)."""
+    views = {}
+    for s in SCHEMES:
+        cfg = _cfg(f"schemes={s}", "steps=2", "local-steps=2", "keep-messages=4", "fedavg-keep-optimizer=false")
+        view = _trained_view(s, cfg)
+        view.connect = _no_session
+        views[s] = view
+    return views
+
+
+def _truth(cfg, view, refs, messages=None):
+    """The private samples behind ``refs``: the harness replays the clients with the whole config."""
     from sim.engine.truth import private_samples
 
-    return private_samples(view.cfg, view.scheme, view.messages if messages is None else messages, refs)
+    if messages is None:
+        return private_samples(cfg, view.scheme, view.messages, refs, view.history)
+    return private_samples(cfg, view.scheme, messages, refs)
 
 
 def _check_refs(refs, messages, rec_n):
@@ -68,32 +111,77 @@ def _check_refs(refs, messages, rec_n):
 
 
 # ----------------------------------------------------------------------------- fast
-def test_declarations():
+def test_every_scheme_view_and_client_part_is_what_the_strategy_declares(scheme_views):
+    assert list(scheme_views) == list(SCHEMES)
+    assert {cls.client_part for cls in SCHEMES.values()} == set(CLIENT_PARTS)  # no client part without a scheme
+    for s, view in scheme_views.items():
+        assert view.client_part == SCHEMES[s].client_part and view.strategy is SCHEMES[s]
+        assert view.messages and not hasattr(view.cfg, "client_seed")
+    for s in ("vanilla", "splitfed"):
+        assert {"gradients-to-client", "sent-features"} <= scheme_views[s].available()
+    assert "gradients-to-client" not in scheme_views["nograd"].available()
+    assert "sent-features" in scheme_views["nograd"].available()
+    assert "fl-updates" in scheme_views["fedavg"].available()
+    assert "sent-features" not in scheme_views["fedavg"].available()
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_declared_client_parts_are_where_the_attack_runs_on_real_views(scheme_views, name):
+    """On a real, undefended view of every scheme, an attack is N/A (with a reason) exactly on the schemes
+    whose client part it does not declare, and runs everywhere else; describe() lists the same schemes."""
+    a = make_attack(name)
+    d = a.describe()
+    assert a.client_parts and set(a.client_parts) <= set(CLIENT_PARTS)
+    reasons = {s: a.not_applicable(v) for s, v in scheme_views.items()}
+    for s, reason in reasons.items():
+        if SCHEMES[s].client_part in a.client_parts:
+            assert reason is None, (name, s, reason)
+        else:
+            assert isinstance(reason, str) and reason, (name, s)
+    assert d["schemes"] == [s for s, r in reasons.items() if r is None]
+    assert set(d["not_applicable"]) == {s for s, r in reasons.items() if r is not None}
+    assert all(d["not_applicable"].values()), d["not_applicable"]  # each with a reason to show
+    assert d["client_parts"] == list(a.client_parts) and d["threat_model"] and d["summary"]
+    assert all(k == k.lower() and "_" not in k for k in a.p)
+
+
+def test_active_attacks_declarations(scheme_views):
     fsha, gi, us = make_attack("fsha"), make_attack("grad-inversion"), make_attack("unsplit")
-    assert fsha.active and fsha.schemes == ("vanilla",) and fsha.why_not == "needs gradients sent to the client"
-    assert gi.schemes == ("fedavg",) and gi.why_not == "needs FL model updates" and not gi.active
-    assert us.schemes == ("vanilla",) and "white-box-client" not in us.needs and not us.active
-    for a in (fsha, gi, us):
-        d = a.describe()
-        assert d["threat_model"] and d["summary"] and all(k == k.lower() and "_" not in k for k in a.p)
+    assert fsha.active and not gi.active and not us.active
+    assert "white-box-client" not in us.needs
+    # head attacks: vanilla and splitfed (a trainable head that gets cut-layer gradients), not nograd / fedavg
+    for a in (fsha, us):
+        for s in ("vanilla", "splitfed"):
+            assert a.not_applicable(scheme_views[s]) is None, (a.name, s)
+        for s in ("nograd", "fedavg"):
+            assert a.not_applicable(scheme_views[s]), (a.name, s)
+    for s in ("nograd", "fedavg"):
+        assert fsha.not_applicable(scheme_views[s]) == "needs gradients sent to the client"
+    assert gi.not_applicable(scheme_views["fedavg"]) is None
+    for s in ("vanilla", "nograd", "splitfed"):
+        assert gi.not_applicable(scheme_views[s]) == "needs FL model updates"
 
 
 def test_not_applicable_reasons(tiny_base):
-    views = {s: _bare_view(tiny_base, s) for s in ("fedavg", "vanilla", "nograd")}
-    assert make_attack("fsha").not_applicable(views["fedavg"]) == "needs gradients sent to the client"
-    assert make_attack("fsha").not_applicable(views["nograd"]) == "needs gradients sent to the client"
-    assert make_attack("fsha").not_applicable(views["vanilla"]) is None  # it runs its own session
-    for s in ("vanilla", "nograd"):
+    views = {s: _bare_view(tiny_base, s) for s in SCHEMES}
+    for s in ("fedavg", "nograd"):
+        assert make_attack("fsha").not_applicable(views[s]) == "needs gradients sent to the client"
+    for s in ("vanilla", "splitfed"):  # it runs its own session: it needs one, not kept messages
+        assert "needs a session" in make_attack("fsha").not_applicable(views[s])
+        assert make_attack("fsha").not_applicable(_bare_view(tiny_base, s, connect=_no_session)) is None
+    for s in ("vanilla", "nograd", "splitfed"):
         assert make_attack("grad-inversion").not_applicable(views[s]) == "needs FL model updates"
     assert "no unknown client weights" in make_attack("unsplit").not_applicable(views["nograd"])
     assert "rMLE" in make_attack("unsplit").not_applicable(views["nograd"])
     assert "FedAvg sends no per-step features" in make_attack("unsplit").not_applicable(views["fedavg"])
-    assert "needs per-step features" in make_attack("unsplit").not_applicable(views["vanilla"])  # nothing kept
-    import dataclasses
+    for s in ("vanilla", "splitfed"):
+        assert "needs per-step features" in make_attack("unsplit").not_applicable(views[s])  # nothing kept
 
     stateful = views["fedavg"]
     stateful.cfg = dataclasses.replace(stateful.cfg, fedavg_keep_optimizer=True)
     assert "fresh AdamW" in make_attack("grad-inversion").not_applicable(stateful)  # its unwinding needs one
+    with pytest.raises(TypeError, match="public config"):  # a view never holds the clients' keys
+        ServerView("fedavg", _cfg(), [], tiny_base, stateful.scheduler, stateful.controlnet_init)
 
 
 def test_unwinding_one_adamw_step_gives_the_gradient():
@@ -118,9 +206,9 @@ def test_unwinding_one_adamw_step_gives_the_gradient():
 def test_timestep_and_prompt_from_rank_one_gradients(tiny_base):
     """With batch 1, time_embedding.linear_1 and the cross-attention K/V gradients give t and the prompt."""
     from attacks.grad_inversion import recover_prompt, recover_timestep
-    from sim.core.cuts import controlled_eps
     from sim.core.models import build_controlnet, ddpm_scheduler
-    from strategies.base import TrainSettings, diffusion_loss
+    from strategies import get_strategy
+    from strategies.base import TrainSettings, composed_eps, diffusion_loss
 
     from conftest import perturb_zero_convs
 
@@ -132,7 +220,7 @@ def test_timestep_and_prompt_from_rank_one_gradients(tiny_base):
     t = torch.tensor([437])
     x_t, hint = torch.randn(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
 
-    eps_hat = controlled_eps("fedavg", tiny_base.unet, cn, tiny_base.autoencoder, x_t, t, emb[1:2], hint)
+    eps_hat = composed_eps(get_strategy("fedavg"), tiny_base, cn, x_t, t, emb[1:2], hint)
     loss = diffusion_loss(eps_hat, torch.randn(1, 3, 32, 32), t, sched, TrainSettings(1e-3, 1, 1, 1))
     names = [n for n, _ in cn.named_parameters()]
     grads = dict(zip(names, torch.autograd.grad(loss, list(cn.parameters()))))
@@ -158,38 +246,37 @@ def test_gradient_orthogonal_to_the_x_path_freezes_that_conv():
 
 # ----------------------------------------------------------------------------- slow
 @pytest.fixture(scope="module")
-def vanilla_view():
-    return _trained_view("vanilla", _cfg("schemes=vanilla", "keep-messages=6", "steps=4"))
+def vanilla_run():
+    """(the server's view, the whole config the harness holds) of a short vanilla run."""
+    cfg = _cfg("schemes=vanilla", "keep-messages=6", "steps=4")
+    return _trained_view("vanilla", cfg), cfg
 
 
 @pytest.fixture(scope="module")
-def fedavg_b1_view():
+def fedavg_b1_run():
     cfg = _cfg("schemes=fedavg", "batch-size=1", "local-steps=1", "steps=4", "keep-messages=4",
                "fedavg-keep-optimizer=false")  # the attack unwinds a fresh AdamW
-    return _trained_view("fedavg", cfg)
+    return _trained_view("fedavg", cfg), cfg
 
 
 @pytest.mark.slow
-def test_grad_inversion_batch1_recovers_t_prompt_and_beats_blind_guess(fedavg_b1_view):
-    view = fedavg_b1_view
+def test_grad_inversion_batch1_recovers_t_prompt_and_beats_blind_guess(fedavg_b1_run):
+    view, cfg = fedavg_b1_run
     rec = make_attack("grad-inversion:max-updates=2").run(view)
     assert [view.messages[i]["stat"]["round"] for i, _, _ in rec.refs] == [2, 2]  # round 1 skipped
     _check_refs(rec.refs, view.messages, rec.images.shape[0])
     assert torch.isfinite(rec.images).all() and torch.isfinite(rec.hints).all()
-    truth = _truth(view, rec.refs)
+    truth = _truth(cfg, view, rec.refs)
     assert rec.prompts == truth["prompt_used"]  # exactly, dropout ("") included
     # t: replay the true timesteps (test-side only) and compare
-    from sim.engine.runner import client_datasets
-    from strategies.base import ClientEnv, TrainSettings
+    from sim.engine.context import context_for
     from strategies.fedavg import FedAvgClient
 
-    clients, _ = client_datasets(view.cfg, 32)
-    settings = TrainSettings.from_config(view.cfg)
+    ctx = context_for(cfg)
     replay, true_t = {}, {}
     for i, m in enumerate(view.messages):
         cid = m["stat"]["client"]
-        env = ClientEnv(view.base, view.scheduler, settings, clients[cid], view.cfg.seed, view.controlnet_init)
-        replay.setdefault(cid, FedAvgClient(cid, env))
+        replay.setdefault(cid, FedAvgClient(cid, ctx.client_env(cfg, cid)))
         true_t[i] = int(replay[cid].next_batch().t[0])
     assert rec.info["t_recovered"] == [true_t[i] for i, _, _ in rec.refs]
     got = image_scores(rec.images, truth["target"], signed=True)["ssim"]
@@ -201,15 +288,16 @@ def test_grad_inversion_batch1_recovers_t_prompt_and_beats_blind_guess(fedavg_b1
 
 
 @pytest.mark.slow
-def test_grad_inversion_optimisation_runs(fedavg_b1_view):
-    rec = make_attack("grad-inversion:iters=2").run(fedavg_b1_view)
+def test_grad_inversion_optimisation_runs(fedavg_b1_run):
+    rec = make_attack("grad-inversion:iters=2").run(fedavg_b1_run[0])
     assert torch.isfinite(rec.images).all() and torch.isfinite(rec.hints).all()
     assert 0 <= rec.hints.min() and rec.hints.max() <= 1 and -1 <= rec.images.min() and rec.images.max() <= 1
     assert rec.info["gradient_cosine"][0] > 0
 
 
 @pytest.mark.slow
-def test_fsha_hijacks_the_head_and_beats_blind_guess(vanilla_view):
+def test_fsha_hijacks_the_head_and_beats_blind_guess(vanilla_run):
+    vanilla_view, cfg = vanilla_run
     rec = make_attack("fsha:steps=20,attack-batches=4").run(vanilla_view)
     messages = rec.info["messages"]
     assert rec.info["session_steps"] == 20 and rec.info["x_path_rel_drift"] < 0.01  # the x path stayed frozen
@@ -218,7 +306,7 @@ def test_fsha_hijacks_the_head_and_beats_blind_guess(vanilla_view):
         m = messages[i]
         assert k == 0 and not m.get("payload_dropped") and m["stat"]["first_step"] >= 16
         assert j < m["up"]["tensors"]["control_features"].shape[0]
-    truth = _truth(vanilla_view, rec.refs, messages)
+    truth = _truth(cfg, vanilla_view, rec.refs, messages)  # the session's own messages
     got = image_scores(rec.hints, truth["hint"], signed=False)["ssim"]
     black = image_scores(torch.zeros_like(truth["hint"]), truth["hint"], signed=False)["ssim"]
     print(f"fsha hint ssim {got:.3f} black {black:.3f} info", {k: v for k, v in rec.info.items() if k != "messages"})
@@ -226,13 +314,13 @@ def test_fsha_hijacks_the_head_and_beats_blind_guess(vanilla_view):
 
 
 @pytest.mark.slow
-def test_unsplit_recovers_hints_once_the_hint_block_moves(vanilla_view):
-    view = vanilla_view
+def test_unsplit_recovers_hints_once_the_hint_block_moves(vanilla_run):
+    view, cfg = vanilla_run
     rec = make_attack("unsplit:max-samples=16,rounds=20").run(view)
     _check_refs(rec.refs, view.messages, rec.hints.shape[0])
     assert torch.isfinite(rec.images).all() and torch.isfinite(rec.hints).all()
     assert rec.info["samples_without_hint_signal"] == 8  # steps 0 and 1: the hint block still outputs 0
-    truth = _truth(view, rec.refs)
+    truth = _truth(cfg, view, rec.refs)
     assert image_scores(rec.images, truth["target"], signed=True)["ssim"] > 0.99  # x_t from the UNet branch + eps
     steps = [view.messages[i]["stat"]["first_step"] for i, _, _ in rec.refs]
     late = [n for n, s in enumerate(steps) if s >= 2]

@@ -13,7 +13,9 @@ import torch
 
 from attacks import make_attack
 from attacks.base import ServerView
+from strategies import SCHEMES
 
+CLIENT_SEED = 3  # the clients' seed: the harness (this test) may hold it, an attack never does
 ATTACKS = ("inverse-net", "shadow-inverse", "rmle")
 # small settings for the tests (the defaults train longer)
 FAST = {"inverse-net": "inverse-net:steps=120,aux=256",
@@ -29,17 +31,54 @@ def _view(base, scheme: str, defenses=(), messages=None) -> ServerView:
     cfg = load_config("smoke", overrides)
     torch.manual_seed(0)
     cn = build_controlnet(base.unet, base.preset)
-    return ServerView(scheme, cfg, messages or [], base, ddpm_scheduler(base.preset), cn, None)
+    return ServerView(scheme, cfg.public(), messages or [], base, ddpm_scheduler(base.preset), cn, None)
+
+
+@pytest.fixture(scope="module")
+def scheme_views():
+    """A real server view of every registered scheme: two undefended steps of the smoke preset, every
+    round trip kept, the server's trained ControlNet included (as a run folder gives them)."""
+    import dataclasses
+
+    from sim.core.config import load_config
+    from sim.engine.context import context_for
+    from sim.engine.grid import quiet_flower_logs
+    from sim.engine.runner import train_scheme
+    from sim.engine.transcript import Transcript, record_to_dict
+
+    quiet_flower_logs()
+    views = {}
+    for s in SCHEMES:
+        cfg = load_config("smoke", [f"schemes={s}", "steps=2", "local-steps=2", "keep-messages=4",
+                                    f"client-seed={CLIENT_SEED}"])
+        ctx = context_for(cfg)
+        res = train_scheme(s, cfg, transcript=Transcript(keep=cfg.keep_messages))
+        messages = [{"stat": dataclasses.asdict(st), "down": record_to_dict(d), "up": record_to_dict(u)}
+                    for st, d, u in res.transcript.seen]
+        views[s] = ServerView(s, cfg.public(), messages, ctx.base, ctx.scheduler, ctx.controlnet, res.controlnet)
+    return views
 
 
 # ----------------------------------------------------------------------------- fast
-def test_declarations():
+def test_declarations(scheme_views):
     for name in ATTACKS:
         a = make_attack(name)
         d = a.describe()
         assert d["targets"] == ["image", "hint"] and not d["active"] and d["threat_model"]
+        # what describe() lists is where the attack runs on real views, and the client parts it declares
+        runs = [s for s, v in scheme_views.items() if a.not_applicable(v) is None]
+        assert d["schemes"] == runs == [s for s, cls in SCHEMES.items() if cls.client_part in a.client_parts]
+        assert set(d["not_applicable"]) == set(SCHEMES) - set(runs) and all(d["not_applicable"].values())
+        assert "fedavg" not in runs and {"vanilla", "splitfed"} <= set(runs)  # features cross only in split schemes
+        for s in set(SCHEMES) - set(runs):
+            assert isinstance(a.not_applicable(scheme_views[s]), str)
         assert "noise-target" not in a.needs  # none of them uses eps
         assert all(k == k.lower() and "_" not in k for k in a.p)
+    # a frozen client (nograd) is attacked by the white-box inversions, not by the shadow model
+    assert {"nograd", "vanilla", "splitfed"} <= set(make_attack("inverse-net").describe()["schemes"])
+    assert {"nograd", "vanilla", "splitfed"} <= set(make_attack("rmle").describe()["schemes"])
+    assert make_attack("shadow-inverse").client_parts == ("head",)
+    assert "public frozen parts" in make_attack("shadow-inverse").not_applicable(scheme_views["nograd"])
     assert make_attack("inverse-net").p["use-noise"] is False
     assert "white-box-client" not in make_attack("shadow-inverse").needs  # it ignores the relayed head
     bad_specs = ("rmle:estimate=median", "inverse-net:branches=text", "shadow-inverse:branches=x",
@@ -66,6 +105,8 @@ def test_public_features_are_the_client_pipeline(tiny_base, scheme, defenses):
     from attacks.rmle import public_features
     from defenses import HookContext, split_client_features
     from defenses.fp16 import client_offset
+    from sim.core.cuts import control_head, nograd_control_input
+    from strategies.base import client_secret, private_generator
     from strategies.vanilla import ControlHead
 
     view = _view(tiny_base, scheme, defenses)
@@ -76,9 +117,16 @@ def test_public_features_are_the_client_pipeline(tiny_base, scheme, defenses):
     if head is not None:  # a non-zero hint embedding, as after training
         torch.nn.init.normal_(head.controlnet_cond_embedding.conv_out.weight, std=0.05)
     cid = 1
-    ctx = HookContext(t, view.scheduler, cid, torch.Generator().manual_seed(1))
-    want = split_client_features(view.defenses, scheme, tiny_base.autoencoder, tiny_base.unet, x_t, hint, ctx, head)
-    offset = client_offset(cid, tuple(want[0].shape[1:]))
+    # the client's pipeline with its private generator and secret (the test plays the harness, which holds
+    # the client seed); the attack gets the offset as a variable, never the seed
+    secret = client_secret(CLIENT_SEED, cid, 1)
+    ctx = HookContext(t, view.scheduler, cid, private_generator(CLIENT_SEED, cid), secret=secret)
+    if head is not None:
+        branch = lambda x: control_head(head, x, hint)
+    else:
+        branch = lambda x: nograd_control_input(tiny_base.autoencoder, x, hint)
+    want = split_client_features(view.defenses, branch, tiny_base.unet, x_t, ctx)
+    offset = client_offset(secret, tuple(want[0].shape[1:]))
     got = public_features(view, x_t, x_t, hint, t, head, offset.expand_as(want[0]))
     for w, o in zip(want, got):
         assert torch.equal(w, o)
@@ -151,7 +199,9 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def views(run_dir):
-    return {s: ServerView.from_run(run_dir, s) for s in ("vanilla", "nograd")}
+    from sim.engine.scoring import server_view
+
+    return {s: server_view(run_dir, s) for s in ("vanilla", "nograd")}
 
 
 def _kept(view) -> list[tuple[int, int, int]]:
@@ -183,11 +233,12 @@ def test_finite_reconstructions_of_every_kept_sample(views, scheme):
 
 
 @pytest.fixture(scope="module")
-def nograd_truth(views):
+def nograd_truth(run_dir, views):
+    from sim.engine.clientside import load_run_config
     from sim.engine.truth import private_samples
 
-    view = views["nograd"]
-    truth = private_samples(view.cfg, "nograd", view.messages, _kept(view))
+    view = views["nograd"]  # the truth needs the clients' keys (clients.toml), which the view never holds
+    truth = private_samples(load_run_config(run_dir), "nograd", view.messages, _kept(view), view.history)
     aux = view.aux(256)
     n = len(truth["target"])
 

@@ -27,21 +27,25 @@ def test_sweep_preset_smoke_runs(preset, tmp_path):
     from sim.commands.sweep import load_sweep
 
     spec = load_sweep(preset)
-    assert main(["sweep", str(preset), "--smoke", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "sweep.json").read_text())
+    # the sweep's out under this test's own tmp_path: sweep.find_identical searches out.parent (the
+    # results root), which must hold no other test's runs to copy from
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(preset), "--smoke", "--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
+    rows = json.loads((out / "sweep.json").read_text())
     assert {r["variant"] for r in rows} == {v["name"] for v in spec["variant"]}
     for r in rows:
         assert 0 <= r["outline_iou"] <= 1 and r["final_loss"] > 0
         for a in spec.get("attacks", []):
             assert f"attack:{a}" in r
-    assert (tmp_path / "sweep.md").read_text().startswith("| variant")
+    assert (out / "sweep.md").read_text().startswith("| variant")
     if spec.get("matrix"):  # every variant's row, with the transcript-free baseline beside the attacks
-        matrix = (tmp_path / "matrix.md").read_text()
+        matrix = (out / "matrix.md").read_text()
         assert all(f"| {v['name']} |" in matrix for v in spec["variant"]) and "| blind |" in matrix
     if spec.get("x_label"):
-        assert (tmp_path / "sweep_utility.png").stat().st_size > 10_000
+        assert (out / "sweep_utility.png").stat().st_size > 10_000
     if "schemes" in spec.get("figures", []):
-        assert all((tmp_path / f).stat().st_size > 10_000 for f in ("bytes.png", "client_cost.png", "loss.png"))
+        assert all((out / f).stat().st_size > 10_000 for f in ("bytes.png", "client_cost.png", "loss.png"))
 
 
 def test_pareto_front_keeps_only_undominated_points(tmp_path):

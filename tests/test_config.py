@@ -6,7 +6,8 @@ import tomllib
 
 import pytest
 
-from sim.core.config import ExperimentConfig, list_presets, load_config
+from sim.core.config import ExperimentConfig, PublicConfig, list_presets, load_config
+from sim.engine.context import load_experiment
 
 
 def test_presets_load_and_round_trip_through_toml(tmp_path):
@@ -24,7 +25,8 @@ def test_presets_load_and_round_trip_through_toml(tmp_path):
     ("steps=many", "steps"),
     ("steps=0", "steps"),
     ("partition=random", "partition"),
-    ("schemes=fedavg,splitfed", "schemes"),
+    ("schemes=fedavg,nosuch", "schemes"),
+    ("schemes=fedavg,fedavg", "schemes"),
     ("dataset=cifar", "dataset"),
     ("num-clients=5000", "num-clients"),
     ("dirichlet-alpha=0", "dirichlet-alpha"),
@@ -35,7 +37,7 @@ def test_presets_load_and_round_trip_through_toml(tmp_path):
 ])
 def test_bad_overrides_fail_naming_the_key(override, needle):
     with pytest.raises(ValueError, match=needle):
-        load_config("default", [override])
+        load_experiment("default", [override])  # types and ranges, then the component names
 
 
 def test_unknown_preset_lists_the_known_ones():
@@ -43,9 +45,31 @@ def test_unknown_preset_lists_the_known_ones():
         load_config("nonexistent")
 
 
-def test_config_is_frozen():
-    with pytest.raises(Exception):
-        ExperimentConfig().steps = 3
+def test_a_run_folder_keeps_the_client_side_keys_out_of_config_toml(tmp_path):
+    """config.toml (what the server knew) names no client-side key; clients.toml holds exactly them;
+    load_run_config puts both parts back together; the Flower run config refuses a client-side key."""
+    from sim.core.config import CLIENT_KEYS, from_run_config, load_public_config, to_run_config
+    from sim.engine.clientside import load_run_config, write_run_config
+
+    cfg = load_config("smoke", ["data-seed=7", "client-seed=12345", "eval-seed=3"])
+    write_run_config(tmp_path, cfg)
+    public = tomllib.loads((tmp_path / "config.toml").read_text())
+    clients = tomllib.loads((tmp_path / "clients.toml").read_text())
+    assert not set(CLIENT_KEYS) & set(public), public
+    assert clients == {"data-seed": 7, "client-seed": 12345}
+    assert public["eval-seed"] == 3 and public["steps"] == cfg.steps  # the public keys are all there
+    assert set(public) | set(clients) == {f.name.replace("_", "-") for f in dataclasses.fields(ExperimentConfig)}
+    back = load_run_config(tmp_path)
+    assert isinstance(back, ExperimentConfig) and back == cfg
+    assert back.public() == load_public_config(tmp_path) == cfg.public()
+    assert not hasattr(load_public_config(tmp_path), "data_seed")
+    assert not set(CLIENT_KEYS) & set(to_run_config(cfg))
+    with pytest.raises(ValueError, match="data-seed"):
+        from_run_config({**to_run_config(cfg), "data-seed": 7})
+    with pytest.raises(ValueError, match="client-seed"):
+        from_run_config({**to_run_config(cfg), "client-seed": 1})
+    with pytest.raises(ValueError, match="resolved"):  # a fresh (unset) client seed is drawn before writing
+        write_run_config(tmp_path, cfg.with_client_seed(-1))
 
 
 def test_flower_run_config_declares_every_key_with_the_default_values():
@@ -59,9 +83,10 @@ def test_flower_run_config_declares_every_key_with_the_default_values():
     default = to_run_config(load_config("default"))
     assert set(declared) == set(default) | {"out"}
     assert {k: declared[k] for k in default} == default
-    assert from_run_config(declared) == load_config("default")
+    assert from_run_config(declared) == load_config("default").public()
+    assert isinstance(from_run_config(declared), PublicConfig)
     smoke = load_config("smoke")
-    assert from_run_config(to_run_config(smoke)) == smoke  # lists survive as comma-separated strings
+    assert from_run_config(to_run_config(smoke)) == smoke.public()  # lists survive as comma-separated strings
     with pytest.raises(ValueError, match="steps"):
         from_run_config({"steps": "many"})
 
@@ -69,11 +94,11 @@ def test_flower_run_config_declares_every_key_with_the_default_values():
 def test_an_older_run_config_without_a_key_keeps_the_behaviour_it_was_made_with(tmp_path):
     """fedavg-keep-optimizer became true by default after runs were written without the key
     (stateless FedAvg clients): such a run still reads as stateless, a preset gets the new default."""
-    from sim.core.config import load_run_config
     from sim.commands.sweep import config_differences
+    from sim.engine.clientside import load_run_config
 
     cfg = load_config("smoke")
-    text = "\n".join(l for l in cfg.to_toml().splitlines() if not l.startswith("fedavg-keep-optimizer"))
+    text = "\n".join(l for l in cfg.public().to_toml().splitlines() if not l.startswith("fedavg-keep-optimizer"))
     (tmp_path / "config.toml").write_text(text + "\n")
     assert cfg.fedavg_keep_optimizer is True
     assert load_config(str(tmp_path / "config.toml")).fedavg_keep_optimizer is True

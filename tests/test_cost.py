@@ -15,6 +15,7 @@ from conftest import make_base
 from sim.commands import cost
 from sim.commands.cost import MiB, build_meta_models, cost_table, markdown, param_counts, trace_step, wire_costs
 from sim.core.wire import encode, record_nbytes
+from strategies import SCHEMES, get_strategy
 
 # SD1.5's published module sizes (diffusers' runwayml/stable-diffusion-v1-5 and lllyasviel ControlNet v1.1)
 SD15_UNET = 859_520_964
@@ -26,6 +27,13 @@ LAT = 4 * 64 * 64  # SD1.5 latent at 512 px
 FEAT = 320 * 64 * 64  # UNet / ControlNet first-conv features
 CTX = 77 * 768  # CLIP text context
 NPY_HEADER_MAX = 256  # np.save's header for these ranks: 128 bytes (format 1.0 pads to 64)
+
+# the paper's figures (Yao, arXiv 2409.08503; REFERENCE.md): SD1.5 at 512 px, fp32
+PAPER_VANILLA_UP_MIB = 10.0  # per sample per step
+PAPER_VANILLA_DOWN_MIB = 5.0
+PAPER_NOGRAD_UP_MIB = 5.3  # the paper's "pp" mode
+PAPER_FEDAVG_UP_GB = 1.4  # per client per round
+PAPER_FEDAVG_CLIENT_PARAMS = 10**9  # ">1 B parameters on the device"
 
 
 def _row(table, scheme):
@@ -60,9 +68,10 @@ def test_sd15_meta_models_have_sd15_sizes(sd15):
 
 def test_who_holds_and_trains_what_sd15(sd15):
     fed, van, nog = (param_counts(s, sd15) for s in ("fedavg", "vanilla", "nograd"))
+    assert param_counts("splitfed", sd15) == van  # splitfed: vanilla's cut
     cn = sd15.controlnet
     head = sum(q.numel() for m in (cn.controlnet_cond_embedding, cn.conv_in) for q in m.parameters())
-    assert fed["client_params"] == SD15_UNET + SD15_CONTROLNET + SD15_VAE + SD15_CLIP_TEXT > 10**9  # paper: >1 B
+    assert fed["client_params"] == SD15_UNET + SD15_CONTROLNET + SD15_VAE + SD15_CLIP_TEXT > PAPER_FEDAVG_CLIENT_PARAMS
     assert fed["client_trainable_params"] == SD15_CONTROLNET and fed["server_trainable_params"] == 0
     assert nog["client_trainable_params"] == 0
     assert van["client_trainable_params"] == head
@@ -104,11 +113,13 @@ def test_sd15_bytes_per_sample_are_the_wire_fields_shapes(sd15, sd15_client_trac
     assert van["up_bytes_per_sample"] == 2 * FEAT * 4 + 8 + LAT * 4 + CTX * 4
     assert van["down_bytes_per_sample"] == FEAT * 4 == 5 * MiB
     assert van["turn_head_payload"] == 4 * (param_counts("vanilla", sd15)["client_trainable_params"])
-    # the paper's figures, within 5%: vanilla ~10 MiB up, ~5 MiB down; nograd ("pp") ~5.3 MiB up
-    ref = cost.REFERENCE
-    assert van["up_bytes_per_sample"] / MiB == pytest.approx(ref["vanilla_up_mib_per_sample"], rel=0.05)
-    assert van["down_bytes_per_sample"] / MiB == pytest.approx(ref["vanilla_down_mib_per_sample"], rel=0.05)
-    assert nog["up_bytes_per_sample"] / MiB == pytest.approx(ref["nograd_up_mib_per_sample"], rel=0.05)
+    # the paper's figures, within 5%: vanilla ~10 MiB up, ~5 MiB down; nograd ("pp") ~5.3 MiB up, nothing down
+    assert van["up_bytes_per_sample"] / MiB == pytest.approx(PAPER_VANILLA_UP_MIB, rel=0.05)
+    assert van["down_bytes_per_sample"] / MiB == pytest.approx(PAPER_VANILLA_DOWN_MIB, rel=0.05)
+    assert nog["up_bytes_per_sample"] / MiB == pytest.approx(PAPER_NOGRAD_UP_MIB, rel=0.05)
+    spf = wire_costs("splitfed", sd15, sd15_client_traces["vanilla"].up, sd15_client_traces["vanilla"].down)
+    assert spf["up_bytes_per_sample"] == van["up_bytes_per_sample"]  # vanilla's cut, vanilla's messages
+    assert spf["down_bytes_per_sample"] == van["down_bytes_per_sample"]
 
 
 def test_sd15_fedavg_round_is_the_controlnet_in_fp32(sd15):
@@ -116,7 +127,7 @@ def test_sd15_fedavg_round_is_the_controlnet_in_fp32(sd15):
     n_tensors = len(sd15.controlnet.state_dict())
     assert fed["round_up_payload"] == fed["round_down_payload"] == 4 * SD15_CONTROLNET
     assert 0 < fed["round_up_message"] - fed["round_up_payload"] <= NPY_HEADER_MAX * n_tensors + 64
-    assert fed["round_up_payload"] / 1e9 == pytest.approx(cost.REFERENCE["fedavg_up_gb_per_round"], rel=0.05)
+    assert fed["round_up_payload"] / 1e9 == pytest.approx(PAPER_FEDAVG_UP_GB, rel=0.05)
 
 
 def test_tiny_analytic_bytes_equal_record_nbytes_of_real_messages(tiny_table):
@@ -192,24 +203,55 @@ def test_peak_tracker_counts_live_storages_exactly():
     assert mem.peak == 2 * MiB and d is not None
 
 
-def test_frozen_layers_count_input_gradients_only():
-    conv = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False, device="meta").requires_grad_(False)
-    x = torch.empty(1, 8, 16, 16, device="meta", requires_grad=True)
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as f:
-        y = conv(x)
-        fwd = f.get_total_flops()
-        y.sum().backward()
-    assert f.get_total_flops() == 2 * fwd  # backward: the input gradient only, as much as the forward
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if get_strategy(s).cut.up])
+def test_the_frozen_unet_counts_input_gradients_only(scheme, tiny_table):
+    """The split server's traced step (the strategy's own trace_server): with the UNet frozen, as
+    the cut has it, backward costs about one forward (the ControlNet's weight and input gradients,
+    the UNet's input gradients from its mid/up blocks only); were the UNet trainable, the same
+    trace would cost about two forwards. The table reports the frozen figure."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cls = get_strategy(scheme)
+    models = build_meta_models("tiny")
+    with cost._fused_attention(tiny_table["attention"]):
+        up = trace_step(scheme, models, server=False).up
+
+    def server_step(trainable):
+        cost._set_trainable(models, trainable)
+        try:
+            with cost._fused_attention(tiny_table["attention"]), FlopCounterMode(display=False) as f:
+                forward = cls.trace_server(models, up, lambda: cost._flops(f))
+                total = cost._flops(f)
+        finally:
+            cost._set_trainable(models, ())
+        return forward, total - forward
+
+    trainable = cls.cut.client_trainable + cls.cut.server_trainable  # as trace_step sets them
+    fwd, bwd = server_step(trainable)
+    fwd_thawed, bwd_thawed = server_step(trainable + ("unet",))
+    assert fwd == fwd_thawed > 0  # the same forward either way
+    assert bwd < 1.5 * fwd  # frozen UNet: no weight gradients, no down path
+    assert bwd_thawed > 1.9 * fwd  # trainable UNet: weight + input gradients everywhere
+    row = _row(tiny_table, scheme)
+    assert row["server_flops_backward"] == bwd and row["server_flops"] == fwd + bwd
 
 
 def test_table_is_json_and_renders(tiny_table):
     back = json.loads(json.dumps(tiny_table))
-    assert back["preset"] == "tiny" and back["image_size"] == 32 and len(back["rows"]) == 3
-    assert back["reference"]["fedavg_up_gb_per_round"] == 1.4 and back["notes"]
+    assert back["preset"] == "tiny" and back["image_size"] == 32
+    assert [r["scheme"] for r in back["rows"]] == list(SCHEMES) and back["notes"]
+    # the reference the table carries is the paper's
+    ref = back["reference"]
+    assert (ref["vanilla_up_mib_per_sample"], ref["vanilla_down_mib_per_sample"], ref["nograd_up_mib_per_sample"],
+            ref["fedavg_up_gb_per_round"], ref["fedavg_client_params_min"]) == (
+        PAPER_VANILLA_UP_MIB, PAPER_VANILLA_DOWN_MIB, PAPER_NOGRAD_UP_MIB, PAPER_FEDAVG_UP_GB,
+        PAPER_FEDAVG_CLIENT_PARAMS)
     md = markdown(tiny_table)
-    for s in ("fedavg", "vanilla", "nograd"):
-        assert f"| {s} |" in md
+    for s in SCHEMES:
+        assert md.count(f"| {s} |") == 2, s  # a row in each table
     assert md.count("\n|---") == 2
+    assert "~1.4 GB up per round" in md and "~10 MiB up, ~5 MiB down" in md and "~5.3 MiB up" in md
+    assert "MiB each way per turn" in md and "MiB each way per round" in md  # vanilla's head per turn, splitfed's per round
 
 
 # ----------------------------------------------------------------------------- the whole sd15 table
@@ -218,15 +260,20 @@ def test_sd15_table_against_the_paper():
     table = cost_table("sd15")
     fed, van, nog = (_row(table, s) for s in ("fedavg", "vanilla", "nograd"))
     assert table["image_size"] == 512 and table["latent_shape"] == [4, 64, 64]
-    assert fed["client_params"] > 10**9
+    assert fed["client_params"] > PAPER_FEDAVG_CLIENT_PARAMS
     assert nog["client_flops_cached"] * 1000 < fed["client_flops_cached"]
     assert nog["client_flops"] < fed["client_flops"]
     # the server does the split schemes' heavy lifting: about FedAvg's client step without encodings and head
     assert van["server_flops"] == pytest.approx(fed["client_flops_cached"], rel=0.05)
     assert fed["client_peak_activation_bytes"] > 2 * nog["client_peak_activation_bytes"]
     assert fed["client_model_state_bytes"] > 10 * nog["client_model_state_bytes"]
-    assert van["up_bytes_per_sample"] / MiB == pytest.approx(10.0, rel=0.05)
-    assert fed["round_up_payload"] / 1e9 == pytest.approx(1.4, rel=0.05)
+    assert van["up_bytes_per_sample"] / MiB == pytest.approx(PAPER_VANILLA_UP_MIB, rel=0.05)
+    assert van["down_bytes_per_sample"] / MiB == pytest.approx(PAPER_VANILLA_DOWN_MIB, rel=0.05)
+    assert nog["up_bytes_per_sample"] / MiB == pytest.approx(PAPER_NOGRAD_UP_MIB, rel=0.05)
+    assert nog["down_bytes_per_sample"] == 0
+    assert fed["round_up_payload"] / 1e9 == pytest.approx(PAPER_FEDAVG_UP_GB, rel=0.05)
+    spf = _row(table, "splitfed")
+    assert spf["server_flops"] == van["server_flops"] and spf["up_bytes_per_sample"] == van["up_bytes_per_sample"]
     assert table["wall_s"] < 120
 
 

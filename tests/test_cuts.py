@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import perturb_zero_convs, through_wire
-from sim.core.cuts import (CUTS, control_head, control_rest, nograd_control_input, unet_first_conv, unet_rest)
+from sim.core.cuts import MODELS, control_head, control_rest, nograd_control_input, unet_first_conv, unet_rest
 from sim.core.models import build_controlnet
+from strategies import SCHEMES, get_strategy
 
 
 def _inputs(base, batch=2, seed=0):
@@ -90,9 +91,12 @@ def test_vanilla_cut_gradients_equal_centralised(setup):
     assert all(p.grad is None for p in base.unet.parameters())  # the frozen UNet got no gradient
 
 
-@pytest.mark.parametrize("scheme", list(CUTS))
+@pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_cut_table_covers_every_module_once(scheme, tiny_base):
-    cut = CUTS[scheme]
+    cut = get_strategy(scheme).cut
+    assert cut.scheme == scheme
+    for entry in cut.client + cut.server + cut.unused:
+        assert entry.partition(".")[0] in MODELS, entry
     cn = build_controlnet(tiny_base.unet, tiny_base.preset)
     names = {f"unet.{n}" for n, _ in tiny_base.unet.named_children()}
     names |= {f"controlnet.{n}" for n, _ in cn.named_children()}

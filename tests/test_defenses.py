@@ -9,9 +9,20 @@ import torch
 
 from defenses import DefenseStack, HookContext, accounting, make_defense, split_client_features
 from defenses.symsigmoid import inverse, symsigmoid
+from sim.core.cuts import nograd_control_input
 from sim.core.models import ddpm_scheduler, get_preset
+from strategies import get_strategy
+from strategies.base import client_secret, private_generator
 
 SCHED = ddpm_scheduler(get_preset("tiny"))
+CLIENT_SEED = 5  # the client-side seed of the clients' private draws (tests play the harness, which holds it)
+NOGRAD = get_strategy("nograd")
+
+
+def _client_ctx(t: torch.Tensor, cid: int = 0, **kw) -> HookContext:
+    """A hook context as client ``cid`` builds it: its private generator and secret from the client seed."""
+    return HookContext(t, SCHED, cid, private_generator(CLIENT_SEED, cid),
+                       secret=client_secret(CLIENT_SEED, cid, 1), **kw)
 
 
 def test_symsigmoid_is_odd_monotone_and_invertible():
@@ -78,12 +89,12 @@ def test_analytic_gaussian_mechanism_round_trip(eps):
 
 
 def test_latent_dp_noise_std_matches_the_accounting(tiny_base):
-    stack = DefenseStack(["latent-dp:epsilon=8"], "nograd")
+    stack = DefenseStack(["latent-dp:epsilon=8"], NOGRAD)
     (d,) = stack.defenses
     t0 = stack.t_start(SCHED)
     t = torch.full((64,), t0 + 3)
     x_t = torch.zeros(64, 3, 32, 32)
-    ctx = HookContext(t, SCHED, 0, torch.Generator().manual_seed(0))
+    ctx = _client_ctx(t)
     x_u, x_c = stack.latent(x_t, ctx)
     sigma = float(d.sigma(SCHED, t[:1])[0])
     expect = accounting.multiplier_for(8.0, 1e-5) * math.sqrt(2) * math.sqrt(float(SCHED.alphas_cumprod[t0 + 3])) \
@@ -109,9 +120,10 @@ def test_fp16_wire_round_trip_halves_the_bytes(tiny_base):
     t = torch.randint(0, 1000, (4,))
     sizes = {}
     for specs in ((), ("fp16",)):
-        stack = DefenseStack(specs, "nograd")
-        ctx = HookContext(t, SCHED, 0, torch.Generator().manual_seed(0))
-        c, u = split_client_features(stack, "nograd", tiny_base.autoencoder, tiny_base.unet, x_t, hint, ctx)
+        stack = DefenseStack(specs, NOGRAD)
+        ctx = _client_ctx(t)
+        c, u = split_client_features(stack, lambda x: nograd_control_input(tiny_base.autoencoder, x, hint),
+                                     tiny_base.unet, x_t, ctx)
         msg = Features(c.to(stack.wire_dtype)[None], u.to(stack.wire_dtype)[None], t[None],
                        torch.randn(1, 4, 3, 32, 32), None)
         back = decode(encode(msg), Features)
@@ -123,26 +135,55 @@ def test_fp16_wire_round_trip_halves_the_bytes(tiny_base):
     assert sizes[("fp16",)] < 0.6 * sizes[()]
 
 
-def test_fp16_offset_is_fixed_per_client():
+def test_fp16_offset_is_fixed_per_client_and_drawn_from_its_secret(tiny_base):
     from defenses.fp16 import client_offset
+    from sim.core.splits import ClientData
+    from strategies.base import ClientEnv, TrainSettings
+    from strategies.nograd import FeaturesRequest, NoGradClient
 
-    assert torch.equal(client_offset(0, (3, 4, 4)), client_offset(0, (3, 4, 4)))
-    assert not torch.equal(client_offset(0, (3, 4, 4)), client_offset(1, (3, 4, 4)))
+    secret = lambda seed, cid: client_secret(seed, cid, 1)  # the offset's stream
+    shape = (3, 4, 4)
+    assert torch.equal(client_offset(secret(CLIENT_SEED, 0), shape), client_offset(secret(CLIENT_SEED, 0), shape))
+    assert not torch.equal(client_offset(secret(CLIENT_SEED, 0), shape), client_offset(secret(CLIENT_SEED, 1), shape))
+    assert not torch.equal(client_offset(secret(CLIENT_SEED, 0), shape), client_offset(secret(CLIENT_SEED + 1, 0), shape))
+    d = make_defense("fp16:offset=true")
+    x, t = torch.zeros(2, *shape), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="secret"):  # no secret, no offset (never a public default)
+        d.feature("control", x, HookContext(t, SCHED, 0, torch.Generator()))
+    assert torch.equal(d.feature("control", x, _client_ctx(t, cid=1))[0], client_offset(secret(CLIENT_SEED, 1), shape))
+    assert torch.equal(d.feature("unet", x, _client_ctx(t, cid=1)), x)  # the control branch only
+
+    # what a real client sends: E(hint) + x_t plus the offset of client_secret(client-seed, cid, 1), in fp16
+    g = torch.Generator().manual_seed(0)
+    data = ClientData(torch.rand(4, 3, 32, 32, generator=g) * 2 - 1, torch.rand(4, 3, 32, 32, generator=g), ["a"] * 4)
+    settings = TrainSettings(lr=1e-3, steps=1, local_steps=1, batch_size=2, defenses=("fp16:offset=true",))
+    env = ClientEnv(tiny_base, SCHED, settings, data, 0, None, CLIENT_SEED)
+    client, replay = NoGradClient(1, env), NoGradClient(1, env)
+    sent = client.serve(FeaturesRequest(1)).control_input[0].float()
+    b = replay.next_batch()  # the same public batch stream
+    clean = nograd_control_input(tiny_base.autoencoder, b.x_t, b.hint)
+    offset = client_offset(secret(CLIENT_SEED, 1), tuple(clean.shape[1:]))
+    assert torch.allclose(sent, clean + offset, atol=1e-2)
+    assert not torch.allclose(sent, clean + client_offset(secret(CLIENT_SEED + 1, 1), tuple(clean.shape[1:])), atol=0.1)
+    with pytest.raises(RuntimeError, match="without a client-seed"):  # no client seed: it refuses
+        NoGradClient(1, ClientEnv(tiny_base, SCHED, settings, data, 0, None)).serve(FeaturesRequest(1))
 
 
 def test_inapplicable_defenses_are_refused_with_the_reason():
-    from sim.core.config import load_config
+    from sim.engine.context import load_experiment
 
     with pytest.raises(ValueError, match="symsigmoid.*fedavg.*weights"):
-        DefenseStack(["symsigmoid"], "fedavg")
+        DefenseStack(["symsigmoid"], get_strategy("fedavg"))
     with pytest.raises(ValueError, match="'timestep' does not apply to scheme 'fedavg'"):
-        load_config("smoke", ["defenses=pp-reference"])  # smoke has fedavg among its schemes
+        load_experiment("smoke", ["defenses=pp-reference"])  # smoke has fedavg among its schemes
     with pytest.raises(ValueError, match="unknown defense"):
-        DefenseStack(["no-such-defense"], "nograd")
+        DefenseStack(["no-such-defense"], NOGRAD)
     with pytest.raises(ValueError, match="no parameter"):
         make_defense("symsigmoid:strength=2")
-    cfg = load_config("smoke", ["defenses=pp-reference", "schemes=vanilla,nograd"])
+    cfg = load_experiment("smoke", ["defenses=pp-reference", "schemes=vanilla,nograd,splitfed"])
     assert cfg.defenses == ("pp-reference",)
+    assert make_defense("symsigmoid").not_applicable(get_strategy("splitfed")) is None
+    assert "fedavg" in make_defense("symsigmoid").not_applicable(get_strategy("fedavg"))
 
 
 def test_defenses_cli_lists_declarations_and_the_timestep_table(capsys):
@@ -179,25 +220,27 @@ def runs(tmp_path_factory):
 
 def _blind_ssim(run, scheme: str) -> float:
     """A blind guess: the mean auxiliary image, scored against the private targets."""
-    from attacks import ServerView
     from attacks.scoring import image_scores
+    from sim.engine.clientside import load_run_config
+    from sim.engine.scoring import server_view
     from sim.engine.truth import private_samples
 
-    view = ServerView.from_run(run, scheme)
+    view = server_view(run, scheme)
     refs = [(b["ref"][0], b["ref"][1], j) for b in view.batches() for j in range(b["t"].shape[0])]
-    truth = private_samples(view.cfg, scheme, view.messages, refs)
+    truth = private_samples(load_run_config(run), scheme, view.messages, refs, view.history)
     guess = view.aux(256)["target"].mean(0, keepdim=True).expand_as(truth["target"])
     return image_scores(guess, truth["target"], signed=True)["ssim"]
 
 
 @pytest.mark.slow
 def test_noise_target_attack_breaks_the_reference_and_not_pp_protected(runs):
-    from attacks import attack_view, ServerView
+    from sim.engine.clientside import load_run_config
+    from sim.engine.scoring import attack_view, server_view
 
     rows = {}
     for name, run in runs.items():
-        for scheme in ("vanilla", "nograd"):
-            rows[name, scheme] = attack_view(ServerView.from_run(run, scheme), "noise-target")
+        for scheme in ("vanilla", "nograd"):  # scored with the whole config, which only the harness holds
+            rows[name, scheme] = attack_view(server_view(run, scheme), "noise-target", load_run_config(run))
     for scheme in ("vanilla", "nograd"):
         assert rows["none", scheme]["image"]["ssim"] >= 0.99
         assert rows["pp-reference", scheme]["image"]["ssim_median"] >= 0.95  # fp16 + t >= 226 do not stop it
@@ -212,20 +255,20 @@ def test_noise_target_attack_breaks_the_reference_and_not_pp_protected(runs):
 def test_wire_audit_no_prompt_leaves_a_protected_client(runs):
     """Every record the server received in a whole pp-protected run: no prompt string, no
     token ids, no text embedding (of any prompt the clients hold, or of the empty prompt)."""
-    from sim.engine.runner import _setup, client_datasets
-    from sim.core.config import load_config
-
-    from attacks import ServerView
+    from sim.engine.clientside import load_run_config
+    from sim.engine.context import context_for
+    from sim.engine.scoring import server_view
 
     run = runs["pp-protected"]
-    cfg = load_config(str(run / "config.toml"))
-    base = _setup(cfg)[0]
-    clients, _ = client_datasets(cfg, 32)
+    cfg = load_run_config(run)  # the clients' keys too: the audit needs their prompts
+    ctx = context_for(cfg)
+    base = ctx.base
+    clients = ctx.client_data(cfg)
     prompts = sorted({p for c in clients for p in c.prompts})
     words = {w for p in prompts for w in p.split()} - {"a", "on"}
     embeddings = base.encode_prompts(prompts + [""])  # (P, L, D)
     for scheme in ("vanilla", "nograd"):
-        view = ServerView.from_run(run, scheme)
+        view = server_view(run, scheme)
         stats = [json.loads(line) for line in (run / "transcript.jsonl").read_text().splitlines()]
         assert len(view.messages) == sum(s["scheme"] == scheme for s in stats) > 0  # the whole run was kept
         for m in view.messages:

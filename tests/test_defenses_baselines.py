@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -16,7 +17,10 @@ from defenses.local_dp import clip_per_sample
 from defenses.mixup import mix_batch
 from defenses.nopeek import distance_correlation
 from defenses.patch_shuffle import shuffle_patches
+from strategies import SCHEMES, get_strategy
+from strategies.base import private_generator
 
+CLIENT_SEED = 9  # the clients' client-side seed (the test provisions them, as the harness does)
 NEW = ("noise", "local-dp", "patch-shuffle", "mixup", "nopeek", "dp-sgd", "server-dp")
 
 
@@ -29,8 +33,9 @@ def models(tiny_base):
     return tiny_base, perturb_zero_convs(build_controlnet(tiny_base.unet, tiny_base.preset))
 
 
-def _ctx(seed: int = 0) -> HookContext:
-    return HookContext(torch.zeros(4, dtype=torch.long), None, 0, torch.Generator().manual_seed(seed))
+def _ctx(seed: int = CLIENT_SEED) -> HookContext:
+    """Client 0's hook context: its private generator, from its client seed."""
+    return HookContext(torch.zeros(4, dtype=torch.long), None, 0, private_generator(seed, 0))
 
 
 def _x(shape=(4, 8, 32, 32), seed=1) -> torch.Tensor:
@@ -40,14 +45,24 @@ def _x(shape=(4, 8, 32, 32), seed=1) -> torch.Tensor:
 # ----------------------------------------------------------------------------- schemes
 @pytest.mark.parametrize("name", NEW)
 def test_each_defense_refuses_the_schemes_it_cannot_serve_with_the_reason(name):
+    from defenses import list_defenses
+
     d = make_defense(name)
     assert d.why_not and d.threat_model and (type(d).__doc__ or "").strip()
-    for scheme in ("fedavg", "vanilla", "nograd"):
-        if scheme in d.schemes:
-            DefenseStack([name], scheme)
+    (row,) = [r for r in list_defenses(schemes=SCHEMES.values()) if r["name"] == name]
+    served = []
+    for scheme, cls in SCHEMES.items():
+        if set(d.hooks) <= set(cls.hooks):  # applicability: every hook it acts at is offered
+            assert d.not_applicable(cls) is None
+            DefenseStack([name], cls)
+            served.append(scheme)
         else:
-            with pytest.raises(ValueError, match=f"'{name}'.*{scheme}.*{d.why_not[:20]}"):
-                DefenseStack([name], scheme)
+            assert d.why_not in d.not_applicable(cls)
+            with pytest.raises(ValueError, match=f"'{name}'.*{scheme}.*{re.escape(d.why_not[:20])}"):
+                DefenseStack([name], cls)
+    assert served and row["schemes"] == served and set(row["not_applicable"]) == set(SCHEMES) - set(served)
+    split = {"vanilla", "nograd", "splitfed"}  # feature-side defenses serve the split schemes, fl ones fedavg
+    assert set(served) == {"fedavg"} if d.hooks[0].startswith("fl-") else set(served) <= split
 
 
 @pytest.mark.parametrize("spec, bad", [("noise:std=-1", "std"), ("noise:branch=left", "branch"),
@@ -171,12 +186,18 @@ def test_nopeek_changes_the_vanilla_clients_head_gradient(models):
     grads = {}
     for specs in ((), ("nopeek:alpha=1",)):
         settings = TrainSettings(lr=1e-3, steps=1, local_steps=1, batch_size=4, defenses=specs)
-        client = VanillaClient(0, ClientEnv(tiny_base, ddpm_scheduler(tiny_base.preset), settings, data, 0, cn))
+        client = VanillaClient(0, ClientEnv(tiny_base, ddpm_scheduler(tiny_base.preset), settings, data, 0, cn,
+                                            CLIENT_SEED))
         reply = client.serve(VanillaRequest(head=ControlHead(cn).state_dict()))
         cut_grad = torch.full_like(reply.control_features, 1e-4)
         client.serve(VanillaRequest(control_features_grad=cut_grad, want_batch=False))
         grads[specs] = client.head.conv_in.weight.grad.clone()
     assert not torch.allclose(grads[()], grads[("nopeek:alpha=1",)])
+    # a vanilla client without a client seed refuses to run defenses, as every split client does
+    settings = TrainSettings(lr=1e-3, steps=1, local_steps=1, batch_size=4, defenses=("nopeek:alpha=1",))
+    client = VanillaClient(0, ClientEnv(tiny_base, ddpm_scheduler(tiny_base.preset), settings, data, 0, cn))
+    with pytest.raises(RuntimeError, match="without a client-seed"):
+        client.serve(VanillaRequest(head=ControlHead(cn).state_dict()))
 
 
 # ----------------------------------------------------------------------------- dp-sgd
@@ -224,7 +245,7 @@ def test_dp_sgd_noise_std_is_multiplier_times_clip_over_batch():
 
 def test_per_sample_gradients_of_the_batched_controlnet_equal_single_sample_ones(models):
     """The diffusers modules normalise per sample, so one batched forward gives per-sample gradients."""
-    from sim.core.cuts import controlled_eps
+    from strategies.base import composed_eps
 
     tiny_base, cn = models
     s, p = tiny_base.preset.image_size, tiny_base.preset
@@ -233,8 +254,8 @@ def test_per_sample_gradients_of_the_batched_controlnet_equal_single_sample_ones
     hint, t = torch.rand(2, 3, s, s, generator=g), torch.tensor([10, 700])
     ctx = tiny_base.encode_prompts(["a red circle", "a blue square"])
     params = [q for q in cn.parameters() if q.requires_grad]
-    loss = lambda sl: controlled_eps("fedavg", tiny_base.unet, cn, tiny_base.autoencoder, x_t[sl], t[sl],
-                                     ctx[sl], hint[sl]).pow(2).flatten(1).mean(1)
+    loss = lambda sl: composed_eps(get_strategy("fedavg"), tiny_base, cn, x_t[sl], t[sl], ctx[sl],
+                                   hint[sl]).pow(2).flatten(1).mean(1)
     batched = torch.autograd.grad(loss(slice(0, 2))[1], params, allow_unused=True)
     single = torch.autograd.grad(loss(slice(1, 2))[0], params, allow_unused=True)
     for a, b in zip(batched, single):
@@ -257,11 +278,28 @@ def test_rdp_accountant_matches_known_regimes():
     assert rdp_epsilon(q, 1.1, 2 * steps, 1e-5)[0] > eps > rdp_epsilon(q, 2.0, steps, 1e-5)[0]
 
 
-def _fedavg_run(base, controlnet, defenses, steps=2, local_steps=1, batch=2):
-    from sim.engine.client_app import client_app_for
-    from sim.engine.runner import discover, run_strategy
-    from sim.engine.grid import InProcessGrid
+class _Context:
+    """What run_strategy reads of a RunContext: the public models and recipe (the clients are the test's)."""
+
+    def __init__(self, base, controlnet, settings):
+        from sim.core.models import ddpm_scheduler
+
+        self.base, self.controlnet, self.settings = base, controlnet, settings
+        self.scheduler = ddpm_scheduler(base.preset)
+        self.null_context = base.encode_prompts([""])
+
+    def public_client(self, scheme):
+        from strategies.base import ClientEnv
+
+        cls = get_strategy(scheme).client_class
+        return cls(0, ClientEnv(self.base, self.scheduler, self.settings, None, 0, self.controlnet))
+
+
+def _fedavg_run(base, controlnet, defenses, steps=2, local_steps=1, batch=2, client_seed=CLIENT_SEED):
     from sim.core.models import ddpm_scheduler
+    from sim.engine.client_app import client_app_for
+    from sim.engine.grid import InProcessGrid, discover
+    from sim.engine.runner import run_strategy
     from sim.engine.transcript import Transcript
     from strategies.base import ClientData, ClientEnv, TrainSettings
 
@@ -270,9 +308,9 @@ def _fedavg_run(base, controlnet, defenses, steps=2, local_steps=1, batch=2):
     settings = TrainSettings(lr=1e-3, steps=steps, local_steps=local_steps, batch_size=batch, defenses=defenses)
     envs = [ClientEnv(base, ddpm_scheduler(base.preset), settings,
                       ClientData(torch.rand(8, 3, s, s, generator=g) * 2 - 1, torch.rand(8, 3, s, s, generator=g),
-                                 [f"a red circle {c}"] * 8), 0, controlnet) for c in range(2)]
+                                 [f"a red circle {c}"] * 8), 0, controlnet, client_seed) for c in range(2)]
     grid = InProcessGrid(client_app_for(envs), 2, {})
-    return run_strategy("fedavg", base, controlnet, settings, 0, grid, discover(grid, 2), Transcript(0))
+    return run_strategy("fedavg", _Context(base, controlnet, settings), grid, discover(grid, 2), Transcript(0))
 
 
 def _delta(res, controlnet) -> torch.Tensor:
@@ -287,6 +325,8 @@ def test_fedavg_with_dp_sgd_runs_a_round_and_its_accountant_is_finite(models):
     assert dp.steps == 2 and all(math.isfinite(x) for x in dp.losses)
     assert plain.losses[0] == pytest.approx(dp.losses[0], rel=1e-5)  # same first batch, same weights
     assert not torch.equal(_delta(plain, cn), _delta(dp, cn))
+    with pytest.raises(RuntimeError, match="without a client-seed"):  # DP noise only from a client-private seed
+        _fedavg_run(base, cn, ("dp-sgd:clip=0.1,noise-multiplier=1",), client_seed=-1)
     d = make_defense("dp-sgd:noise-multiplier=1")
     d.sample_rate = 2 / 8
     acc = d.accounting(None, releases=1)

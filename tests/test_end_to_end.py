@@ -35,7 +35,10 @@ def test_compare_smoke_writes_a_row_per_scheme(tmp_path, capsys):
     assert rows["vanilla"]["bytes_down_per_step"] > 0 and rows["vanilla"]["client_trainable_params"] > 0
     assert rows["fedavg"]["client_trainable_params"] == summary["controlnet_params"]
     assert summary["frozen_base_unchanged"] is True
-    assert "fedavg" in (out / "config.toml").read_text()
+    public = (out / "config.toml").read_text()
+    assert "fedavg" in public and "data-seed" not in public and "client-seed" not in public
+    clients = (out / "clients.toml").read_text()  # the client-side keys, the fresh client seed drawn
+    assert "data-seed = 1" in clients and "client-seed = " in clients and "client-seed = -1" not in clients
     assert "outline_iou" in capsys.readouterr().out  # the table printed at the end
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert {r["scheme"] for r in rounds} == {"fedavg", "vanilla", "nograd"}
@@ -69,7 +72,8 @@ def test_same_seed_same_metrics_with_one_or_two_worker_processes(tmp_path):
     runs = []
     for jobs in (1, 2):
         out = tmp_path / f"jobs{jobs}"
-        assert main(["compare", "--preset", "smoke", "--set", f"jobs={jobs}", "--out", str(out)]) == 0
+        assert main(["compare", "--preset", "smoke", "--set", f"jobs={jobs}", "--set", "client-seed=7",
+                     "--out", str(out)]) == 0  # the same client seed too: only the process split differs
         rows = json.loads((out / "summary.json").read_text())["rows"]
         runs.append([{k: v for k, v in r.items() if not _measured(k)} for r in rows])
     assert runs[0] == runs[1]

@@ -194,24 +194,28 @@ def test_reevaluate_accepts_the_weights_and_passes_them_on(tmp_path, monkeypatch
     to every evaluate() call (sampling itself is stubbed out here)."""
     from diffusers import ControlNetModel
 
-    from sim.engine import runner
+    import types
+
     from sim.core.config import load_config
+    from sim.engine import runner
+    from sim.engine.clientside import write_run_config
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.toml").write_text(load_config("smoke", ["schemes=nograd", "baseline=true"]).to_toml())
+    write_run_config(run, load_config("smoke", ["schemes=nograd", "baseline=true", "client-seed=5"]))
     (run / "controlnet_nograd").mkdir()
     calls = []
-    monkeypatch.setattr(compare, "_setup", lambda cfg: (None, None, None, None))
+    monkeypatch.setattr(runner, "context_for", lambda cfg: types.SimpleNamespace(base=None, eval_set=None))
     monkeypatch.setattr(ControlNetModel, "from_pretrained", staticmethod(lambda path: torch.nn.Identity()))
-    monkeypatch.setattr(compare, "evaluate", lambda *a, **kw: (calls.append(kw) or {"x": 1.0}, None))
-    rows = compare.reevaluate(run, [f"clip-weights={clip_path}", f"inception_weights={inception_path}"])
+    monkeypatch.setattr(runner, "evaluate", lambda *a, **kw: (calls.append(kw) or {"x": 1.0}, None))
+    rows = runner.reevaluate(run, [f"clip-weights={clip_path}", f"inception_weights={inception_path}"])
     assert [r["scheme"] for r in rows] == ["base (no control)", "nograd"]
     assert len(calls) == 2
     assert all(kw["clip_weights"] == str(clip_path) and kw["inception_weights"] == str(inception_path)
                for kw in calls)
     calls.clear()
-    compare.reevaluate(run)
+    runner.reevaluate(run)
+    assert len(calls) == 2
     assert all(kw["clip_weights"] is None and kw["inception_weights"] is None for kw in calls)
     with pytest.raises(ValueError, match="evaluation keys"):
-        compare.reevaluate(run, ["steps=3"])
+        runner.reevaluate(run, ["steps=3"])

@@ -11,6 +11,11 @@ and each results folder is checked against the in-process ``splitcontrol compare
 same config, run beside it in a subprocess: a row per scheme with the same keys, the same
 protocol (messages and bytes per step, trainable parameters) and the same final loss.
 
+The trust boundary under Flower: the run config (what the ServerApp sees) holds the public
+keys only; the client-side ``data-seed`` and ``client-seed`` travel in each SuperNode's node
+config (simulation: absent, so the defaults: data-seed 1, a client seed each node draws and
+keeps). The Flower run's folder has config.toml and no clients.toml; the in-process one both.
+
 Hermetic: every Flower process gets a temporary ``FLWR_HOME`` (its config.toml names the
 federation, so nothing in ``~/.flwr`` is read or written), free ports, ``RAY_ADDRESS=local``
 (never attach to a Ray cluster that happens to run) and a marker in its environment. At the
@@ -27,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 import uuid
 from pathlib import Path
@@ -34,7 +40,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sim.core.config import load_config, to_run_config
+from sim.core.config import CLIENT_KEYS, load_config, to_run_config
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +54,10 @@ PROTOCOL_KEYS = ("steps", "messages_per_step", "bytes_up_per_step", "bytes_down_
 # The deployment engine costs ~20 s per message: 4 steps = 1 FedAvg round, 2 turns of each
 # split scheme (vanilla: local-steps + 1 messages per turn, nograd: 1).
 DEPLOYMENT_OVERRIDES = ["steps=4", "local-steps=2"]
+# Client-side keys: given to the in-process reference with --set and to each SuperNode in its node
+# config (never in the run config), so both runs provision the clients alike.
+DATA_SEED, CLIENT_SEED = 1, 271828
+CLIENT_OVERRIDES = [f"data-seed={DATA_SEED}", f"client-seed={CLIENT_SEED}"]
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -66,6 +76,7 @@ def free_ports(n: int) -> list[int]:
 def run_config_arg(overrides: list[str], out: Path) -> str:
     """The smoke preset (plus overrides) as a ``--run-config`` string: every key, as in-process."""
     rc = to_run_config(load_config("smoke", overrides))
+    assert not set(rc) & set(CLIENT_KEYS), rc  # the ServerApp sees the run config: public keys only
     # base-model stays "": the FAB that `flwr run` ships holds no weights (code and text only,
     # 10 MB cap), so this also checks that the apps find the committed ones (committed_tiny_base)
     rc["out"] = str(out)
@@ -229,6 +240,12 @@ def check_against_in_process(flower: Flower, out: Path, ref_out: Path, steps: in
         assert (out / f"samples_{scheme}.png").stat().st_size > 0
     for name in ("rounds.jsonl", "transcript.jsonl", "losses.jsonl", "config.toml"):
         assert (out / name).stat().st_size > 0, name
+    # the client-side keys stay with the clients: the ServerApp's folder has none; the in-process runner,
+    # which provisions the clients, keeps them apart in clients.toml
+    for folder in (out, ref_out):
+        assert not set(tomllib.loads((folder / "config.toml").read_text())) & set(CLIENT_KEYS), folder
+    assert not (out / "clients.toml").exists()
+    assert set(tomllib.loads((ref_out / "clients.toml").read_text())) == set(CLIENT_KEYS)
     schemes_in_transcript = {json.loads(line)["scheme"] for line in (out / "transcript.jsonl").open()}
     assert schemes_in_transcript == set(SCHEMES)
 
@@ -256,7 +273,7 @@ def test_deployment_engine_on_localhost_matches_in_process(flower):
     link_port, *node_ports = free_ports(3)
     flower.write_config(f'[superlink]\ndefault = "local-deployment"\n\n'
                         f'[superlink.local-deployment]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n')
-    ref, ref_out = flower.start_in_process(DEPLOYMENT_OVERRIDES)
+    ref, ref_out = flower.start_in_process(DEPLOYMENT_OVERRIDES + CLIENT_OVERRIDES)
     link = flower.start("superlink", [str(BIN / "flower-superlink"), "--insecure",
                                       "--disable-runtime-dependency-installation", "--port", str(link_port)])
     deadline = time.monotonic() + 60
@@ -273,7 +290,8 @@ def test_deployment_engine_on_localhost_matches_in_process(flower):
     for pid, port in enumerate(node_ports):
         flower.start(f"supernode{pid}", [str(BIN / "flower-supernode"), "--insecure",
                                          "--superlink", f"127.0.0.1:{link_port}", "--port", str(port),
-                                         "--node-config", f"partition-id={pid} num-partitions=2"])
+                                         "--node-config", (f"partition-id={pid} num-partitions=2 "
+                                                           f"data-seed={DATA_SEED} client-seed={CLIENT_SEED}")])
     # The ServerApp asks the nodes it sees for their partition ids once: wait for both.
     deadline = time.monotonic() + 90
     while True:
@@ -291,3 +309,5 @@ def test_deployment_engine_on_localhost_matches_in_process(flower):
     assert flower.wait(run, 720, "flwr run (deployment)") == 0, flower.tails()
     assert flower.wait(ref, 300, "splitcontrol compare") == 0, flower.tails()
     check_against_in_process(flower, out, ref_out, steps=4)
+    clients = tomllib.loads((ref_out / "clients.toml").read_text())
+    assert clients == {"data-seed": DATA_SEED, "client-seed": CLIENT_SEED}  # what the SuperNodes were given

@@ -1,5 +1,6 @@
-"""The three schemes through the Flower apps on the in-process grid: what trains, what
-stays frozen, what crosses, determinism."""
+"""Every registered scheme through the Flower apps on the in-process grid: what trains, what
+stays frozen, what crosses, determinism. Scheme-generic checks are parametrised over the
+registry (strategies.SCHEMES), so a new scheme gets them too."""
 from __future__ import annotations
 
 import copy
@@ -7,15 +8,20 @@ import copy
 import pytest
 import torch
 
-from conftest import make_base, perturb_zero_convs
-from sim.engine.client_app import client_app_for
-from sim.engine.runner import discover, fingerprint, run_strategy
-from sim.core.cuts import controlled_eps
-from sim.engine.grid import InProcessGrid
+from conftest import make_base, model_context, perturb_zero_convs, through_wire
+from sim.core.cuts import controlled_eps, nograd_control_input
 from sim.core.models import build_controlnet, ddpm_scheduler
+from sim.core.wire import WireError
+from sim.engine.client_app import client_app_for
+from sim.engine.context import fingerprint
+from sim.engine.grid import InProcessGrid, discover
+from sim.engine.runner import run_strategy
 from sim.engine.transcript import Transcript
-from strategies import get_strategy
-from strategies.base import ClientData, ClientEnv, TrainSettings, client_generator, sample_batch, turn_schedule
+from strategies import SCHEMES, get_strategy
+from strategies.base import (ClientData, ClientEnv, TrainSettings, client_generator, composed_eps, sample_batch,
+                             turn_schedule)
+
+HEAD_SCHEMES = [n for n, c in SCHEMES.items() if c.client_part == "head"]  # vanilla, splitfed
 
 
 def _clients(base, n_clients=2, n=12, seed=0):
@@ -39,7 +45,8 @@ def _run(scheme, base, controlnet, steps=4, local_steps=2, batch=2, lr=1e-3, see
                              keep_optimizer=keep_optimizer)
     envs = _envs(base, controlnet, settings, seed)
     grid = InProcessGrid(client_app_for(envs), len(envs), {})
-    res = run_strategy(scheme, base, controlnet, settings, seed, grid, discover(grid, len(envs)), Transcript(keep))
+    ctx = model_context(base, controlnet, settings, seed, envs[0].scheduler)
+    res = run_strategy(scheme, ctx, grid, discover(grid, len(envs)), Transcript(keep))
     return res, envs
 
 
@@ -54,7 +61,52 @@ def controlnet(base):
     return build_controlnet(base.unet, base.preset)
 
 
-@pytest.mark.parametrize("scheme", ["fedavg", "vanilla", "nograd"])
+def test_every_scheme_is_tested():
+    assert {"fedavg", "vanilla", "nograd", "splitfed"} <= set(SCHEMES)
+    assert set(HEAD_SCHEMES) == {"vanilla", "splitfed"}
+
+
+def _whole(base, cn, x, t, ctx, hint, sample=None):
+    """diffusers' own forward of the ControlNet and the UNet (no split)."""
+    down, mid = cn(sample if sample is not None else x, t, encoder_hidden_states=ctx, controlnet_cond=hint,
+                   return_dict=False)
+    return base.unet(x, t, encoder_hidden_states=ctx, down_block_additional_residuals=down,
+                     mid_block_additional_residual=mid).sample
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@torch.no_grad()
+def test_the_scheme_s_composed_model_equals_diffusers_whole_forward(scheme, base):
+    """A scheme's cut-layer tensors, sent over the wire, give diffusers' whole forward: the standard
+    ControlNet where the hint block reads the hint, diffusers' ControlNet on h = E(hint) + x_t with
+    the hint block off where the cut leaves it unused (nograd)."""
+    cls = get_strategy(scheme)
+    torch.manual_seed(0)
+    cn = perturb_zero_convs(build_controlnet(base.unet, base.preset))
+    p = base.preset
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, p.latent_channels, p.latent_size, p.latent_size, generator=g)
+    hint = torch.rand(2, 3, p.image_size, p.image_size, generator=g)
+    t, ctx = torch.tensor([3, 871]), torch.randn(2, p.max_tokens, p.cross_attention_dim, generator=g)
+    if "controlnet.controlnet_cond_embedding" in cls.cut.unused:
+        ref = copy.deepcopy(cn)
+        ref.controlnet_cond_embedding.forward = lambda c: torch.zeros(())  # contributes nothing
+        whole = _whole(base, ref, x, t, ctx, hint, sample=nograd_control_input(base.autoencoder, x, hint))
+    else:
+        whole = _whole(base, cn, x, t, ctx, hint)
+    assert whole.abs().mean() > 1e-3  # a real signal
+    composed = composed_eps(cls, base, cn, x, t, ctx, hint)
+    assert (composed - whole).abs().max().item() <= 1e-6
+    control, feats = cls.cut_features(cn, base, x, hint)
+    sent = through_wire(dict(control=control, feats=feats, t=t, ctx=ctx))
+    split = controlled_eps(base.unet, cn, sent["control"], sent["feats"], sent["t"], sent["ctx"])
+    assert (split - whole).abs().max().item() <= 1e-6
+    # and the hint matters under every scheme
+    other = composed_eps(cls, base, cn, x, t, ctx, torch.zeros_like(hint))
+    assert (other - whole).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_frozen_parts_stay_bit_identical_and_controlnet_trains(scheme, base, controlnet):
     before = fingerprint(base.unet, base.autoencoder, base.text_encoder)
     cn_before = fingerprint(controlnet)
@@ -79,19 +131,20 @@ def test_nograd_client_has_nothing_to_train_and_gets_nothing_back(base, controln
     assert t.messages == 2  # one message per turn of local-steps batches, not one per step
 
 
-def test_vanilla_applies_the_gradient_to_the_activation_the_server_used(base):
-    """One vanilla step == one centralised step of the head on the same batch, t and noise.
+@pytest.mark.parametrize("scheme", HEAD_SCHEMES)
+def test_the_head_gets_the_gradient_of_the_activation_the_server_used(scheme, base):
+    """One vanilla (or splitfed) step == one centralised step of the head on the same batch, t and noise.
 
     The zero convs are perturbed first: at ControlNet's init they make the cut gradient
     exactly 0, and the test would then only see AdamW's weight decay.
     """
     torch.manual_seed(0)
     controlnet = perturb_zero_convs(build_controlnet(base.unet, base.preset))
-    res, _ = _run("vanilla", base, controlnet, steps=1, local_steps=1, lr=1e-2)
+    res, _ = _run(scheme, base, controlnet, steps=1, local_steps=1, lr=1e-2)
     # recompute centrally: the same client generator gives the same batch, t and noise
     central = copy.deepcopy(controlnet).train()
     b = sample_batch(base, ddpm_scheduler(base.preset), _clients(base)[0], 2, client_generator(0, 0))
-    eps_hat = controlled_eps("vanilla", base.unet, central, base.autoencoder, b.x_t, b.t, b.context, b.hint)
+    eps_hat = composed_eps(get_strategy(scheme), base, central, b.x_t, b.t, b.context, b.hint)
     ((eps_hat - b.noise) ** 2).mean().backward()
     assert central.conv_in.weight.grad.abs().max() > 1e-6  # a real gradient crossed the cut
     opt = torch.optim.AdamW(list(central.controlnet_cond_embedding.parameters()) + list(central.conv_in.parameters()),
@@ -145,15 +198,13 @@ def test_prompt_dropout_replaces_prompts_with_the_empty_prompt(base):
     assert torch.equal(all_dropped.x_t, none_dropped.x_t)  # same images, t and noise either way
 
 
-@pytest.mark.parametrize("scheme,keep", [("fedavg", True), ("fedavg", False), ("vanilla", True), ("nograd", True)])
+@pytest.mark.parametrize("scheme,keep", [(s, True) for s in SCHEMES] + [("fedavg", False)])
 def test_flower_path_equals_a_bare_pytorch_loop(scheme, keep, base, controlnet):
-    """The apps over the in-process grid compute what a plain loop computes: same batches, same losses
-    (FedAvg with stateful and with stateless clients)."""
-    from sim.commands.bench import BARE
-
+    """The apps over the in-process grid compute what a plain loop (the scheme's own ``bare``) computes:
+    same batches, same losses (FedAvg with stateful and with stateless clients)."""
     settings = TrainSettings(lr=1e-3, steps=6, local_steps=2, batch_size=2, high_noise_weight=20.0, keep_optimizer=keep)
     res, envs = _run(scheme, base, controlnet, steps=6, local_steps=2, weight=20.0, keep_optimizer=keep)
-    bare = BARE[scheme](_envs(base, controlnet, settings), controlnet, settings, turn_schedule(6, 2, 2))
+    bare = get_strategy(scheme).bare(_envs(base, controlnet, settings), controlnet, settings, turn_schedule(6, 2, 2))
     assert len(bare) == len(res.losses) == 6
     assert max(abs(a - b) for a, b in zip(bare, res.losses)) <= 1e-5
 
@@ -163,16 +214,21 @@ def test_a_failing_client_stops_the_run_naming_it(base, controlnet):
     envs = _envs(base, controlnet, settings)
     envs[1].data.condition[:] = float("nan")  # client 1's hints are corrupt: its features will be NaN
     grid = InProcessGrid(client_app_for(envs), 2, {})
-    with pytest.raises(Exception, match="NaN"):
-        run_strategy("nograd", base, controlnet, settings, 0, grid, discover(grid, 2))
+    ctx = model_context(base, controlnet, settings, 0, envs[0].scheduler)
+    with pytest.raises(WireError, match="NaN") as err:  # the server refuses the corrupt payload
+        run_strategy("nograd", ctx, grid, discover(grid, 2))
+    message = str(err.value)
+    assert "client 1 " in message and "client 0 " not in message  # the failing client's partition id
+    assert "query.nograd" in message  # and the message type it failed on
 
 
-def test_transcript_keeps_what_the_server_saw(base, controlnet):
-    res, _ = _run("vanilla", base, controlnet, keep=3)
+@pytest.mark.parametrize("scheme", HEAD_SCHEMES)
+def test_transcript_keeps_what_the_server_saw(scheme, base, controlnet):
+    res, _ = _run(scheme, base, controlnet, keep=3)
     t = res.transcript
-    assert len(t.seen) == 3 and t.messages == 6  # 2 turns x (2 steps + 1 head return)
+    assert len(t.seen) == 3 and t.messages == 6  # 2 clients x (2 steps + 1 head return)
     stat, down, up = t.seen[0]
-    assert stat.client == 0 and stat.message_type == "query.vanilla"
+    assert stat.client == 0 and stat.message_type == get_strategy(scheme).message_type == f"query.{scheme}"
     assert "head" in down.array_records and "tensors" in up.array_records
 
 

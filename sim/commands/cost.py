@@ -510,9 +510,10 @@ def wire_costs(scheme: str, models: MetaModels, up: dict | None = None, down: di
 NOTES = [
     "Models built from the preset's configuration on PyTorch's meta device: real diffusers/transformers "
     "modules, no weights, nothing downloaded.",
-    "Parameters: split by sim.core.cuts.CUTS (modules each side holds / trains). The autoencoder counts whole "
+    "Parameters: split by each scheme's cut (strategies/<name>.py: modules each side holds / trains). The "
+    "autoencoder counts whole "
     "(encoder + decoder), as the client holds it; FedAvg's server keeps the global ControlNet for averaging "
-    "but trains nothing (CUTS lists nothing on it).",
+    "but trains nothing (its cut lists nothing on it).",
     "FLOPs: torch.utils.flop_counter.FlopCounterMode, one step at batch 1 (per sample), 2 FLOPs per "
     "multiply-accumulate; matmuls, convolutions and fused attention, forward and backward. Element-wise ops, "
     "the loss and the AdamW step are not counted. Backward counts what autograd computes: weight gradients "
