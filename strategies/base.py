@@ -87,7 +87,8 @@ SCHEMES: dict[str, type] = {}
 
 def register(cls: type) -> type:
     """Class decorator: add a strategy class to the scheme registry under ``cls.name``."""
-    missing = [a for a in ("name", "message_type", "client_class", "cut", "hooks", "client_part") if not getattr(cls, a, None)]
+    declared = ("name", "message_type", "client_class", "cut", "hooks", "client_part")
+    missing = [a for a in declared if not getattr(cls, a, None)]
     if missing or not cls.name or cls.name in SCHEMES:
         raise ValueError(f"scheme {getattr(cls, 'name', cls)!r}: name empty or taken, or missing {missing}")
     if cls.cut.scheme != cls.name:

@@ -34,7 +34,6 @@ from .base import (
     Channel,
     SchemeResult,
     SplitServer,
-    TrainSettings,
     client_generator,
     progress,
     register,
@@ -88,11 +87,6 @@ class SplitFedStrategy(HeadSplitServer):
     message_type = MESSAGE_TYPE
     cut = CUT
     relay = "round"  # every client's head crosses once per round each way (sent, then averaged)
-
-    def __init__(self, unet, controlnet, scheduler, settings: TrainSettings, null_context=None):
-        super().__init__(unet, controlnet, scheduler, settings, off_server=CUT.client_trainable,
-                         null_context=null_context)
-        self.head_state = ControlHead(controlnet).state_dict()
 
     def start(self, channel: Channel) -> SchemeResult:
         t0 = time.perf_counter()

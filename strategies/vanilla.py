@@ -196,6 +196,11 @@ class HeadSplitServer(SplitServer):
     up_message, down_message = VanillaReply, VanillaRequest
     relay = "turn"  # the head crosses once per turn each way
 
+    def __init__(self, unet, controlnet, scheduler, settings: TrainSettings, null_context=None):
+        super().__init__(unet, controlnet, scheduler, settings, off_server=CUT.client_trainable,
+                         null_context=null_context)
+        self.head_state = ControlHead(controlnet).state_dict()  # the head the clients start from
+
     @staticmethod
     def server_features(controlnet, control: torch.Tensor) -> torch.Tensor:
         return control.float().requires_grad_(True)
@@ -252,11 +257,6 @@ class VanillaStrategy(HeadSplitServer):
     client_class = VanillaClient
     message_type = MESSAGE_TYPE
     cut = CUT
-
-    def __init__(self, unet, controlnet, scheduler, settings: TrainSettings, null_context=None):
-        super().__init__(unet, controlnet, scheduler, settings, off_server=CUT.client_trainable,
-                         null_context=null_context)
-        self.head_state = ControlHead(controlnet).state_dict()
 
     def start(self, channel: Channel) -> SchemeResult:
         t0 = time.perf_counter()
