@@ -41,12 +41,14 @@ import psutil
 import pytest
 
 from sim.core.config import CLIENT_KEYS, load_config, to_run_config
+from strategies import STRATEGIES
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: flwr, flower-superlink, splitcontrol
-SCHEMES = ("fedavg", "vanilla", "nograd")
+SCHEMES = ("fedavg", "vanilla", "nograd")  # the smoke preset's; the Ray test runs every registered scheme
+ALL_SCHEMES = tuple(STRATEGIES)  # splitfed included: the ClientApp dispatches on the registry
 MARK = "SPLITCONTROL_FLOWER_TEST"  # env var carried by every process a test starts
 # Deterministic in the protocol, so equal under every engine (timings and memory are not).
 PROTOCOL_KEYS = ("steps", "messages_per_step", "bytes_up_per_step", "bytes_down_per_step",
@@ -222,14 +224,15 @@ def rows_of(out: Path) -> dict[str, dict]:
     return {r["scheme"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
 
 
-def check_against_in_process(flower: Flower, out: Path, ref_out: Path, steps: int) -> None:
+def check_against_in_process(flower: Flower, out: Path, ref_out: Path, steps: int,
+                             schemes: tuple[str, ...] = SCHEMES) -> None:
     assert (out / "summary.json").exists(), f"the Flower run wrote no summary.json\n{flower.tails()}"
     assert (ref_out / "summary.json").exists(), f"the in-process run wrote no summary.json\n{flower.tails()}"
     rows, ref = rows_of(out), rows_of(ref_out)
-    assert set(rows) == set(ref) == {"base (no control)", *SCHEMES}
+    assert set(rows) == set(ref) == {"base (no control)", *schemes}
     for scheme, row in rows.items():
         assert set(row) == set(ref[scheme]), (scheme, set(row) ^ set(ref[scheme]))
-    for scheme in SCHEMES:
+    for scheme in schemes:
         row = rows[scheme]
         assert math.isfinite(row["outline_iou"]) and 0 <= row["outline_iou"] <= 1, row
         assert row["steps"] == steps
@@ -247,7 +250,7 @@ def check_against_in_process(flower: Flower, out: Path, ref_out: Path, steps: in
     assert not (out / "clients.toml").exists()
     assert set(tomllib.loads((ref_out / "clients.toml").read_text())) == set(CLIENT_KEYS)
     schemes_in_transcript = {json.loads(line)["scheme"] for line in (out / "transcript.jsonl").open()}
-    assert schemes_in_transcript == set(SCHEMES)
+    assert schemes_in_transcript == set(schemes)
 
 
 # -------------------------------------------------------------------------------- tests
@@ -260,12 +263,13 @@ def test_ray_simulation_matches_in_process(flower):
     flower.env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
     flower.write_config('[superlink]\ndefault = "local-sim"\n\n'
                         '[superlink.local-sim]\naddress = ":local-in-memory:"\n')
-    ref, ref_out = flower.start_in_process([])
-    run, out = flower.flwr_run("local-sim", [], ["--federation-config",
-                                                 "num-supernodes=2 client-resources-num-cpus=1"])
+    every = ["schemes=[" + ", ".join(f'"{s}"' for s in ALL_SCHEMES) + "]"]
+    ref, ref_out = flower.start_in_process(every)
+    run, out = flower.flwr_run("local-sim", every, ["--federation-config",
+                                                    "num-supernodes=2 client-resources-num-cpus=1"])
     assert flower.wait(run, 480, "flwr run (simulation)") == 0, flower.tails()
     assert flower.wait(ref, 300, "splitcontrol compare") == 0, flower.tails()
-    check_against_in_process(flower, out, ref_out, steps=8)
+    check_against_in_process(flower, out, ref_out, steps=8, schemes=ALL_SCHEMES)
 
 
 def test_deployment_engine_on_localhost_matches_in_process(flower):
