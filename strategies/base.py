@@ -277,10 +277,10 @@ class SchemeClient:
         if not self.has_secret and self.defenses:
             raise RuntimeError(f"client {self.cid} runs defenses {list(self.defenses.specs)} without a client-seed")
 
-    def hook_context(self, batch: Batch) -> HookContext:
-        """What the defense hooks of this client may use for ``batch``."""
+    def hook_context(self, t: torch.Tensor) -> HookContext:
+        """What the defense hooks of this client may use for a batch with timesteps ``t``."""
         self.check_secret()
-        return HookContext(batch.t, self.scheduler, self.cid, self.defense_gen, secret=self.secret)
+        return HookContext(t, self.scheduler, self.cid, self.defense_gen, secret=self.secret)
 
     def serve(self, request):
         raise NotImplementedError

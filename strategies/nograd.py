@@ -95,7 +95,7 @@ class NoGradClient(SchemeClient):
             b = self.next_batch()
             control, feats = split_client_features(
                 self.defenses, lambda x: nograd_control_input(self.base.autoencoder, x, b.hint), self.base.unet,
-                b.x_t, self.hook_context(b))
+                b.x_t, self.hook_context(b.t))
             parts.append(dict(control_input=control.to(dtype), unet_features=feats.to(dtype), t=b.t, noise=b.noise,
                               context=b.context if self.defenses.sends_prompt else None))
         return Features(**{k: None if parts[0][k] is None else torch.stack([p[k] for p in parts]) for k in parts[0]})

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from defenses import HookContext, split_client_features
+from defenses import split_client_features
 from sim.core.cuts import (
     CONTROLNET_REST,
     UNET_REST,
@@ -180,11 +180,9 @@ class VanillaClient(SchemeClient):
 
     def _features(self, x_t, hint, t, gen_state) -> tuple[torch.Tensor, torch.Tensor]:
         """The cut-layer features through the defense pipeline, replaying its private randomness."""
-        self.check_secret()
         self.defense_gen.set_state(gen_state)
-        ctx = HookContext(t, self.scheduler, self.cid, self.defense_gen, secret=self.secret)
         return split_client_features(self.defenses, lambda x: control_head(self.head, x, hint), self.base.unet,
-                                     x_t, ctx)
+                                     x_t, self.hook_context(t))
 
 
 class HeadSplitServer(SplitServer):

@@ -135,6 +135,11 @@ class ExperimentConfig(PublicConfig):
         if self.client_seed < FRESH:
             raise ValueError(f"client-seed must be >= 0, or {FRESH} to draw a fresh one; got {self.client_seed}")
 
+    @classmethod
+    def from_public(cls, public: PublicConfig, **client_side) -> "ExperimentConfig":
+        """The whole configuration from its public part and client-side field values."""
+        return cls(**{f.name: getattr(public, f.name) for f in dataclasses.fields(PublicConfig)}, **client_side)
+
     def public(self) -> PublicConfig:
         """The public part: what config.toml, the Flower run config and the server's view hold."""
         return PublicConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(PublicConfig)})

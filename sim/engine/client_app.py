@@ -66,7 +66,7 @@ def client_config(context: Context) -> ExperimentConfig:
         if SECRET_KEY not in context.state.config_records:
             context.state[SECRET_KEY] = ConfigRecord({"client-seed": draw_client_seed()})
         keys["client_seed"] = int(context.state.config_records[SECRET_KEY]["client-seed"])
-    return ExperimentConfig(**{f: getattr(public, f) for f in public.__dataclass_fields__}, **keys)
+    return ExperimentConfig.from_public(public, **keys)
 
 
 def env_from_run_config(context: Context):
