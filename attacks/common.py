@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sim.core.diffusion import clean_latents
+
 
 @torch.no_grad()
 def invert_conv(conv: torch.nn.Conv2d, y: torch.Tensor, iters: int = 300, tol: float = 1e-10) -> torch.Tensor:
@@ -38,8 +40,7 @@ def invert_conv(conv: torch.nn.Conv2d, y: torch.Tensor, iters: int = 300, tol: f
 
 def denoise_latent(x_t: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler) -> torch.Tensor:
     """z0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t): the forward process solved for z0."""
-    abar = scheduler.alphas_cumprod[t.cpu()].float().view(-1, 1, 1, 1)
-    return (x_t - (1 - abar).sqrt() * noise) / abar.sqrt()
+    return clean_latents(scheduler, x_t, noise, t)
 
 
 def signed_to_hint(images: torch.Tensor) -> torch.Tensor:

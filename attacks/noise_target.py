@@ -6,7 +6,8 @@ schemes send them unless a defense changes that); white-box knowledge of the pub
 training, no auxiliary data.
 
 1. Solve the public, injective ``conv_in`` for x_t (conjugate gradients, exact).
-2. z0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); decode: the private target image.
+2. z0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (under a latent defense its public
+   ``estimate_z0``, which undoes its rescaling and target); decode: the private target image.
 3. nograd only, for the hint: undo the public wire transforms of the control branch
    (symsigmoid is inverted; a fixed per-client offset is estimated as the per-pixel
    median over that client's batches, assuming hints are mostly black edge maps),
@@ -14,7 +15,8 @@ training, no auxiliary data.
 Division by sqrt(abar_t) amplifies any error at very high t, so success depends on the
 timestep policy only through rounding (fp16) and whatever noise a defense adds.
 Against latent-dp the recovered x_t carries client-private noise sigma_t, so z0 carries
-sigma_t / sqrt(abar_t): this attack then falls to a blind guess.
+sigma_t / sqrt(abar_t); against one-shot it carries the release's noise; stronger attacks
+(multi-release, diffusion-prior) start from the same estimate.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 from defenses.symsigmoid import inverse, symsigmoid
 
 from .base import Attack, Reconstruction, ServerView, register
-from .common import denoise_latent, invert_conv, signed_to_hint
+from .common import invert_conv, signed_to_hint
 
 
 @register
@@ -48,7 +50,7 @@ class NoiseTargetAttack(Attack):
         for b in batches:
             x_t = invert_conv(conv, b["unet_features"], self.p["iters"])
             x_by_batch.append(x_t)
-            z0 = denoise_latent(x_t, b["noise"], b["t"], view.scheduler)
+            z0 = stack.estimate_z0(x_t, b["t"], b["noise"], view.scheduler)[0]
             images.append(ae.decode(z0).clamp(-1, 1))
             refs += [(b["ref"][0], b["ref"][1], j) for j in range(x_t.shape[0])]
         info = {}

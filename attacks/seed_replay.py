@@ -5,10 +5,11 @@ that tries: for each candidate client seed it rebuilds every client's private ge
 (``strategies.base.private_generator``: the derivation is public, Kerckhoffs; only the
 seed is not), replays the defense stack's draws in the order the client made them (one
 batch after another, per client, using the public message statistics to skip batches it
-did not keep), and subtracts what it regenerated: latent-dp's noise on x_t (both
-branches), additive feature noise (``noise``, ``local-dp``'s Gaussian term) and fp16's
+did not keep), and subtracts what it regenerated: latent-dp's noise on x_t (at the batch
+timestep the defense's public ``source_timestep`` recovers), additive feature noise (``noise``, ``local-dp``'s Gaussian term) and fp16's
 fixed per-client offset (from the client's secret). Then, as ``noise-target``: solve the
-public ``conv_in`` for x_t, remove the sent noise target, decode the image; for a frozen
+public ``conv_in`` for x_t, remove the sent noise target (the defense's public
+``estimate_z0``), decode the image; for a frozen
 client (nograd) also undo symsigmoid and subtract x_t from the control branch: E(hint).
 
 Candidates: ``client-seed`` when given (a test hands it the real one, to show what a leaked
@@ -20,18 +21,19 @@ drawn with 63 bits of entropy) no candidate is right and the result is noise.
 
 Needs: sent features, the noise target and t, public white-box client parts. Passive.
 Assumes additive latent and feature noise; other randomised transforms (patch shuffling,
-mixup) are replayed to keep the generator in step but not undone.
+mixup) are replayed to keep the generator in step but not undone; per-record draws
+(one-shot's, keyed by record ids the server does not hold) are not regenerated.
 """
 from __future__ import annotations
 
 import torch
 
-from defenses import HookContext
+from defenses import HookContext, Latents
 from defenses.symsigmoid import inverse
 from strategies.base import client_secret, private_generator
 
 from .base import Attack, Reconstruction, ServerView, register
-from .common import denoise_latent, invert_conv, signed_to_hint
+from .common import invert_conv, signed_to_hint
 
 
 @register
@@ -64,6 +66,7 @@ class SeedReplayAttack(Attack):
         index_of = {m["stat"]["index"]: i for i, m in enumerate(view.messages)}
         last = max((view.messages[r[0]]["stat"]["index"] for r in kept), default=-1)
         gens, out = {}, {}
+        per_record = any(d.per_record for d in stack.with_hook("latent"))  # keyed by record ids: not replayed
         for stat in sorted(view.history, key=lambda s: s["index"]):
             if stat["index"] > last:
                 break
@@ -73,8 +76,11 @@ class SeedReplayAttack(Attack):
             i = index_of.get(stat["index"])
             for k in range(int(stat["num_steps"])):
                 b = kept.get((i, k), template)
-                ctx = HookContext(b["t"], sched, cid, gen, secret=secret)
-                n_unet, n_control = stack.latent(torch.zeros(b["noise"].shape), ctx)
+                zeros = torch.zeros(b["noise"].shape)
+                ctx = HookContext(stack.source_timestep(b["t"], b["noise"], sched), sched, cid, gen, secret=secret,
+                                  noise=zeros)
+                lat = stack.latent(zeros, ctx) if not per_record else Latents(zeros, zeros)
+                n_unet, n_control = lat.unet, lat.control
                 control = [(d, d.feature("control", torch.zeros(b["control"].shape), ctx))
                            for d in stack.with_hook("feature")]
                 unet = [(d, d.feature("unet", torch.zeros(b["unet_features"].shape), ctx))
@@ -110,7 +116,7 @@ class SeedReplayAttack(Attack):
                 feats = self.undo(b["unet_features"], tb["unet"], "unet", probe_ctx)
                 x_t = invert_conv(conv, feats, self.p["iters"]) - tb["latent"][0]
                 xs.append(x_t)
-                z0s.append(denoise_latent(x_t, b["noise"], b["t"], view.scheduler))
+                z0s.append(view.defenses.estimate_z0(x_t, b["t"], b["noise"], view.scheduler)[0])
             size = float(torch.cat(z0s).pow(2).mean())  # the wrong noise doubles instead of cancelling
             if best is None or size < best[0]:
                 best = (size, seed, terms, xs, z0s)

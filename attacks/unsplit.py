@@ -53,7 +53,7 @@ from defenses.symsigmoid import inverse
 from strategies.vanilla import ControlHead
 
 from .base import Attack, Reconstruction, ServerView, register
-from .common import denoise_latent, invert_conv
+from .common import invert_conv
 
 NOGRAD_REASON = ("no unknown client weights under nograd (the client holds only public frozen parts): UnSplit "
                  "degenerates to white-box inversion (rMLE; noise-target solves it in closed form)")
@@ -195,6 +195,6 @@ class UnSplit(Attack):
     @staticmethod
     def _image(x: torch.Tensor, b: dict, view: ServerView) -> torch.Tensor:
         if b["noise"] is not None:
-            return denoise_latent(x, b["noise"].float(), b["t"], view.scheduler)
+            return view.defenses.estimate_z0(x, b["t"], b["noise"].float(), view.scheduler)[0]
         abar = view.scheduler.alphas_cumprod[b["t"].cpu()].float().view(-1, 1, 1, 1)
         return abar.sqrt() * x

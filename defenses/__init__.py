@@ -22,12 +22,13 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from sim.core.cuts import unet_first_conv
 
-from .base import HOOKS, REGISTRY, Defense, HookContext, make_defense, register  # noqa: F401
+from .base import HOOKS, REGISTRY, Defense, HookContext, Latents, make_defense, register  # noqa: F401
 
 BUNDLES: dict[str, tuple[str, ...]] = {
     "pp-reference": ("timestep:t-start=226", "symsigmoid", "fp16:offset=true", "prompt-local"),
@@ -83,11 +84,35 @@ class DefenseStack:
     def t_start(self, scheduler) -> int:
         return max((d.t_start(scheduler) for d in self.with_hook("timestep")), default=0)
 
-    def latent(self, x_t: torch.Tensor, ctx: HookContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def trained_from(self, scheduler) -> int:
+        """The smallest timestep the ControlNet sees in training (0: every timestep); sampling applies
+        the control from there up."""
+        return max((d.trained_from(scheduler) for d in self.with_hook("timestep") + self.with_hook("latent")),
+                   default=0)
+
+    def latent(self, x_t: torch.Tensor, ctx: HookContext) -> Latents:
+        """The branch inputs and the sent t and target (``ctx.t`` and ``ctx.noise`` where unchanged)."""
+        out = Latents(x_t, x_t)
         for d in self.with_hook("latent"):
             if not (ctx.inference and not d.at_inference):
-                return d.latent(x_t, ctx)
-        return x_t, x_t
+                out = d.latent(x_t, ctx)
+        return out._replace(t=ctx.t if out.t is None else out.t,
+                            target=ctx.noise if out.target is None else out.target)
+
+    def estimate_z0(self, x: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
+                    scheduler) -> tuple[torch.Tensor, torch.Tensor]:
+        """The server's best z0 estimate from one release's unet input ``x``, sent ``t`` and ``target``,
+        and the per-sample std of the client-private noise left in it (:meth:`Defense.estimate_z0` of
+        the latent defense; exact, std 0, without one). Public knowledge only."""
+        return self._latent_defense().estimate_z0(x, t, target, scheduler)
+
+    def source_timestep(self, t: torch.Tensor, target: torch.Tensor, scheduler) -> torch.Tensor:
+        """The batch timesteps behind the sent ``t`` (:meth:`Defense.source_timestep`; public knowledge)."""
+        return self._latent_defense().source_timestep(t, target, scheduler)
+
+    def _latent_defense(self) -> Defense:
+        latent = self.with_hook("latent")
+        return latent[0] if latent else Defense()
 
     def feature(self, name: str, x: torch.Tensor, ctx: HookContext) -> torch.Tensor:
         for d in self.with_hook("feature"):
@@ -116,20 +141,40 @@ class DefenseStack:
         return [d.describe(scheduler, releases) for d in self.defenses]
 
 
-def split_client_features(stack: DefenseStack, control_fn: Callable[[torch.Tensor], torch.Tensor], unet,
-                          x_t: torch.Tensor, ctx: HookContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a split client sends at the cut, through the defense pipeline, as float32 values.
+@dataclass
+class Release:
+    """What a split client sends at the cut for one batch (float32 values, before the wire dtype):
+    the control branch's features, the UNet first-conv features, and the t and noise target sent
+    with them (the batch's own unless the latent defense changed them)."""
 
-    Returns ``(control, unet_features)``: ``control`` is ``control_fn`` (the scheme's control
-    branch: h = E(hint) + x_t for nograd, the head's output for vanilla) of the control
-    branch's x_t, after the feature and wire hooks; ``unet_features`` is ``unet.conv_in`` of
-    the unet branch's x_t, likewise. Used by the clients in training and by sampling
+    control: torch.Tensor
+    unet_features: torch.Tensor
+    t: torch.Tensor
+    target: torch.Tensor | None
+
+
+def client_release(stack: DefenseStack, control_fn: Callable[[torch.Tensor], torch.Tensor], unet,
+                   x_t: torch.Tensor, ctx: HookContext) -> Release:
+    """One batch through the defense pipeline (hooks in order: latent, feature, wire).
+
+    ``control`` is ``control_fn`` (the scheme's control branch: h = E(hint) + x for nograd,
+    the head's output for vanilla) of the control branch's input, after the feature and wire
+    hooks; ``unet_features`` is ``unet.conv_in`` of the unet branch's input, likewise. Used by
+    the clients in training (``ctx`` with the batch's noise, z0 and record ids) and by sampling
     (``ctx.inference``), so both see the same transform.
     """
-    x_unet, x_control = stack.latent(x_t, ctx)
-    control = stack.wire(stack.feature("control", control_fn(x_control), ctx), ctx)
-    feats = stack.wire(stack.feature("unet", unet_first_conv(unet, x_unet), ctx), ctx)
-    return control, feats
+    lat = stack.latent(x_t, ctx)
+    control = stack.wire(stack.feature("control", control_fn(lat.control), ctx), ctx)
+    feats = stack.wire(stack.feature("unet", unet_first_conv(unet, lat.unet), ctx), ctx)
+    return Release(control, feats, lat.t, lat.target)
+
+
+def split_client_features(stack: DefenseStack, control_fn: Callable[[torch.Tensor], torch.Tensor], unet,
+                          x_t: torch.Tensor, ctx: HookContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(control, unet_features)`` of :func:`client_release` (where only the features matter:
+    sampling, attacks simulating the client)."""
+    r = client_release(stack, control_fn, unet, x_t, ctx)
+    return r.control, r.unet_features
 
 
 def list_defenses(scheduler=None, schemes: Sequence = ()) -> list[dict]:

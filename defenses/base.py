@@ -6,7 +6,8 @@ client-side pipeline of both split schemes (:class:`defenses.DefenseStack`) call
 hooks in this order for every batch it sends::
 
     timestep  t ~ U{t_start..T-1}                     (t_start(scheduler))
-    latent    x_t -> what the unet / control branch read (latent(...), before anything reads x_t)
+    latent    x_t -> what the unet / control branch read, and the t and target sent with them
+              (latent(...) -> Latents, before anything reads x_t)
     feature   each sent feature: "control", "unet"    (feature(...): activation, noise, shuffle, ...)
     wire      quantise what is sent                    (wire(...), wire_dtype)
     prompt    whether the text context is sent at all  (sends_prompt)
@@ -29,10 +30,12 @@ A spec string selects a defense and sets its parameters:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from sim.core.components import Component, Registry
+from sim.core.diffusion import clean_latents
 
 HOOKS = ("timestep", "latent", "feature", "wire", "prompt", "loss", "fl-client", "fl-server")
 
@@ -52,6 +55,19 @@ class HookContext:
     gen: torch.Generator
     inference: bool = False
     secret: int | None = None
+    z0: torch.Tensor | None = None  # training only: the batch's clean latents (client-side)
+    idx: torch.Tensor | None = None  # training only: which of the client's records the batch holds
+    noise: torch.Tensor | None = None  # training only: the batch's noise target eps (from the batch stream)
+
+
+class Latents(NamedTuple):
+    """What the latent hook makes of a batch's x_t: the inputs of the unet and control branches,
+    and the timesteps and noise target sent with them (None: the batch's own, unchanged)."""
+
+    unet: torch.Tensor
+    control: torch.Tensor
+    t: torch.Tensor | None = None
+    target: torch.Tensor | None = None
 
 
 class Defense(Component):
@@ -73,6 +89,7 @@ class Defense(Component):
     at_inference: bool = True
     threat_model: str = ""
     accounted: bool = False  # does it make a differential-privacy claim (epsilon, delta)?
+    per_record: bool = False  # are its private draws keyed by record (fixed per private sample) rather than per step?
 
     def not_applicable(self, scheme) -> str | None:
         """None if ``scheme`` (a strategy class: ``name``, ``hooks``) offers every hook this defense
@@ -92,12 +109,30 @@ class Defense(Component):
     def t_start(self, scheduler) -> int:
         return 0
 
+    def trained_from(self, scheduler) -> int:
+        """The smallest timestep the ControlNet is trained at (sampling applies control from there up):
+        t_start unless the defense moves the sent timesteps."""
+        return self.t_start(scheduler)
+
     def bind(self, latent_dim: int) -> None:
         """Called once with the size of one latent (e.g. to set a default sensitivity)."""
 
-    def latent(self, x_t: torch.Tensor, ctx: HookContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_t as the (unet, control) branches will read it."""
-        return x_t, x_t
+    def latent(self, x_t: torch.Tensor, ctx: HookContext) -> Latents:
+        """x_t as the (unet, control) branches will read it, with the t and target sent along."""
+        return Latents(x_t, x_t)
+
+    def source_timestep(self, t: torch.Tensor, target: torch.Tensor, scheduler) -> torch.Tensor:
+        """latent hook, the server's side: the batch timestep behind each sent ``t`` (the same unless the
+        defense moves timesteps), from public knowledge."""
+        return t
+
+    def estimate_z0(self, x: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
+                    scheduler) -> tuple[torch.Tensor, torch.Tensor]:
+        """latent hook, the server's side: the best estimate of z0 one release allows from the sent unet
+        input ``x`` (e.g. conv_in inverted), ``t`` and ``target``, with public parameters only; returns
+        (z0_hat, per-sample std of the client-private noise left in it). Default: the forward process
+        solved for z0, exact."""
+        return clean_latents(scheduler, x, target, t), torch.zeros(x.shape[0])
 
     def feature(self, name: str, x: torch.Tensor, ctx: HookContext) -> torch.Tensor:
         return x

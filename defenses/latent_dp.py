@@ -1,45 +1,52 @@
-"""Accounted client-private noise on x_t that survives a server who knows the noise target.
+"""Accounted client-private noise on x_t that survives a server who knows the noise target,
+released as a valid diffusion sample so that the model never trains on inputs it will not see.
 
 The leak it closes: the reference server receives eps and t, so from the first-conv
 features of x_t it recovers z0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) exactly
-(attacks/noise_target.py). Here the client adds its own noise xi ~ N(0, sigma_t^2 I),
-never sent, to x_t before anything reads it, independently for the two branches:
+(attacks/noise_target.py). Here the client adds its own noise xi ~ N(0, I), never sent:
 
-    unet branch:    conv_in(x_t + sigma_t xi_1)
-    control branch: E(hint) + x_t + sigma_t xi_2  (nograd)  /  head(x_t + sigma_t xi_2, hint)  (vanilla)
+    x' = c (x_t + sigma_t xi),   c = 1 / sqrt(1 + sigma_t^2)
 
-With eps known, each branch is a Gaussian mechanism on z0 with L2 sensitivity
-sqrt(abar_t) Delta and noise sigma_t; we set sigma_t = s sqrt(abar_t) Delta with the noise
-multiplier s that makes the two branches together (epsilon, delta)-DP per training step
-(analytic Gaussian mechanism, exact GDP composition over the 2 releases). So the timestep
-policy helps directly: the noise needed shrinks with sqrt(abar_t). This defense also sets
-t_start: the smallest t at which sigma_t <= ``ratio`` * sqrt(1 - abar_t) (the private noise
-at most ``ratio`` times the diffusion noise the frozen UNet expects); ratio=0 keeps the
-uniform policy.
+which both branches read (the unet branch's conv_in(x'), the control branch's E(hint) + x'
+under nograd, head(x', hint) under vanilla). With eps known, x' is a Gaussian mechanism
+on z0 with L2 sensitivity sqrt(abar_t) Delta and noise sigma_t; sigma_t >= s sqrt(abar_t) Delta
+with the noise multiplier s that makes one step (epsilon, delta)-DP (analytic Gaussian
+mechanism). The rescaled x' is exactly a forward-process sample of timestep t', where
+abar_t' = abar_t / (1 + sigma_t^2) (sigma_t is raised to the least value that lands on a
+schedule timestep), so the client sends t' as the timestep, and the unbiased noise target
 
-What is accounted: z0 (the private target image's latent), per release and over a run
-(``accounting(..., releases)``: a record sent r times composes to multiplier s/sqrt(2r)).
-What is NOT: the hint. The control branch carries E(hint) at full scale; a server that
-also inverts the unet branch sees E(hint) + sigma_t (xi_2 - xi_1) + (known terms): noise
-of std sqrt(2) sigma_t, no formal guarantee (reported by the attack suite).
-Hooks: latent, timestep. Schemes: every split scheme (those whose clients offer the hook). Not applied at inference (there is no
-private z0 when sampling).
+    k eps,   k = sqrt((1 - abar_t + sigma_t^2) / (1 - abar_t))
+
+(E[k eps | x'] = E[eps_t' | x'], because x' depends on eps and xi only through
+sqrt(1 - abar_t) eps + sigma_t xi), computed from eps, the schedule and sigma_t alone. So the
+frozen UNet sees inputs of its training distribution and the ControlNet learns E[eps | x']
+at t': a defense that removes control at high noise, never one that teaches it to hurt.
+(If even t = T-1 cannot absorb sigma_t, t' = T-1 and x' is slightly noisier than that step.)
+
+``ratio`` sets t_start: the smallest t at which sigma_t <= ratio * sqrt(1 - abar_t) (how far
+t' may move above t); ratio=0 keeps the uniform policy. At sampling the ControlNet acts at
+the timesteps it was trained on, t >= t'(t_start) (:meth:`trained_from`).
+
+What is accounted: z0 (the private target image's latent), per step and over a run
+(``accounting(..., releases)``: a record sent r times composes to multiplier s / sqrt(r),
+assuming the server links every release). What is NOT: the hint. Both branches read the
+same x', so the control branch carries E(hint) (nograd) or head(x', hint) (vanilla) with no
+noise of its own: the hint is declared unprotected (combine with local-dp for an accounted
+hint mechanism).
+Hooks: latent, timestep. Not applied at inference (there is no private z0 when sampling).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
 from . import accounting
-from .base import Defense, HookContext, register
-
-BRANCHES = 2  # the unet and control branches each release z0 once per step
+from .base import Defense, HookContext, Latents, register
 
 
 @register
 class LatentDP(Defense):
-    """Client-private Gaussian noise on x_t, accounted as (epsilon, delta)-DP for z0 with eps known to the server."""
+    """Client-private Gaussian noise on x_t, released as a valid later-timestep sample with an unbiased target;
+    (epsilon, delta)-DP for z0 per step with eps known to the server."""
 
     name = "latent-dp"
     hooks = ("latent", "timestep")
@@ -48,50 +55,98 @@ class LatentDP(Defense):
     at_inference = False
     accounted = True
     threat_model = ("honest-but-curious server that knows eps, t, the public weights and this defense; "
-                    "protects z0 with (epsilon, delta) per step; the hint is not accounted")
+                    "protects z0 with (epsilon, delta) per step; the hint is not protected")
 
     def validate(self) -> None:
         p = self.p
         if p["epsilon"] <= 0 or not 0 < p["delta"] < 1 or p["sensitivity"] < 0 or p["ratio"] < 0:
             raise ValueError(f"defense 'latent-dp': need epsilon > 0, 0 < delta < 1, sensitivity >= 0, "
                              f"ratio >= 0; got {p}")
-        # per branch: the 2 branches compose to multiplier s/sqrt(2), which must reach (epsilon, delta)
-        self.multiplier = accounting.multiplier_for(p["epsilon"], p["delta"]) * math.sqrt(BRANCHES)
+        self.multiplier = accounting.multiplier_for(p["epsilon"], p["delta"])
+        self._tables: dict = {}
 
     def bind(self, latent_dim: int) -> None:
         self.sensitivity = self.p["sensitivity"] or accounting.replace_one_sensitivity(latent_dim)
+        self._tables = {}
 
-    def sigma(self, scheduler, t: torch.Tensor) -> torch.Tensor:
-        """Per-sample noise std sigma_t = s sqrt(abar_t) Delta."""
-        abar = scheduler.alphas_cumprod[t.cpu()].float()
+    def sigma_min(self, scheduler, t: torch.Tensor) -> torch.Tensor:
+        """The calibrated noise std s sqrt(abar_t) Delta (per sample)."""
+        abar = scheduler.alphas_cumprod[t.cpu()].double()
         return self.multiplier * abar.sqrt() * self.sensitivity
+
+    def table(self, scheduler) -> dict[str, torch.Tensor]:
+        """Per training timestep t (public): ``t_out`` (the t' sent), ``sigma`` (the noise std used,
+        >= :meth:`sigma_min`), ``scale`` (c) and ``target_scale`` (k)."""
+        key = id(scheduler)
+        if key not in self._tables:
+            abar = scheduler.alphas_cumprod.double()
+            t = torch.arange(len(abar))
+            s_min = self.sigma_min(scheduler, t)
+            want = abar / (1 + s_min ** 2)  # abar_t' we must reach or pass
+            # smallest t' with abar_t' <= want (abar decreases in t); T-1 where none does
+            t_out = torch.searchsorted(-abar, -want).clamp(max=len(abar) - 1)
+            sigma = torch.maximum(s_min, (abar / abar[t_out] - 1).clamp_min(0).sqrt())
+            self._tables[key] = {"t_out": t_out, "sigma": sigma, "scale": 1 / (1 + sigma ** 2).sqrt(),
+                                 "target_scale": ((1 - abar + sigma ** 2) / (1 - abar).clamp_min(1e-12)).sqrt()}
+        return self._tables[key]
 
     def t_start(self, scheduler) -> int:
         if self.p["ratio"] == 0:
             return 0
         abar = scheduler.alphas_cumprod.double()
-        ok = (self.multiplier * abar.sqrt() * self.sensitivity <= self.p["ratio"] * (1 - abar).sqrt()).nonzero()
+        ok = (self.sigma_min(scheduler, torch.arange(len(abar))) <= self.p["ratio"] * (1 - abar).sqrt()).nonzero()
         if len(ok) == 0:
             raise ValueError(f"latent-dp: no timestep has private noise <= ratio={self.p['ratio']} x the diffusion "
-                             f"noise at epsilon={self.p['epsilon']}; raise epsilon or ratio")
+                             f"noise at epsilon={self.p['epsilon']}; raise epsilon or ratio, or set ratio=0")
         return int(ok[0])
 
-    def latent(self, x_t: torch.Tensor, ctx: HookContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def trained_from(self, scheduler) -> int:
+        return int(self.table(scheduler)["t_out"][self.t_start(scheduler)])
+
+    def latent(self, x_t: torch.Tensor, ctx: HookContext) -> Latents:
         if ctx.inference:
-            return x_t, x_t
-        s = self.sigma(ctx.scheduler, ctx.t).view(-1, *([1] * (x_t.ndim - 1)))
-        xi_unet = torch.randn(x_t.shape, generator=ctx.gen)
-        xi_control = torch.randn(x_t.shape, generator=ctx.gen)
-        return x_t + s * xi_unet, x_t + s * xi_control
+            return Latents(x_t, x_t)
+        tab = self.table(ctx.scheduler)
+        t = ctx.t.cpu()
+        view = (-1, *([1] * (x_t.ndim - 1)))
+        sigma, c = tab["sigma"][t].float().view(view), tab["scale"][t].float().view(view)
+        x = c * (x_t + sigma * torch.randn(x_t.shape, generator=ctx.gen))
+        target = None if ctx.noise is None else ctx.noise * tab["target_scale"][t].float().view(view)
+        return Latents(x, x, tab["t_out"][t].to(ctx.t), target)
+
+    def source_timestep(self, t: torch.Tensor, target: torch.Tensor, scheduler) -> torch.Tensor:
+        """The batch timestep t behind each sent t' (public knowledge): t' has several preimages, and the
+        target's RMS over a latent's values (k_t times eps's, ~1) tells them apart."""
+        tab = self.table(scheduler)
+        rms = target.flatten(1).double().pow(2).mean(1).sqrt()
+        t_in = torch.empty_like(t)
+        for i, (ts, r) in enumerate(zip(t.tolist(), rms.tolist())):
+            pre = (tab["t_out"] == ts).nonzero().flatten()
+            pre = pre if len(pre) else torch.tensor([ts])
+            t_in[i] = pre[(tab["target_scale"][pre] - r).abs().argmin()]
+        return t_in
+
+    def estimate_z0(self, x, t, target, scheduler):
+        """z0_hat = (x / c - sqrt(1 - abar_t) target / k) / sqrt(abar_t) = z0 + sigma_t xi / sqrt(abar_t), at the
+        batch timestep t recovered by :meth:`source_timestep`."""
+        tab = self.table(scheduler)
+        t_in = self.source_timestep(t, target, scheduler)
+        abar = scheduler.alphas_cumprod.double()[t_in]
+        view = (-1, *([1] * (x.ndim - 1)))
+        c, k = tab["scale"][t_in].view(view), tab["target_scale"][t_in].view(view)
+        a = abar.view(view)
+        z0 = (x.double() / c - (1 - a).sqrt() * target.double() / k) / a.sqrt()
+        return z0.float(), (tab["sigma"][t_in] / abar.sqrt()).float()
 
     def accounting(self, scheduler, releases: float = 1.0) -> dict:
         t0 = self.t_start(scheduler)
-        per_step = self.p["epsilon"]
-        run = accounting.composed_epsilon(self.multiplier, BRANCHES * releases, self.p["delta"])
-        return {"mechanism": "client-private Gaussian noise on x_t, eps known to the server (analytic GM, "
-                             "GDP composition over 2 branches per step)",
-                "t_start": t0, "epsilon_per_step": per_step, "delta": self.p["delta"],
-                "steps_per_record": releases, "epsilon_per_run": run,
-                "noise_multiplier_per_branch": self.multiplier, "sensitivity": self.sensitivity,
-                "sigma_at_t_start": float(self.sigma(scheduler, torch.tensor([t0]))[0]),
-                "assumes": "replace-one sensitivity of z0 (latents in [-1, 1] unless set); hint not accounted"}
+        run = accounting.composed_epsilon(self.multiplier, releases, self.p["delta"])
+        return {"mechanism": "client-private Gaussian noise on x_t, eps known to the server (analytic GM; exact "
+                             "GDP composition over a record's releases)",
+                "t_start": t0, "trained_from": self.trained_from(scheduler), "epsilon_per_step": self.p["epsilon"],
+                "delta": self.p["delta"], "steps_per_record": releases, "epsilon_per_run": run,
+                "noise_multiplier": self.multiplier, "sensitivity": self.sensitivity,
+                "sigma_at_t_start": float(self.table(scheduler)["sigma"][t0]),
+                "covers": "z0 (the target image's latent) of each record, over every step that sends it",
+                "assumes": "replace-one sensitivity of z0 (latents in [-1, 1] unless set); every release of a "
+                           "record linked; the hint not protected"}

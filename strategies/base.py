@@ -277,10 +277,13 @@ class SchemeClient:
         if not self.has_secret and self.defenses:
             raise RuntimeError(f"client {self.cid} runs defenses {list(self.defenses.specs)} without a client-seed")
 
-    def hook_context(self, t: torch.Tensor) -> HookContext:
-        """What the defense hooks of this client may use for a batch with timesteps ``t``."""
+    def hook_context(self, t: torch.Tensor, z0: torch.Tensor | None = None, idx: torch.Tensor | None = None,
+                     noise: torch.Tensor | None = None) -> HookContext:
+        """What the defense hooks of this client may use for a batch with timesteps ``t`` (and, in
+        training, its clean latents ``z0``, record ids ``idx`` and noise target ``noise``)."""
         self.check_secret()
-        return HookContext(t, self.scheduler, self.cid, self.defense_gen, secret=self.secret)
+        return HookContext(t, self.scheduler, self.cid, self.defense_gen, secret=self.secret, z0=z0, idx=idx,
+                           noise=noise)
 
     def serve(self, request):
         raise NotImplementedError

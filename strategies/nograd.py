@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from defenses import split_client_features
+from defenses import client_release, split_client_features
 from sim.core.cuts import (
     CONTROLNET_REST,
     UNET_REST,
@@ -93,11 +93,11 @@ class NoGradClient(SchemeClient):
         dtype = self.defenses.wire_dtype
         for _ in range(request.k):
             b = self.next_batch()
-            control, feats = split_client_features(
+            r = client_release(
                 self.defenses, lambda x: nograd_control_input(self.base.autoencoder, x, b.hint), self.base.unet,
-                b.x_t, self.hook_context(b.t))
-            parts.append(dict(control_input=control.to(dtype), unet_features=feats.to(dtype), t=b.t, noise=b.noise,
-                              context=b.context if self.defenses.sends_prompt else None))
+                b.x_t, self.hook_context(b.t, b.z0, b.idx, b.noise))
+            parts.append(dict(control_input=r.control.to(dtype), unet_features=r.unet_features.to(dtype), t=r.t,
+                              noise=r.target, context=b.context if self.defenses.sends_prompt else None))
         return Features(**{k: None if parts[0][k] is None else torch.stack([p[k] for p in parts]) for k in parts[0]})
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from defenses import split_client_features
+from defenses import Release, client_release, split_client_features
 from sim.core.cuts import (
     CONTROLNET_REST,
     UNET_REST,
@@ -103,6 +103,9 @@ class VanillaReply:
         same_leading_dims(self, BATCH_FIELDS, 1)
 
 
+PENDING = ("x_t", "hint", "t", "z0", "idx", "noise", "gen")  # a pending batch, as kept between messages
+
+
 class ControlHead(nn.Module):
     """The client-side ControlNet head: copies of the modules ``CUT.client_trainable``
     names (the hint block and the first conv), under their diffusers names."""
@@ -126,7 +129,7 @@ class VanillaClient(SchemeClient):
         super().__init__(cid, env)
         self.head = ControlHead(env.controlnet_template).train()
         self.opt: torch.optim.Optimizer | None = None
-        # (x_t, hint, t, defense generator state before the batch) of the batch the server has
+        # (x_t, hint, t, z0, idx, noise, defense generator state before the batch) of the batch the server has
         self.pending: tuple[torch.Tensor, ...] | None = None
 
     def held_modules(self) -> list[nn.Module]:
@@ -139,7 +142,7 @@ class VanillaClient(SchemeClient):
         if self.opt is not None:
             out.update(optimizer_tensors(self.opt))
         if self.pending is not None:
-            out["pending.x_t"], out["pending.hint"], out["pending.t"], out["pending.gen"] = self.pending
+            out.update({f"pending.{k}": v for k, v in zip(PENDING, self.pending)})
         return out
 
     def set_state(self, st: dict[str, torch.Tensor]) -> None:
@@ -149,7 +152,7 @@ class VanillaClient(SchemeClient):
             self.opt = torch.optim.AdamW(self.head.parameters(), lr=self.settings.lr)
             load_optimizer_tensors(self.opt, st)
         if "pending.x_t" in st:
-            self.pending = tuple(st[f"pending.{k}"] for k in ("x_t", "hint", "t", "gen"))
+            self.pending = tuple(st[f"pending.{k}"] for k in PENDING)
 
     # ----------------------------------------------------------- the step
     def serve(self, request: VanillaRequest) -> VanillaReply:
@@ -160,7 +163,7 @@ class VanillaClient(SchemeClient):
         if request.control_features_grad is not None:
             if self.pending is None or self.opt is None:
                 raise RuntimeError(f"client {self.cid} got a gradient but has no pending batch")
-            activation, _ = self._features(*self.pending)  # bit-identical to the one sent: same inputs and weights
+            activation = self._release(*self.pending).control  # bit-identical to the one sent: same inputs and weights
             self.opt.zero_grad(set_to_none=True)
             extra = self.defenses.client_loss(self.pending[0], activation)  # e.g. NoPeek's decorrelation term
             if extra is not None:
@@ -171,18 +174,18 @@ class VanillaClient(SchemeClient):
         if not request.want_batch:
             return VanillaReply(head=self.head.state_dict())
         b = self.next_batch()
-        self.pending = (b.x_t, b.hint, b.t, self.defense_gen.get_state())
+        self.pending = (b.x_t, b.hint, b.t, b.z0, b.idx, b.noise, self.defense_gen.get_state())
         with torch.no_grad():
-            control_features, unet_features = self._features(*self.pending)
+            r = self._release(*self.pending)
         dtype = self.defenses.wire_dtype
-        return VanillaReply(control_features.to(dtype), unet_features.to(dtype), b.t, b.noise,
+        return VanillaReply(r.control.to(dtype), r.unet_features.to(dtype), r.t, r.target,
                             b.context if self.defenses.sends_prompt else None)
 
-    def _features(self, x_t, hint, t, gen_state) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cut-layer features through the defense pipeline, replaying its private randomness."""
+    def _release(self, x_t, hint, t, z0, idx, noise, gen_state) -> Release:
+        """The batch through the defense pipeline, replaying its private randomness."""
         self.defense_gen.set_state(gen_state)
-        return split_client_features(self.defenses, lambda x: control_head(self.head, x, hint), self.base.unet,
-                                     x_t, self.hook_context(t))
+        return client_release(self.defenses, lambda x: control_head(self.head, x, hint), self.base.unet,
+                              x_t, self.hook_context(t, z0, idx, noise))
 
 
 class HeadSplitServer(SplitServer):

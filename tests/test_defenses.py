@@ -88,28 +88,92 @@ def test_analytic_gaussian_mechanism_round_trip(eps):
     assert accounting.composed_epsilon(s, 4, 1e-5) > eps
 
 
-def test_latent_dp_noise_std_matches_the_accounting(tiny_base):
-    stack = DefenseStack(["latent-dp:epsilon=8"], NOGRAD)
+def _release_batch(spec: str, n: int = 256, idx=None, seed: int = 0):
+    """A batch of random latents in [-1, 1] through ``spec``'s latent hook, as a client sends it."""
+    stack = DefenseStack([spec], NOGRAD)
+    g = torch.Generator().manual_seed(seed)
+    z0 = torch.rand(n, 3, 32, 32, generator=g) * 2 - 1
+    t = torch.randint(stack.t_start(SCHED), 1000, (n,), generator=g)
+    eps = torch.randn(z0.shape, generator=g)
+    idx = torch.arange(n) if idx is None else idx
+    ctx = _client_ctx(t, z0=z0, idx=idx, noise=eps)
+    return stack, z0, t, eps, stack.latent(SCHED.add_noise(z0, eps, t), ctx)
+
+
+def _check_valid_sample_and_unbiased_target(z0, lat):
+    """The sent x is a forward-process sample of the sent t (noise variance 1 - abar_t'), and the sent
+    target is unbiased for its noise: regressing it on the true (normalised) noise gives slope 1."""
+    a = SCHED.alphas_cumprod[lat.t].view(-1, 1, 1, 1)
+    noise = (lat.unet - a.sqrt() * z0) / (1 - a).sqrt()
+    assert float(noise.flatten(1).var(1).mean()) == pytest.approx(1.0, abs=0.01)
+    slope = (lat.target * noise).flatten(1).mean(1) / noise.flatten(1).pow(2).mean(1)
+    assert float(slope.mean()) == pytest.approx(1.0, abs=0.01)
+    return noise
+
+
+def test_latent_dp_releases_a_valid_later_sample_with_an_unbiased_target(tiny_base):
+    stack, z0, t, eps, lat = _release_batch("latent-dp:epsilon=64")
     (d,) = stack.defenses
-    t0 = stack.t_start(SCHED)
-    t = torch.full((64,), t0 + 3)
-    x_t = torch.zeros(64, 3, 32, 32)
-    ctx = _client_ctx(t)
-    x_u, x_c = stack.latent(x_t, ctx)
-    sigma = float(d.sigma(SCHED, t[:1])[0])
-    expect = accounting.multiplier_for(8.0, 1e-5) * math.sqrt(2) * math.sqrt(float(SCHED.alphas_cumprod[t0 + 3])) \
-        * 2 * math.sqrt(3 * 32 * 32)
-    assert sigma == pytest.approx(expect, rel=1e-5)
-    assert float(x_u.std()) == pytest.approx(sigma, rel=0.02) and float(x_c.std()) == pytest.approx(sigma, rel=0.02)
-    assert abs(float(torch.corrcoef(torch.stack([x_u.flatten(), x_c.flatten()]))[0, 1])) < 0.02  # independent
+    tab = d.table(SCHED)
+    # the noise is at least the calibrated s sqrt(abar_t) Delta, and lands exactly on the sent t'
+    s_min = accounting.multiplier_for(64.0, 1e-5) * SCHED.alphas_cumprod[t].double().sqrt() * 2 * math.sqrt(3072)
+    assert (tab["sigma"][t] >= s_min * (1 - 1e-9)).all()
+    assert ((lat.t > t) | (t == 999)).all() and torch.equal(lat.unet, lat.control)  # one draw, both branches
+    _check_valid_sample_and_unbiased_target(z0, lat)
+    # the server's public estimate: the batch timestep back, z0 up to sigma_t / sqrt(abar_t)
+    back = stack.source_timestep(lat.t, lat.target, SCHED)
+    assert float((back == t).float().mean()) > 0.9 and int((back - t).abs().max()) <= 3
+    z0_hat, std = stack.estimate_z0(lat.unet, lat.t, lat.target, SCHED)
+    err = (z0_hat - z0).flatten(1).std(1)
+    assert float((err / std).mean()) == pytest.approx(1.0, abs=0.02)
     # the t_start rule: private noise <= ratio * diffusion noise from t_start on, not before
-    abar = SCHED.alphas_cumprod
-    assert float(d.sigma(SCHED, torch.tensor([t0]))[0]) <= math.sqrt(1 - float(abar[t0]))
-    assert float(d.sigma(SCHED, torch.tensor([t0 - 1]))[0]) > math.sqrt(1 - float(abar[t0 - 1]))
+    t0, abar = stack.t_start(SCHED), SCHED.alphas_cumprod.double()
+    assert float(d.sigma_min(SCHED, torch.tensor([t0]))[0]) <= math.sqrt(1 - float(abar[t0]))
+    assert float(d.sigma_min(SCHED, torch.tensor([t0 - 1]))[0]) > math.sqrt(1 - float(abar[t0 - 1]))
+    assert stack.trained_from(SCHED) == int(tab["t_out"][t0]) > t0  # sampling applies control from there
     # not applied when sampling: no private z0 there
-    assert torch.equal(stack.latent(x_t, HookContext(t, SCHED, 0, ctx.gen, inference=True))[0], x_t)
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(stack.latent(x, HookContext(t[:4], SCHED, 0, torch.Generator(), inference=True)).unet, x)
     acc = d.accounting(SCHED, releases=10)
-    assert acc["epsilon_per_step"] == 8.0 and acc["epsilon_per_run"] > 8.0
+    assert acc["epsilon_per_step"] == 64.0 and acc["epsilon_per_run"] > 64.0
+
+
+def test_one_shot_releases_each_record_once(tiny_base):
+    records = torch.arange(8).repeat(32)  # every record drawn 32 times
+    stack, z0, t, eps, lat = _release_batch("one-shot:t0=600", idx=records)
+    z0 = z0[:8].repeat(32, 1, 1, 1)  # the same record has the same latent every time it is drawn
+    stack, z0, t, eps, lat = stack, z0, t, eps, stack.latent(
+        SCHED.add_noise(z0, eps, t), _client_ctx(t, z0=z0, idx=records, noise=eps))
+    assert (t > 600).all() and stack.trained_from(SCHED) == 601
+    _check_valid_sample_and_unbiased_target(z0, lat)
+    # from any one step the server rebuilds the release exactly, and it is the same in every step
+    z0_hat, std = stack.estimate_z0(lat.unet, lat.t, lat.target, SCHED)
+    for r in range(8):
+        same = z0_hat[records == r]
+        assert torch.allclose(same, same[0].expand_as(same), atol=1e-3)
+    assert not torch.allclose(z0_hat[0], z0_hat[1], atol=0.1)  # records' noises differ
+    a0 = float(SCHED.alphas_cumprod[600])
+    assert float((z0_hat[:8] - z0[:8]).std()) == pytest.approx(math.sqrt((1 - a0) / a0), rel=0.05)
+    assert float(std[0]) == pytest.approx(math.sqrt((1 - a0) / a0))
+    # another client's secret: another release of the same latent
+    other = stack.latent(SCHED.add_noise(z0, eps, t), HookContext(t, SCHED, 1, torch.Generator(), z0=z0, idx=records,
+                                                                  noise=eps, secret=client_secret(CLIENT_SEED, 1, 1)))
+    assert not torch.allclose(other.unet, lat.unet)
+    # the guarantee does not compose over the steps that resend a record
+    acc = stack.defenses[0].accounting(SCHED, releases=12)
+    assert acc["epsilon_per_run"] == acc["epsilon_per_record"] == stack.defenses[0].accounting(SCHED)["epsilon_per_run"]
+    # t0 from a privacy target: the smallest timestep whose single release reaches it
+    d = make_defense("one-shot:epsilon=8")
+    d.bind(3072)
+    assert d.accounting(SCHED)["epsilon_per_record"] <= 8 < make_defense_at(d.t0(SCHED) - 1)
+    with pytest.raises(ValueError, match="record ids"):
+        stack.latent(z0, _client_ctx(t))
+
+
+def make_defense_at(t0: int) -> float:
+    d = make_defense(f"one-shot:t0={t0}")
+    d.bind(3072)
+    return d.accounting(SCHED)["epsilon_per_record"]
 
 
 def test_fp16_wire_round_trip_halves_the_bytes(tiny_base):

@@ -32,6 +32,12 @@ def noisy_latents(scheduler, z0: torch.Tensor, eps: torch.Tensor, t: torch.Tenso
     return scheduler.add_noise(z0, eps, t)
 
 
+def clean_latents(scheduler, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The forward process solved for z0: (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+    abar = scheduler.alphas_cumprod[t.cpu()].float().view(-1, *([1] * (x_t.ndim - 1)))
+    return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+
 def min_snr_weights(scheduler, t: torch.Tensor, gamma: float | None) -> torch.Tensor:
     """Per-sample loss weights min(SNR_t, gamma) / SNR_t for epsilon prediction (1 if gamma is None)."""
     if gamma is None:

@@ -52,8 +52,9 @@ def generate(base, prompts: list[str], scheme: str | None = None, controlnet=Non
     empty prompt when prompts stay home), from the generating client 0's side (``secret``: its
     secret, for fixed per-client values; its inference noise comes from the public ``seed``:
     what it samples is not private training data). Under a
-    timestep policy (t_start > 0) the ControlNet acts only at sampling steps t >= t_start,
-    the timesteps it was trained on; below, the base model samples alone. (Measured on the
+    timestep policy (t_start > 0, or a latent defense that moves the sent timesteps) the
+    ControlNet acts only at sampling steps t >= the smallest timestep it was trained on
+    (``DefenseStack.trained_from``); below, the base model samples alone. (Measured on the
     defense sweep: applied at every step, a ControlNet trained at t >= 993 pushed outline
     IoU from 0.27 without control to 0.11.)
     """
@@ -66,7 +67,7 @@ def generate(base, prompts: list[str], scheme: str | None = None, controlnet=Non
         if defenses and strategy is not None else None
     defense_gen = torch.Generator().manual_seed(seed + 1)
     sched = ddpm_scheduler(p)
-    t_start = stack.t_start(sched) if stack is not None else 0
+    t_start = stack.trained_from(sched) if stack is not None else 0
 
     def eps_fn(x, t, c):
         h = None if hints is None else hints.repeat(x.shape[0] // hints.shape[0], 1, 1, 1)
