@@ -166,6 +166,16 @@ class Defense(Component):
         """For accounted defenses: epsilon, delta, sensitivity, mechanism, assumptions."""
         return None
 
+    releases_per: str = "record"  # what accounting()'s ``releases`` counts: "record" (sends of one record),
+    # "client-step" (one client's local training steps), "round" (rounds one client takes part in)
+
+    def guarantee(self, scheduler, releases: float) -> dict:
+        """The run-level guarantee of an accounted defense, ``releases`` counted as :attr:`releases_per` says
+        (the engine passes the most any record or client had): epsilon, delta and what it covers."""
+        acc = self.accounting(scheduler, releases)
+        return {"defense": self.name, "epsilon": acc["epsilon_per_run"], "delta": acc["delta"],
+                "releases": releases, "releases_per": self.releases_per, "covers": acc["covers"]}
+
     def describe(self, scheduler=None, releases: float = 1.0) -> dict:
         doc = (type(self).__doc__ or "").strip().splitlines()
         out = {"name": self.name, "hooks": list(self.hooks), "why_not": self.why_not,

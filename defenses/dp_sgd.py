@@ -120,6 +120,7 @@ class DPSGD(Defense):
     params = {"clip": 1.0, "noise-multiplier": 1.0, "delta": 1e-5, "sample-rate": 0.0}
     at_inference = False
     accounted = True
+    releases_per = "client-step"
     threat_model = ("honest-but-curious server and anyone who sees the updates; record-level (epsilon, delta) "
                     "per client, Poisson sampling assumed (batches are drawn with replacement)")
 
@@ -162,7 +163,8 @@ class DPSGD(Defense):
         eps, order = rdp_epsilon(q, s, steps, delta)
         return {"mechanism": "DP-SGD: per-record clipping + Gaussian noise on the summed gradient; RDP accountant "
                              "of the Poisson-subsampled Gaussian (integer orders 2..256)",
-                "epsilon": eps, "delta": delta, "rdp_order": order, "steps": steps, "sample_rate": q,
+                "epsilon": eps, "epsilon_per_run": eps, "delta": delta, "rdp_order": order,
+                "covers": "each record of a FedAvg client (its image, hint and prompt), over the client's local steps", "steps": steps, "sample_rate": q,
                 "noise_multiplier": s, "clip": self.p["clip"], "sensitivity": self.p["clip"],
                 "epsilon_gdp_clt": gdp_clt_epsilon(q, s, steps, delta),
                 "assumes": "Poisson sampling at rate q (the client samples with replacement: an approximation)"

@@ -93,5 +93,7 @@ class LocalDP(Defense):
                 "sigma": self.sigma(c) if c is not None else f"{2 * self.multiplier:.4g} * clip",
                 "releases": releases,
                 "epsilon_composed": accounting.composed_epsilon(self.multiplier, releases, self.p["delta"]),
+                "epsilon_per_run": accounting.composed_epsilon(self.multiplier, releases, self.p["delta"]),
+                "covers": "each record's control features (mainly the hint), over every step that sends it",
                 "assumes": "replace-one neighbouring samples; the control branch only (the UNet branch carries "
                            "x_t unprotected unless latent-dp is also on)"}

@@ -91,6 +91,7 @@ class ServerDP(Defense):
     params = {"noise-multiplier": 1.0, "clipping-norm": 1.0, "delta": 1e-5, "seed": 0}
     at_inference = False
     accounted = True
+    releases_per = "round"
     threat_model = ("protects the released global model against other clients and its users (client-level DP); "
                     "NOT against the server, which sees the raw updates")
 
@@ -117,6 +118,8 @@ class ServerDP(Defense):
                             "FedAvg, add N(0, (s C / m)^2); no sampling amplification; GDP composition over rounds",
                "epsilon_per_round": accounting.epsilon_for(s, delta) if s > 0 else float("inf"),
                "epsilon": accounting.composed_epsilon(s, releases, delta) if s > 0 else float("inf"),
+               "epsilon_per_run": accounting.composed_epsilon(s, releases, delta) if s > 0 else float("inf"),
+               "covers": "all of one client's data (client-level), over the rounds it takes part in",
                "delta": delta, "rounds": releases, "noise_multiplier": s, "clipping_norm": self.p["clipping-norm"],
                "level": "client (all of one client's data)",
                "assumes": "equal client weights (sensitivity C/m of the average); the server is trusted"}

@@ -69,7 +69,9 @@ class TimestepTarget(Defense):
 
     def accounting(self, scheduler, releases: float = 1.0) -> dict:
         t0 = self.t_start(scheduler)
-        return {"mechanism": "forward diffusion noise as a Gaussian mechanism on z0 (analytic GM)",
+        s0 = accounting.diffusion_noise_multiplier(float(scheduler.alphas_cumprod[t0])) / self.sensitivity
+        return {"epsilon_per_run": accounting.composed_epsilon(s0, releases, self.p["delta"]),
+                "covers": "z0 of each record over its releases (each at t >= t_start) -- only if eps stays secret","mechanism": "forward diffusion noise as a Gaussian mechanism on z0 (analytic GM)",
                 "t_start": t0, "epsilon_per_release": epsilon_at(float(scheduler.alphas_cumprod[t0]),
                                                                  self.sensitivity, self.p["delta"]),
                 "delta": self.p["delta"], "sensitivity": self.sensitivity,

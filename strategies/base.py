@@ -146,16 +146,25 @@ def sample_batch(base, scheduler, data: ClientData, batch_size: int, gen: torch.
     is replaced by the empty prompt, as ControlNet training does, so the ControlNet also
     works in classifier-free guidance's unconditional branch.
     """
-    idx = torch.randint(0, len(data), (batch_size,), generator=gen)
-    prompts = [data.prompts[i] for i in idx.tolist()]
-    drop = torch.rand(batch_size, generator=gen) < prompt_dropout
-    prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+    p = base.preset
+    idx, drop, noise, t = draw_batch(gen, len(data), batch_size, (p.latent_channels, p.latent_size, p.latent_size),
+                                     scheduler.config.num_train_timesteps, prompt_dropout, t_start)
+    prompts = ["" if d else data.prompts[i] for i, d in zip(idx.tolist(), drop.tolist())]
     with torch.no_grad():
         z0 = base.autoencoder.encode(data.target[idx])
         context = base.encode_prompts(prompts)
-    noise = torch.randn(z0.shape, generator=gen)
-    t = sample_timesteps(batch_size, scheduler.config.num_train_timesteps, gen, t_start)
     return Batch(z0, noise, t, noisy_latents(scheduler, z0, noise, t), context, data.condition[idx], idx, prompts)
+
+
+def draw_batch(gen: torch.Generator, records: int, batch_size: int, latent_shape: tuple[int, ...],
+               num_train_timesteps: int, prompt_dropout: float = 0.0,
+               t_start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random draws of one batch, in the batch stream's order: record ids (with replacement),
+    prompt-dropout flags, noise, timesteps."""
+    idx = torch.randint(0, records, (batch_size,), generator=gen)
+    drop = torch.rand(batch_size, generator=gen) < prompt_dropout
+    noise = torch.randn((batch_size, *latent_shape), generator=gen)
+    return idx, drop, noise, sample_timesteps(batch_size, num_train_timesteps, gen, t_start)
 
 
 def turn_schedule(steps: int, num_clients: int, local_steps: int) -> list[tuple[int, int]]:
@@ -270,6 +279,18 @@ class SchemeClient:
     def next_batch(self) -> Batch:
         return sample_batch(self.base, self.scheduler, self.data, self.settings.batch_size, self.gen,
                             self.settings.prompt_dropout, self.defenses.t_start(self.scheduler))
+
+    def releases(self, batches: int) -> torch.Tensor:
+        """How often each of this client's records is sent in its first ``batches`` batches (the batch
+        stream replayed without encoding anything)."""
+        p, gen = self.base.preset, client_generator(self.env.seed, self.cid)
+        counts = torch.zeros(len(self.data), dtype=torch.int64)
+        for _ in range(batches):
+            idx = draw_batch(gen, len(self.data), self.settings.batch_size,
+                             (p.latent_channels, p.latent_size, p.latent_size), self.scheduler.config.num_train_timesteps,
+                             self.settings.prompt_dropout, self.defenses.t_start(self.scheduler))[0]
+            counts += torch.bincount(idx, minlength=len(self.data))
+        return counts
 
     def check_secret(self) -> None:
         """Refuse to run defenses without a client seed: their draws would come from a generator with

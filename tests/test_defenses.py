@@ -140,10 +140,9 @@ def test_latent_dp_releases_a_valid_later_sample_with_an_unbiased_target(tiny_ba
 
 def test_one_shot_releases_each_record_once(tiny_base):
     records = torch.arange(8).repeat(32)  # every record drawn 32 times
-    stack, z0, t, eps, lat = _release_batch("one-shot:t0=600", idx=records)
+    stack, z0, t, eps, _ = _release_batch("one-shot:t0=600", idx=records)
     z0 = z0[:8].repeat(32, 1, 1, 1)  # the same record has the same latent every time it is drawn
-    stack, z0, t, eps, lat = stack, z0, t, eps, stack.latent(
-        SCHED.add_noise(z0, eps, t), _client_ctx(t, z0=z0, idx=records, noise=eps))
+    lat = stack.latent(SCHED.add_noise(z0, eps, t), _client_ctx(t, z0=z0, idx=records, noise=eps))
     assert (t > 600).all() and stack.trained_from(SCHED) == 601
     _check_valid_sample_and_unbiased_target(z0, lat)
     # from any one step the server rebuilds the release exactly, and it is the same in every step
@@ -349,3 +348,36 @@ def test_wire_audit_no_prompt_leaves_a_protected_client(runs):
                         for e in embeddings.reshape(-1, embeddings.shape[-1]):
                             if e.abs().sum() > 0:
                                 assert not torch.isclose(flat, e, atol=1e-4).all(dim=1).any()
+
+
+def test_run_guarantee_composes_over_the_most_sent_record(tmp_path):
+    """The summary's epsilon is the accounted defense's at the largest number of times any record was sent,
+    counted by replaying the clients' batch streams; the replayed counts are the ones the clients drew."""
+    from sim.core.config import load_config
+    from sim.engine.context import context_for
+    from sim.engine.privacy import guarantee_columns, release_counts, run_guarantees
+
+    cfg = load_config("smoke", ["schemes=[\"nograd\"]", "steps=6", "local-steps=2", "client-seed=7",
+                                "defenses=[\"latent-dp:epsilon=64\", \"local-dp:epsilon=4\"]"])
+    ctx = context_for(cfg)
+    strategy = get_strategy("nograd")
+    stats = [{"client": c, "round": r, "num_steps": 2, "index": r} for r, c in enumerate([0, 1, 0])]
+    drawn = {}
+    for cid, n in ((0, 4), (1, 2)):
+        client = strategy.client_class(cid, ctx.client_env(cfg, cid))
+        idx = torch.cat([client.next_batch().idx for _ in range(n)])  # what the client really sends
+        drawn[cid] = torch.bincount(idx, minlength=len(client.data))
+        fresh = strategy.client_class(cid, ctx.client_env(cfg, cid))
+        assert torch.equal(fresh.releases(n), drawn[cid])
+    most = int(max(d.max() for d in drawn.values()))
+    assert release_counts(cfg, "nograd", stats)["record"] == most >= 2  # a batch of 8 from few records repeats
+    g = {x["defense"]: x for x in run_guarantees(cfg, "nograd", stats)}
+    mult = accounting.multiplier_for(64.0, 1e-5)
+    assert g["latent-dp"]["epsilon"] == pytest.approx(accounting.composed_epsilon(mult, most, 1e-5))
+    assert g["latent-dp"]["releases"] == most and g["latent-dp"]["epsilon"] > 64.0
+    cols = guarantee_columns(list(g.values()))
+    assert cols["epsilon"] == max(x["epsilon"] for x in g.values()) and cols["delta"] == 1e-5
+    # the ServerApp has only the public config: no counts, no run-level epsilon claimed
+    public = run_guarantees(cfg.public(), "nograd", stats)
+    assert all(x["epsilon"] is None and x["epsilon_per_release"] > 0 for x in public)
+    assert run_guarantees(load_config("smoke", ["schemes=[\"nograd\"]"]), "nograd", stats) == []

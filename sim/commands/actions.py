@@ -13,7 +13,7 @@ from pathlib import Path
 import datasets
 
 from attacks import list_attacks
-from defenses import BUNDLES, list_defenses
+from defenses import BUNDLES, list_defenses, make_defense
 from defenses.timestep_target import epsilon_at, t_start_for
 from sim.commands.bench import bench
 from sim.commands.cost import cost_table, markdown
@@ -23,6 +23,7 @@ from sim.core.models import ddpm_scheduler, get_preset
 from sim.core.plots import plot_run
 from sim.core.tables import print_table
 from sim.engine.context import load_experiment
+from sim.engine.privacy import planned_record_sends
 from sim.engine.runner import reevaluate, run_compare
 from sim.engine.scoring import run_attacks
 from strategies import SCHEMES
@@ -100,6 +101,14 @@ def cmd_defenses(a: argparse.Namespace) -> int:
     res = {"defenses": list_defenses(sched, SCHEMES.values()), "bundles": {k: list(v) for k, v in BUNDLES.items()},
            "timestep_table": {"model": a.model, "sensitivity": sens, "assumes": "eps secret; latents in [-1, 1]",
                               "rows": table}}
+    releases = a.releases
+    if a.preset:
+        releases = planned_record_sends(load_experiment(a.preset, a.set or []))
+    if releases:
+        res["per_run"] = {"record_sends": releases, "preset": a.preset,
+                          "rows": [{"name": d["name"], "releases_per": d["releases_per"],
+                                    "epsilon_per_release": d["guarantee_1"], "epsilon_per_run": d["guarantee_n"]}
+                                   for d in per_run_rows(sched, dim, releases)]}
     if a.json:
         print(json.dumps(res, indent=1))
         return 0
@@ -114,7 +123,29 @@ def cmd_defenses(a: argparse.Namespace) -> int:
     for r in table:
         print(f"  {r['epsilon']:>7}  {str(r['t_start']):>7}  " +
               (f"{r['abar_t_start']:.3g}" if r["t_start"] is not None else "unreachable"))
+    if "per_run" in res:
+        pr = res["per_run"]
+        print(f"\nper-run guarantee of the accounted defenses (defaults, delta as set per defense) for a record sent "
+              f"{pr['record_sends']} times" + (f" (the most-sent record of preset {pr['preset']!r})" if pr["preset"]
+                                               else "") + " (the split schemes' accounted defenses):")
+        for r in pr["rows"]:
+            print(f"  {r['name']:<16} per release {r['epsilon_per_release']:.4g}  per run {r['epsilon_per_run']:.4g}")
     return 0
+
+
+def per_run_rows(sched, dim: int, releases: int) -> list[dict]:
+    """Every accounted defense of the split schemes at its defaults: epsilon for one release of a record and
+    for ``releases`` of it."""
+    rows = []
+    for d in list_defenses():
+        defense = make_defense(d["name"])
+        if not d["accounted"] or defense.releases_per != "record":  # FedAvg's count client steps or rounds
+            continue
+        defense.bind(dim)
+        rows.append({"name": d["name"], "releases_per": defense.releases_per,
+                     "guarantee_1": defense.guarantee(sched, 1)["epsilon"],
+                     "guarantee_n": defense.guarantee(sched, releases)["epsilon"]})
+    return rows
 
 
 def cmd_attacks(a: argparse.Namespace) -> int:

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("defenses", help="list the defenses and the t_start-vs-epsilon table")
     d.add_argument("--model", default="tiny", help="model preset whose noise schedule the table uses")
     d.add_argument("--delta", type=float, default=1e-5)
+    d.add_argument("--preset", help="also print each accounted defense's per-run epsilon for this preset's run "
+                                    "(its most-sent record, counted by replaying the batch streams)")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of --preset (repeatable)")
+    d.add_argument("--releases", type=int, help="per-run epsilon for a record sent this many times")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func="defenses")
 

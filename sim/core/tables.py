@@ -5,6 +5,11 @@ TABLE_COLUMNS = ["scheme", "outline_iou", "outline_iou_se", "colour_acc", "final
                  "bytes_up_per_step", "bytes_down_per_step", "messages_per_step", "wall_s"]
 
 
+def table_columns(rows: list[dict]) -> list[str]:
+    """The summary's columns: :data:`TABLE_COLUMNS`, plus the run-level (epsilon, delta) where a row has one."""
+    return TABLE_COLUMNS + (["epsilon", "delta"] if any("epsilon" in r for r in rows) else [])
+
+
 def cell(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"

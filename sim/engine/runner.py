@@ -25,11 +25,12 @@ from sim.core.config import ExperimentConfig, PublicConfig
 from sim.core.diffusion import BAR_POSITION_ENV, to_uint8
 from sim.core.models import count_params
 from sim.core.plots import save_rows_grid
-from sim.core.tables import markdown_table, print_table
+from sim.core.tables import markdown_table, print_table, table_columns
 from sim.engine.clientside import load_run_config, resolved, write_run_config
 from sim.engine.context import context_for
 from sim.engine.evaluate import conditions_uint8, evaluate, inference_secret
 from sim.engine.grid import discover, in_process_grid, quiet_flower_logs
+from sim.engine.privacy import guarantee_columns, run_guarantees
 from sim.engine.scoring import run_attacks
 from sim.engine.transcript import RecordingGrid, Transcript, peak_rss_mb, save_seen
 from strategies import Channel, get_strategy
@@ -107,8 +108,9 @@ def run_job(cfg: PublicConfig, scheme: str | None, position: int = 0, out: Path 
         metrics, imgs = evaluate(base, eval_set, scheme, res.controlnet, cfg.ddim_steps, cfg.guidance, cfg.seed,
                                  f"sampling {scheme}", uncond_control=cfg.uncond_control, defenses=cfg.defenses,
                                  secret=inference_secret(cfg), **_external_weights(cfg))
-        row, losses = summary_row(res, metrics), res.losses
         transcript = [dataclasses.asdict(s) for s in res.transcript.stats]
+        row, losses = summary_row(res, metrics), res.losses
+        row.update(guarantee_columns(run_guarantees(cfg, scheme, transcript)))
         rounds = round_metrics(res)
         if out is not None:  # the trained ControlNet, so the run can be re-evaluated later
             res.controlnet.save_pretrained(out / f"controlnet_{scheme}")
@@ -209,8 +211,8 @@ def run_compare(cfg: PublicConfig, out: str | Path, grid=None, node_ids=None) ->
         "total_wall_s": round(time.time() - t_start, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(markdown_table(rows) + "\n")
-    print_table(rows)
+    (out / "summary.md").write_text(markdown_table(rows, table_columns(rows)) + "\n")
+    print_table(rows, table_columns(rows))
     if cfg.attacks:
         summary["attacks"] = {}
         for r in run_attacks(out, list(cfg.attacks)):
