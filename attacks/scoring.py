@@ -42,6 +42,7 @@ def image_scores(recon: torch.Tensor, private: torch.Tensor, signed: bool) -> di
     psnr = 10 * np.log10(1.0 / np.maximum(mse, 1e-12))
     ssim = ssim_per_image(a, b)
     return {"n": int(len(a)), "mse": float(mse.mean()), "psnr": float(psnr.mean()), "ssim": float(ssim.mean()),
+            "ssim_se": float(ssim.std(ddof=1) / np.sqrt(len(ssim))) if len(ssim) > 1 else 0.0,
             "ssim_median": float(np.median(ssim)), "ssim_best": float(ssim.max()),
             "success_rate": float((ssim >= SUCCESS_SSIM).mean()), "success_ssim": SUCCESS_SSIM}
 

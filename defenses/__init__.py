@@ -106,6 +106,10 @@ class DefenseStack:
         the latent defense; exact, std 0, without one). Public knowledge only."""
         return self._latent_defense().estimate_z0(x, t, target, scheduler)
 
+    def target_weights(self, t: torch.Tensor, target: torch.Tensor, scheduler) -> torch.Tensor | None:
+        """Per-sample loss weights for the sent ``target`` (:meth:`Defense.target_weights`; None: plain)."""
+        return self._latent_defense().target_weights(t, target, scheduler)
+
     def source_timestep(self, t: torch.Tensor, target: torch.Tensor, scheduler) -> torch.Tensor:
         """The batch timesteps behind the sent ``t`` (:meth:`Defense.source_timestep`; public knowledge)."""
         return self._latent_defense().source_timestep(t, target, scheduler)

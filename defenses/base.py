@@ -121,6 +121,12 @@ class Defense(Component):
         """x_t as the (unet, control) branches will read it, with the t and target sent along."""
         return Latents(x_t, x_t)
 
+    def target_weights(self, t: torch.Tensor, target: torch.Tensor, scheduler) -> torch.Tensor | None:
+        """latent hook, the server's side: per-sample loss weights for a sent (unbiased but noisier) target,
+        e.g. its inverse variance relative to the true noise's; None: unweighted. Weights that depend
+        only on what identifies a sample's input distribution keep the loss's minimiser unchanged."""
+        return None
+
     def source_timestep(self, t: torch.Tensor, target: torch.Tensor, scheduler) -> torch.Tensor:
         """latent hook, the server's side: the batch timestep behind each sent ``t`` (the same unless the
         defense moves timesteps), from public knowledge."""

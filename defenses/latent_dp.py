@@ -9,11 +9,12 @@ features of x_t it recovers z0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) exa
 
 which both branches read (the unet branch's conv_in(x'), the control branch's E(hint) + x'
 under nograd, head(x', hint) under vanilla). With eps known, x' is a Gaussian mechanism
-on z0 with L2 sensitivity sqrt(abar_t) Delta and noise sigma_t; sigma_t >= s sqrt(abar_t) Delta
-with the noise multiplier s that makes one step (epsilon, delta)-DP (analytic Gaussian
-mechanism). The rescaled x' is exactly a forward-process sample of timestep t', where
-abar_t' = abar_t / (1 + sigma_t^2) (sigma_t is raised to the least value that lands on a
-schedule timestep), so the client sends t' as the timestep, and the unbiased noise target
+on z0 with L2 sensitivity sqrt(abar_t) Delta and noise sigma_t = s sqrt(abar_t) Delta, with
+the noise multiplier s that makes one step (epsilon, delta)-DP (analytic Gaussian
+mechanism). The rescaled x' is a forward-process sample of signal level
+abar' = abar_t / (1 + sigma_t^2); the client sends the schedule timestep t' nearest to it in
+log-SNR as the timestep (forcing an exact landing would add up to ten times the noise at
+the schedule's coarse end), and the unbiased noise target
 
     k eps,   k = sqrt((1 - abar_t + sigma_t^2) / (1 - abar_t))
 
@@ -21,10 +22,11 @@ schedule timestep), so the client sends t' as the timestep, and the unbiased noi
 sqrt(1 - abar_t) eps + sigma_t xi), computed from eps, the schedule and sigma_t alone. So the
 frozen UNet sees inputs of its training distribution and the ControlNet learns E[eps | x']
 at t': a defense that removes control at high noise, never one that teaches it to hurt.
-(If even t = T-1 cannot absorb sigma_t, t' = T-1 and x' is slightly noisier than that step.)
+The target's variance is k^2 that of eps, so the server weights each sample's loss by 1 / k^2
+(:meth:`target_weights`, from public knowledge); the weights do not move the loss's minimiser.
 
 ``ratio`` sets t_start: the smallest t at which sigma_t <= ratio * sqrt(1 - abar_t) (how far
-t' may move above t); ratio=0 keeps the uniform policy. At sampling the ControlNet acts at
+t' may move above t); ratio=0 keeps the uniform policy; ``t-start`` >= 0 sets it directly. At sampling the ControlNet acts at
 the timesteps it was trained on, t >= t'(t_start) (:meth:`trained_from`).
 
 What is accounted: z0 (the private target image's latent), per step and over a run
@@ -51,7 +53,7 @@ class LatentDP(Defense):
     name = "latent-dp"
     hooks = ("latent", "timestep")
     why_not = "FedAvg sends no per-step features (use dp-sgd for FedAvg)"
-    params = {"epsilon": 8.0, "delta": 1e-5, "sensitivity": 0.0, "ratio": 1.0}
+    params = {"epsilon": 8.0, "delta": 1e-5, "sensitivity": 0.0, "ratio": 1.0, "t-start": -1}
     at_inference = False
     accounted = True
     threat_model = ("honest-but-curious server that knows eps, t, the public weights and this defense; "
@@ -59,9 +61,10 @@ class LatentDP(Defense):
 
     def validate(self) -> None:
         p = self.p
-        if p["epsilon"] <= 0 or not 0 < p["delta"] < 1 or p["sensitivity"] < 0 or p["ratio"] < 0:
+        if p["epsilon"] <= 0 or not 0 < p["delta"] < 1 or p["sensitivity"] < 0 or p["ratio"] < 0 \
+                or not -1 <= p["t-start"]:
             raise ValueError(f"defense 'latent-dp': need epsilon > 0, 0 < delta < 1, sensitivity >= 0, "
-                             f"ratio >= 0; got {p}")
+                             f"ratio >= 0, t-start >= 0 (-1: from ratio); got {p}")
         self.multiplier = accounting.multiplier_for(p["epsilon"], p["delta"])
         self._tables: dict = {}
 
@@ -75,22 +78,24 @@ class LatentDP(Defense):
         return self.multiplier * abar.sqrt() * self.sensitivity
 
     def table(self, scheduler) -> dict[str, torch.Tensor]:
-        """Per training timestep t (public): ``t_out`` (the t' sent), ``sigma`` (the noise std used,
-        >= :meth:`sigma_min`), ``scale`` (c) and ``target_scale`` (k)."""
+        """Per training timestep t (public): ``t_out`` (the t' sent), ``sigma`` (the noise std),
+        ``scale`` (c) and ``target_scale`` (k)."""
         key = id(scheduler)
         if key not in self._tables:
             abar = scheduler.alphas_cumprod.double()
-            t = torch.arange(len(abar))
-            s_min = self.sigma_min(scheduler, t)
-            want = abar / (1 + s_min ** 2)  # abar_t' we must reach or pass
-            # smallest t' with abar_t' <= want (abar decreases in t); T-1 where none does
-            t_out = torch.searchsorted(-abar, -want).clamp(max=len(abar) - 1)
-            sigma = torch.maximum(s_min, (abar / abar[t_out] - 1).clamp_min(0).sqrt())
+            sigma = self.sigma_min(scheduler, torch.arange(len(abar)))
+            want = abar / (1 + sigma ** 2)  # the signal level of x'
+            log_snr = (abar / (1 - abar)).log()
+            t_out = ((want / (1 - want)).log()[:, None] - log_snr[None, :]).abs().argmin(1)
             self._tables[key] = {"t_out": t_out, "sigma": sigma, "scale": 1 / (1 + sigma ** 2).sqrt(),
                                  "target_scale": ((1 - abar + sigma ** 2) / (1 - abar).clamp_min(1e-12)).sqrt()}
         return self._tables[key]
 
     def t_start(self, scheduler) -> int:
+        if self.p["t-start"] >= 0:
+            if self.p["t-start"] >= len(scheduler.alphas_cumprod):
+                raise ValueError(f"latent-dp: t-start={self.p['t-start']} >= T={len(scheduler.alphas_cumprod)}")
+            return self.p["t-start"]
         if self.p["ratio"] == 0:
             return 0
         abar = scheduler.alphas_cumprod.double()
@@ -113,6 +118,11 @@ class LatentDP(Defense):
         x = c * (x_t + sigma * torch.randn(x_t.shape, generator=ctx.gen))
         target = None if ctx.noise is None else ctx.noise * tab["target_scale"][t].float().view(view)
         return Latents(x, x, tab["t_out"][t].to(ctx.t), target)
+
+    def target_weights(self, t, target, scheduler):
+        """1 / k_t^2: the inverse of the target's variance relative to eps's, at the batch timestep t
+        behind each sent t' (:meth:`source_timestep`)."""
+        return (1 / self.table(scheduler)["target_scale"][self.source_timestep(t, target, scheduler)] ** 2).float()
 
     def source_timestep(self, t: torch.Tensor, target: torch.Tensor, scheduler) -> torch.Tensor:
         """The batch timestep t behind each sent t' (public knowledge): t' has several preimages, and the

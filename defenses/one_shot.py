@@ -19,7 +19,8 @@ from noisy data, as in the "ambient diffusion" line of work). The clean z0 and t
 xi never leave the client; the server learns only x_t0 (it can rebuild it from x_t and the
 target) and public noise. Both branches read the same x_t. The price is the target's
 variance, (1 - abar_t) / (1 - r) times eps's, large just above t0: ``gap`` skips the first
-timesteps above t0 (t ~ U{t0 + gap..T-1}), and sampling applies the control from there up.
+timesteps above t0 (t ~ U{t0 + gap..T-1}), and sampling applies the control from there up;
+the server weights each sample's loss by the inverse of that factor (:meth:`target_weights`).
 
 The guarantee: one Gaussian mechanism per record with L2 sensitivity sqrt(abar_t0) 2 clip
 sqrt(d) (replace-one, values clipped to [-clip, clip]) and noise sqrt(1 - abar_t0) (analytic
@@ -106,6 +107,12 @@ class OneShot(Defense):
         r, at = r.float().view(view), at.float().view(view)
         x = r.sqrt() * self.release(ctx.z0, ctx.idx, ctx.secret, ctx.scheduler) + (1 - r).sqrt() * ctx.noise
         return Latents(x, x, None, ctx.noise * (1 - at).sqrt() / (1 - r).sqrt())
+
+    def target_weights(self, t, target, scheduler):
+        """(1 - r) / (1 - abar_t): the inverse of the target's variance relative to eps's (a function of t
+        alone, so the minimiser per timestep is unchanged)."""
+        r, at, _ = self.ratios(scheduler, t)
+        return ((1 - r) / (1 - at)).float()
 
     def estimate_z0(self, x, t, target, scheduler):
         """From one step the server rebuilds the release exactly: eta = target sqrt(1 - r) / sqrt(1 - abar_t),

@@ -206,9 +206,11 @@ class TrainSettings:
 
 
 def diffusion_loss(eps_hat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler,
-                   settings: TrainSettings) -> torch.Tensor:
-    """The ControlNet objective: epsilon MSE, optionally up-weighted at high noise."""
-    return weighted_mse(eps_hat, noise, high_noise_weights(scheduler, t, settings.high_noise_weight))
+                   settings: TrainSettings, target_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The ControlNet objective: epsilon MSE, optionally up-weighted at high noise, times a latent
+    defense's per-sample ``target_weights`` where given."""
+    w = high_noise_weights(scheduler, t, settings.high_noise_weight)
+    return weighted_mse(eps_hat, noise, w if target_weights is None else w * target_weights)
 
 
 # ----------------------------------------------------------------------------- clients
@@ -501,11 +503,20 @@ class SplitServer(Scheme):
             context = self.null_context.expand(t.shape[0], *self.null_context.shape[1:])
         down, mid = control_rest(self.controlnet, control_features, t, context)
         loss = diffusion_loss(unet_rest(self.unet, unet_features, t, context, down, mid), noise, t,
-                              self.scheduler, self.settings)
+                              self.scheduler, self.settings, self.target_weights(t, noise))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         return loss.item()
+
+    def target_weights(self, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample loss weights a latent defense asks for (inverse variance of its unbiased target;
+        public: the server knows the defenses); None without one."""
+        if not self.settings.defenses:
+            return None
+        if getattr(self, "_stack", None) is None:
+            self._stack = DefenseStack(self.settings.defenses, type(self), target[0].numel())
+        return self._stack.target_weights(t, target, self.scheduler)
 
     def server_trainable_params(self) -> int:
         return sum(p.numel() for p in self.controlnet.parameters() if p.requires_grad)

@@ -100,10 +100,11 @@ def _release_batch(spec: str, n: int = 256, idx=None, seed: int = 0):
     return stack, z0, t, eps, stack.latent(SCHED.add_noise(z0, eps, t), ctx)
 
 
-def _check_valid_sample_and_unbiased_target(z0, lat):
-    """The sent x is a forward-process sample of the sent t (noise variance 1 - abar_t'), and the sent
-    target is unbiased for its noise: regressing it on the true (normalised) noise gives slope 1."""
-    a = SCHED.alphas_cumprod[lat.t].view(-1, 1, 1, 1)
+def _check_valid_sample_and_unbiased_target(z0, lat, abar=None):
+    """The sent x is a forward-process sample of signal level ``abar`` (default: the sent t's; noise
+    variance 1 - abar), and the sent target is unbiased for its noise: regressing it on the true
+    (normalised) noise gives slope 1."""
+    a = (SCHED.alphas_cumprod[lat.t] if abar is None else abar).float().view(-1, 1, 1, 1)
     noise = (lat.unet - a.sqrt() * z0) / (1 - a).sqrt()
     assert float(noise.flatten(1).var(1).mean()) == pytest.approx(1.0, abs=0.01)
     slope = (lat.target * noise).flatten(1).mean(1) / noise.flatten(1).pow(2).mean(1)
@@ -118,11 +119,20 @@ def test_latent_dp_releases_a_valid_later_sample_with_an_unbiased_target(tiny_ba
     # the noise is at least the calibrated s sqrt(abar_t) Delta, and lands exactly on the sent t'
     s_min = accounting.multiplier_for(64.0, 1e-5) * SCHED.alphas_cumprod[t].double().sqrt() * 2 * math.sqrt(3072)
     assert (tab["sigma"][t] >= s_min * (1 - 1e-9)).all()
-    assert ((lat.t > t) | (t == 999)).all() and torch.equal(lat.unet, lat.control)  # one draw, both branches
-    _check_valid_sample_and_unbiased_target(z0, lat)
+    assert (lat.t >= t).all() and torch.equal(lat.unet, lat.control)  # one draw, both branches
+    abar = SCHED.alphas_cumprod.double()
+    level = abar[t] / (1 + tab["sigma"][t] ** 2)  # x' = sqrt(level) z0 + sqrt(1 - level) noise
+    _check_valid_sample_and_unbiased_target(z0, lat, level)
+    # the sent t' is the schedule step nearest to that level in log-SNR
+    log_snr = (abar / (1 - abar)).log()
+    off = ((level / (1 - level)).log() - log_snr[lat.t]).abs()
+    assert (off[:, None] <= (log_snr[None, :] - (level / (1 - level)).log()[:, None]).abs() + 1e-9).all()
+    # the server weights each sample by the inverse variance of its target
+    w = stack.target_weights(lat.t, lat.target, SCHED)
+    assert torch.allclose(w, 1 / tab["target_scale"][t].float() ** 2, rtol=0.05)
     # the server's public estimate: the batch timestep back, z0 up to sigma_t / sqrt(abar_t)
     back = stack.source_timestep(lat.t, lat.target, SCHED)
-    assert float((back == t).float().mean()) > 0.9 and int((back - t).abs().max()) <= 3
+    assert float((back == t).float().mean()) > 0.7 and int((back - t).abs().max()) <= 5
     z0_hat, std = stack.estimate_z0(lat.unet, lat.t, lat.target, SCHED)
     err = (z0_hat - z0).flatten(1).std(1)
     assert float((err / std).mean()) == pytest.approx(1.0, abs=0.02)
@@ -145,6 +155,8 @@ def test_one_shot_releases_each_record_once(tiny_base):
     lat = stack.latent(SCHED.add_noise(z0, eps, t), _client_ctx(t, z0=z0, idx=records, noise=eps))
     assert (t > 600).all() and stack.trained_from(SCHED) == 601
     _check_valid_sample_and_unbiased_target(z0, lat)
+    r = SCHED.alphas_cumprod[t].double() / SCHED.alphas_cumprod[600].double()
+    assert torch.allclose(stack.target_weights(t, lat.target, SCHED).double(), (1 - r) / (1 - SCHED.alphas_cumprod[t]))
     # from any one step the server rebuilds the release exactly, and it is the same in every step
     z0_hat, std = stack.estimate_z0(lat.unet, lat.t, lat.target, SCHED)
     for r in range(8):

@@ -31,7 +31,11 @@ the Pareto front. Optional preset keys for figures and tables: ``x_label`` with 
 ``x`` per variant (and an optional ``group``) draws ``sweep_utility.png`` and
 ``sweep_leakage.png`` curves against it;
 ``figures = ["schemes"]`` draws loss, bytes and client-cost figures across the variants;
-``matrix = true`` writes ``matrix.md``, the variant x attack table with N/A reasons.
+``matrix = true`` writes ``matrix.md``, the variant x attack table with N/A reasons;
+``frontier = true`` draws ``frontier_image.png`` and ``frontier_hint.png``: the strongest
+attack's SSIM on each target against outline IoU, with error bars, the blind guess and the
+Pareto front. Rows carry ``best_image`` / ``best_hint`` (and the attack that reached it) and
+``blind_image`` / ``blind_hint``.
 """
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ from sim.engine.runner import run_compare
 from sim.engine.scoring import blind_scores, run_attacks
 
 ROW_KEYS = ("outline_iou", "outline_iou_se", "edge_ssim", "colour_acc", "fid_project", "fid_inception", "clip_score", "final_loss",
-            "bytes_up_per_step", "bytes_down_per_step", "wall_s")
+            "bytes_up_per_step", "bytes_down_per_step", "wall_s", "epsilon", "delta")
 
 
 def load_sweep(path: str | Path) -> dict:
@@ -167,6 +171,8 @@ def figures(spec: dict, out: Path, rows: list[dict], names: list[str]) -> list[P
     if blind and first.dataset == "fill50k":  # (the utility metrics are the circles')
         written += [plots.plot_privacy_utility(out / "sweep.json", utility=u, blind=max(blind.values()))
                     for u in ("outline_iou", "colour_acc")]
+    if spec.get("frontier"):
+        written += [plots.plot_frontier(out / "sweep.json", target) for target in ("image", "hint")]
     if spec.get("x_label"):
         written += plots.plot_sweep_curves(out / "sweep.json", spec["x_label"], blind)
     if "schemes" in spec.get("figures", []):
@@ -181,13 +187,14 @@ def figures(spec: dict, out: Path, rows: list[dict], names: list[str]) -> list[P
 
 def collect(out: Path, names: list[str], spec: dict | None = None) -> list[dict]:
     extra = {v["name"]: {k: v[k] for k in ("x", "group") if k in v} for v in (spec or {}).get("variant", [])}
-    rows = []
+    rows, blinds = [], {}
     for name in names:
         path = out / name / "summary.json"
         if not path.exists():
             continue
         summary = json.loads(path.read_text())
         cfg = load_run_config(out / name)
+        data_key = (cfg.dataset, cfg.model, cfg.num_samples, cfg.eval_samples, cfg.data_seed, cfg.max_radius)
         wanted = attack_ids(cfg)
         base_iou = next((r.get("outline_iou") for r in summary["rows"] if r["scheme"].startswith("base")), None)
         for r in summary["rows"]:
@@ -204,10 +211,17 @@ def collect(out: Path, names: list[str], spec: dict | None = None) -> list[dict]
                 for target in ("image", "hint"):  # the parts of the best score, for the curves
                     if target in a:
                         row[f"{target}:{key[7:]}"] = a[target]["ssim"]
+                        if a[target]["ssim"] > row.get(f"best_{target}", -1.0):  # the strongest attack per target
+                            row.update({f"best_{target}": a[target]["ssim"], f"best_{target}_attack": key[7:],
+                                        f"best_{target}_se": a[target].get("ssim_se")})
                 if "prompt" in a:  # a prompt-only attack's score is its accuracy; others keep their SSIM
                     row["prompt:" + key[7:]] = a["prompt"]["accuracy"]
                     if "image" not in a and "hint" not in a:
                         row[key] = a["prompt"]["accuracy"]
+            if any(k.startswith("attack:") for k in row):  # what a guess without any transcript scores
+                if data_key not in blinds:
+                    blinds[data_key] = blind_scores(cfg)
+                row.update({f"blind_{t}": s["ssim"] for t, s in blinds[data_key].items()})
             rows.append(row)
     return rows
 

@@ -278,6 +278,54 @@ def plot_privacy_utility(sweep_json: str | Path, out: str | Path | None = None,
     return out
 
 
+FAMILY_MARKERS = {"none": "o", "pp-reference": "s", "latent-dp": "^", "one-shot": "D"}
+
+
+def plot_frontier(sweep_json: str | Path, target: str = "image", out: str | Path | None = None) -> Path:
+    """The privacy/utility frontier for one target (``image`` or ``hint``): per (variant, scheme) the
+    strongest attack's mean SSIM on that target (x, lower = more private) against outline IoU (y,
+    higher = more useful), both with standard-error bars; the blind guess of that target (no
+    transcript) as a vertical line, the base model without control as a horizontal one, and the
+    Pareto front. Colour: scheme; marker: defense family (latent-dp, one-shot, ...)."""
+    plt = _plt()
+    path = Path(sweep_json)
+    rows = [r for r in json.loads(path.read_text())
+            if r.get(f"best_{target}") is not None and r.get("outline_iou") is not None]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    pts = [(r[f"best_{target}"], r["outline_iou"]) for r in rows]
+    front = pareto_front(pts)
+    if front:
+        ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], color="0.3", ls="--", where="post", lw=1,
+                label="Pareto front", zorder=1)
+    for r, (x, y) in zip(rows, pts):
+        family = next((f for f in FAMILY_MARKERS if f in " ".join(r.get("defenses") or ["none"])), "none")
+        ax.errorbar(x, y, xerr=r.get(f"best_{target}_se") or 0, yerr=r.get("outline_iou_se") or 0,
+                    fmt=FAMILY_MARKERS[family], color=SCHEME_COLOURS.get(r["scheme"], "grey"), ms=6, capsize=2,
+                    lw=0.8, zorder=3)
+    _spread_labels(ax, pts, [r["variant"] for r in rows])
+    blind = next((r[f"blind_{target}"] for r in rows if r.get(f"blind_{target}") is not None), None)
+    if blind is not None:
+        ax.axvline(blind, color="tab:red", lw=0.9, ls=":", label=f"blind guess of the {target}, no transcript "
+                                                                  f"({blind:.2f})")
+    base = next((r["base_outline_iou"] for r in rows if r.get("base_outline_iou") is not None), None)
+    if base is not None:
+        ax.axhline(base, color="grey", lw=0.9, ls=":", label=f"base model, no control ({base:.2f})")
+    for sc in sorted({r["scheme"] for r in rows}):
+        ax.plot([], [], "o", color=SCHEME_COLOURS.get(sc, "grey"), label=sc)
+    for fam in [f for f in FAMILY_MARKERS if any(f in " ".join(r.get("defenses") or ["none"]) for r in rows)]:
+        ax.plot([], [], FAMILY_MARKERS[fam], color="0.4", mfc="none", label=fam)
+    ax.set_xlabel(f"leakage: strongest attack's mean SSIM on the private {target}s (lower is better)")
+    ax.set_ylabel("utility: outline IoU, mean +- SE (higher is better)")
+    ax.set_title(f"Privacy/utility frontier ({target}s): each point its strongest attack")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out) if out else path.parent / f"frontier_{target}.png"
+    fig.savefig(out, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
 def _scheme_colour(label: str) -> str:
     """The colour of the scheme a label names (``nograd``, ``vanilla-nopeek``, ...), grey if none."""
     return next((c for s, c in SCHEME_COLOURS.items() if s in label), "grey")
