@@ -44,6 +44,9 @@ def test_sweep_preset_smoke_runs(preset, tmp_path):
         assert all(f"| {v['name']} |" in matrix for v in spec["variant"]) and "| blind |" in matrix
     if spec.get("x_label"):
         assert (out / "sweep_utility.png").stat().st_size > 10_000
+    if spec.get("frontier"):  # every row with its strongest attacks and the blind guesses, and both figures
+        assert all(r["best_image"] >= 0 and r["blind_image"] > 0 and r["blind_hint"] > 0 for r in rows)
+        assert all((out / f"frontier_{t}.png").stat().st_size > 10_000 for t in ("image", "hint"))
     if "schemes" in spec.get("figures", []):
         assert all((out / f).stat().st_size > 10_000 for f in ("bytes.png", "client_cost.png", "loss.png"))
 
