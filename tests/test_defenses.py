@@ -393,3 +393,27 @@ def test_run_guarantee_composes_over_the_most_sent_record(tmp_path):
     public = run_guarantees(cfg.public(), "nograd", stats)
     assert all(x["epsilon"] is None and x["epsilon_per_release"] > 0 for x in public)
     assert run_guarantees(load_config("smoke", ["schemes=[\"nograd\"]"]), "nograd", stats) == []
+
+
+@pytest.mark.slow
+def test_latent_dp_never_makes_the_model_worse_than_no_control(tmp_path):
+    """latent-dp trains on valid samples with unbiased targets: at heavy noise its ControlNet scores at least
+    the base model without control (minus one standard error); at negligible noise it matches the
+    undefended run (within the two runs' combined standard error, twice)."""
+    from sim.core.config import load_config
+    from sim.engine.runner import run_compare
+
+    recipe = ["schemes=[\"nograd\"]", "steps=150", "ddim-steps=10", "eval-samples=32", "jobs=1",
+              "client-seed=11", "keep-messages=0"]
+    rows = {}
+    for name, defenses, baseline in (("none", "[]", "true"), ("heavy", "[\"latent-dp:epsilon=1024,t-start=0\"]", "false"),
+                                     ("light", "[\"latent-dp:epsilon=1e5,t-start=0\"]", "false")):
+        cfg = load_config("default", recipe + [f"defenses={defenses}", f"baseline={baseline}"])
+        for r in run_compare(cfg, tmp_path / name)["rows"]:
+            rows[r["scheme"] if r["scheme"].startswith("base") else name] = r
+    base, none, heavy, light = rows["base (no control)"], rows["none"], rows["heavy"], rows["light"]
+    assert heavy["outline_iou"] >= base["outline_iou"] - heavy["outline_iou_se"]
+    assert abs(light["outline_iou"] - none["outline_iou"]) <= 2 * math.hypot(light["outline_iou_se"],
+                                                                             none["outline_iou_se"])
+    assert none["outline_iou"] > base["outline_iou"] + 0.1  # the budget is enough for control to show
+    assert heavy["epsilon"] > 1024 and light["delta"] == 1e-5
