@@ -185,6 +185,7 @@ class Attack(Component):
     client_parts : the scheme client parts it applies to (:data:`CLIENT_PARTS`); ``why_not`` says why not others
     targets : what it reconstructs (subset of :data:`TARGETS`)
     active : True if the server deviates from the protocol
+    prompt_of : "step" or "record": which prompt a recovered prompt is scored against
     threat_model : one line
     """
 
@@ -195,6 +196,8 @@ class Attack(Component):
     targets: tuple[str, ...] = ("image",)
     active: bool = False
     threat_model: str = ""
+    prompt_of: str = "step"  # a recovered prompt is scored against the step's prompt (after dropout: "" carries
+    # no text) or, with "record", the record's own prompt (what an image of the record reveals)
 
     def not_applicable(self, view: ServerView) -> str | None:
         """None if the attack can run on ``view``, else the reason (reported as N/A)."""

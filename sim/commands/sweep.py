@@ -253,6 +253,7 @@ def matrix_markdown(out: Path, names: list[str]) -> str:
         if data_key not in blind:
             blind[data_key] = _ssim_cell(blind_scores(cfg))
         by_scheme: dict[str, dict] = {}
+        bests: dict[str, dict] = {}
         for a in json.loads(path.read_text()):
             if a["attack"] not in wanted:  # a copied run's attacks of another preset
                 continue
@@ -265,15 +266,21 @@ def matrix_markdown(out: Path, names: list[str]) -> str:
                 cell = f"N/A ({reasons.index(a['reason']) + 1})"
             else:
                 cell = _ssim_cell(a) if ("image" in a or "hint" in a) else ""
+                best = bests.setdefault(a["scheme"], {})
+                for target in ("image", "hint"):
+                    if target in a and a[target]["ssim"] > best.get(target, (-1.0, ""))[0]:
+                        best[target] = (a[target]["ssim"], a["attack"])
                 if "prompt" in a:
                     acc = f"prompt {a['prompt']['accuracy']:.2f} (chance {a['prompt']['chance']:.2f})"
                     cell = f"{cell}; {acc}" if cell else acc
             by_scheme.setdefault(a["scheme"], {})[a["attack"]] = cell
         for scheme, cells in by_scheme.items():
+            best = {f"best {t}": f"{v[0]:.2f} ({v[1]})" for t, v in bests.get(scheme, {}).items()}
             rows.append({"variant": name, "scheme": scheme, "defenses": ", ".join(cfg.defenses) or "none",
-                         "blind": blind[data_key], **cells})
-    table = markdown_table(rows, ["variant", "scheme", "defenses", "blind"] + attacks)
+                         "blind": blind[data_key], **best, **cells})
+    table = markdown_table(rows, ["variant", "scheme", "defenses", "blind", "best image", "best hint"] + attacks)
     notes = "\n".join(f"({i + 1}) {r}" for i, r in enumerate(reasons))
     return ("Cells: mean SSIM of reconstructed private images / hints (higher = more leaked); blind = the "
-            "better of two guesses made without any transcript.\n\n" + table
+            "better of two guesses made without any transcript; best image / best hint = the strongest attack "
+            "on each target.\n\n" + table
             + ("\n\nN/A reasons:\n" + notes if notes else ""))

@@ -106,8 +106,10 @@ def attack_view(view: ServerView, spec: str, cfg: ExperimentConfig, out: Path | 
         row["hint"] = image_scores(rec.hints, truth["hint"], signed=False)
         grid.update({"private hint": truth["hint"] * 2 - 1, "reconstructed hint": rec.hints * 2 - 1})
     if rec.prompts is not None:
-        # against the prompt the sample was trained with (after prompt dropout: "" carries no text)
-        row["prompt"] = prompt_scores(rec.prompts, truth["prompt_used"], rec.info.get("candidates", []))
+        # against the prompt the sample was trained with (after prompt dropout: "" carries no text), or the
+        # record's own prompt for an attack that reads it off the record's image
+        used = truth["prompt"] if attack.prompt_of == "record" else truth["prompt_used"]
+        row["prompt"] = prompt_scores(rec.prompts, used, rec.info.get("candidates", []))
         row.pop("candidates", None)
     if out is not None and grid:
         path = out / f"attack_{view.scheme}_{attack.name}.png"
