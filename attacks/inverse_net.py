@@ -10,7 +10,7 @@ noise target eps (``use-noise=false``, the default: that is the noise-target att
 job; ``use-noise=true`` is an ablation that feeds eps to the decoder as well).
 
 1. Simulate the client on auxiliary data: t from the run's public timestep policy,
-   fresh noise, x_t, then :func:`defenses.split_client_features` with the public stack
+   fresh noise, x_t, then :func:`defenses.client_release` with the public stack
    (its private randomness drawn from the attacker's own generator; a per-client fixed
    offset, if the stack has one, from "shadow" client ids the real clients never use).
    Under vanilla every simulated batch goes through one of the attacked batches' heads as
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defenses import HookContext, split_client_features
+from defenses import HookContext, client_release
 from sim.core.cuts import control_head, nograd_control_input
 from strategies.vanilla import ControlHead
 
@@ -159,7 +159,7 @@ class ClientSimulator:
 
     def draw(self, n: int, idx: torch.Tensor | None = None, cid: int | torch.Tensor | None = None,
              head=None, grad: bool = False) -> dict:
-        """Simulate ``n`` samples; returns control, unet (features as sent), t, noise, z0, e_hint, idx, cid."""
+        """Simulate ``n`` samples; returns control, unet (features as sent), t and noise (as sent), z0, e_hint, idx, cid."""
         ae, unet = self.view.base.autoencoder, self.view.base.unet
         N = len(self.aux["target"])
         idx = torch.randint(0, N, (n,), generator=self.gen) if idx is None else idx
@@ -174,20 +174,25 @@ class ClientSimulator:
         if head is None and self.view.client_part == "head":
             head = self.heads[int(torch.randint(0, len(self.heads), (1,), generator=self.gen))]
         cids = cid if isinstance(cid, torch.Tensor) else torch.full((n,), int(cid))
-        parts, feats, order = [], [], []
+        parts, feats, ts, targets, order = [], [], [], [], []
         with torch.set_grad_enabled(grad):
             for c in cids.unique().tolist():  # a per-client offset depends on the cid
                 sel = (cids == c).nonzero().flatten()
-                # a shadow client's own secret (its fixed offset, if any): the real clients' are unknown
-                ctx = HookContext(t[sel], self.scheduler, int(c), self.defense_gen, secret=ATTACK_SEED * 1_000 + int(c))
-                ctl, ft = split_client_features(self.stack, self._branch(head, hint[sel]), unet, x_t[sel], ctx)
-                parts.append(ctl.float())
-                feats.append(ft.float())
+                # a shadow client's own secret (its fixed offset, per-record releases): the real clients' are
+                # unknown; the auxiliary sample ids stand in for record ids
+                ctx = HookContext(t[sel], self.scheduler, int(c), self.defense_gen, secret=ATTACK_SEED * 1_000 + int(c),
+                                  z0=z0[sel], idx=idx[sel], noise=noise[sel])
+                r = client_release(self.stack, self._branch(head, hint[sel]), unet, x_t[sel], ctx)
+                parts.append(r.control.float())
+                feats.append(r.unet_features.float())
+                ts.append(r.t)
+                targets.append(r.target)
                 order.append(sel)
             back = torch.cat(order).argsort()
             control, unet_f = torch.cat(parts)[back], torch.cat(feats)[back]
-        return {"control": control, "unet": unet_f, "t": t, "noise": noise, "z0": z0, "e_hint": e_hint,
-                "idx": idx, "cid": cids}
+        # t and noise as sent (a latent defense may move the timestep and rescale the target)
+        return {"control": control, "unet": unet_f, "t": torch.cat(ts)[back], "noise": torch.cat(targets)[back],
+                "z0": z0, "e_hint": e_hint, "idx": idx, "cid": cids}
 
 
 # ----------------------------------------------------------------------------- the decoder

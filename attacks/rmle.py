@@ -17,15 +17,16 @@ normalised by its residual at the start (r_b), so the small hint-dependent part 
 vanilla head's output is not drowned by the x_t-dependent part. The hint priors: edge /
 outline maps are piecewise constant (TV) and sparse (L1, which also fixes the one level a
 fixed offset leaves undetermined: a constant shift of every hint at a pixel is otherwise
-absorbed by the offset). Where the stack has client-private noise on x_t (latent-dp, public
-sigma_t), the two branches get their own x_t, tied by the Gaussian penalty the noise
+absorbed by the offset). Where the stack has independent client-private noise per branch
+(public sigma_t; none of the project's latent defenses now: they send one valid sample of
+the sent t to both), the two branches get their own x_t, tied by the Gaussian penalty the noise
 implies; where it adds a fixed per-client offset (fp16:offset=true) one offset per client
 is shared by all that client's samples and refitted in closed form (the client's mean
 residual) every iteration -- the box [0, 1] on the hints across many samples pins it down.
 
 Stage 2 (the image): the server now has x_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps with t
 known and eps unknown; ``estimate="map"`` (default) returns the TV-regularised MAP of z0 under
-that Gaussian likelihood (noise variance 1 - abar_t, plus sigma_t^2 under latent-dp) within
+that Gaussian likelihood (noise variance 1 - abar_t of the sent t) within
 the latent box [-1, 1]: x_t / sqrt(abar_t) where abar_t is close to 1, shrinking to a flat
 image as t grows. ``estimate="x_t"`` reports x_t itself, ``"scaled"`` x_t / sqrt(abar_t).
 With the tiny preset's identity autoencoder the latents are the images; otherwise the public
@@ -54,10 +55,13 @@ def tv(x: torch.Tensor) -> torch.Tensor:
 
 
 def latent_sigma(stack, scheduler, t: torch.Tensor) -> torch.Tensor:
-    """Per-sample std of client-private noise on x_t that the public stack adds (0 if none)."""
+    """Per-sample std of client-private noise on the branch inputs beyond what the sent t implies, drawn
+    separately per branch (0 if none). The project's latent defenses (latent-dp, one-shot) send one
+    input to both branches that is a valid sample of the sent t, so it is 0 under them; a defense
+    with independent per-branch noise declares it as ``branch_sigma(scheduler, t)``."""
     for d in stack.with_hook("latent"):
-        if hasattr(d, "sigma"):
-            return d.sigma(scheduler, t).float()
+        if hasattr(d, "branch_sigma"):
+            return d.branch_sigma(scheduler, t).float()
     return torch.zeros(t.shape[0])
 
 
