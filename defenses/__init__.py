@@ -14,8 +14,8 @@ U{226..T-1}, symsigmoid on the control branch, fp16 wire with the fixed per-clie
 offset, prompts kept home -- and, as in the reference, the noise target eps, t and the
 UNet first-conv features of x_t still go to the server (so the algebraic attack works).
 ``pp-protected``: ours. Client-private noise on x_t accounted as (epsilon, delta)-DP for z0
-with eps known to the server (latent-dp, which also sets t_start), the same for the
-SD (unet) branch, symsigmoid, fp16 and prompts kept home.
+with eps known to the server (latent-dp: one draw both branches read, sent as a valid
+sample of a later timestep; it also sets t_start), symsigmoid, fp16 and prompts kept home.
 """
 from __future__ import annotations
 

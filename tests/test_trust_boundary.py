@@ -5,7 +5,8 @@ config and batches; the same seed twice is bit-identical; the public and client-
 stay apart in a run folder, in Flower's run config and in the server's view.
 Slow: the seed-replay attack on a real pp-protected run: handed the client seed it
 recovers the images; with the seed drawn fresh (the boundary) it does no better than a
-blind guess.
+blind guess on the images (the hint, which latent-dp does not protect, it reads as the
+seedless algebra does).
 """
 from __future__ import annotations
 
@@ -155,4 +156,7 @@ def test_seed_replay_breaks_a_leaked_seed_and_not_the_boundary(protected_runs):
     blind = blind_scores(fresh_cfg)
     guessed = attack_view(server_view(fresh, "nograd"), "seed-replay", fresh_cfg)
     assert guessed["image"]["ssim"] <= blind["image"]["ssim"] + 0.05
-    assert guessed["hint"]["ssim"] <= blind["hint"]["ssim"] + 0.05
+    # the hint is not protected by latent-dp (both branches read one noisy input: declared), so a guessed
+    # seed adds nothing to what the seedless algebra reads off the control branch
+    seedless = attack_view(server_view(fresh, "nograd"), "noise-target", fresh_cfg)
+    assert guessed["hint"]["ssim"] <= seedless["hint"]["ssim"] + 0.01
