@@ -43,6 +43,28 @@ def denoise_latent(x_t: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, sche
     return clean_latents(scheduler, x_t, noise, t)
 
 
+def fit_on_stream(net: torch.nn.Module, sample, loss_fn, steps: int, batch: int, lr: float):
+    """Train ``net`` on a simulated stream: ``sample(batch)`` gives (inputs, targets), ``loss_fn(net, x, y)`` the
+    loss; Adam with a one-cycle schedule. Returns the net in eval mode and its first / final (mean of the
+    last tenth) training losses."""
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.1)
+    losses = []
+    net.train()
+    for _ in range(steps):
+        x, y = sample(batch)
+        loss = loss_fn(net, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    net.eval()
+    tail = losses[-max(1, len(losses) // 10):]
+    return net, {"train_loss_first": round(losses[0], 4) if losses else None,
+                 "train_loss_last": round(sum(tail) / len(tail), 4) if tail else None}
+
+
 def signed_to_hint(images: torch.Tensor) -> torch.Tensor:
     """An image in [-1, 1] as a hint in [0, 1]."""
     return ((images + 1) / 2).clamp(0, 1)

@@ -46,7 +46,7 @@ from defenses.symsigmoid import inverse, symsigmoid
 from sim.core.cuts import nograd_control_input
 
 from .base import Attack, Reconstruction, ServerView, register
-from .common import signed_to_hint
+from .common import fit_on_stream, signed_to_hint
 from .inverse_net import SHADOW_CID, local_inverse
 from .scoring import image_scores
 
@@ -331,18 +331,6 @@ def train_denoiser(sample, steps: int, batch: int, width: int, lr: float, seed: 
     x0, _ = sample(max(128, batch))
     net = HintDenoiser(x0.shape[1], width)
     net.fit_normaliser(x0)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.1)
-    losses = []
-    for _ in range(steps):
-        x, y = sample(batch)
-        loss = F.binary_cross_entropy_with_logits(net.logits(x), y)  # no vanishing gradient on sparse edges
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    net.eval()
-    tail = losses[-max(1, len(losses) // 10):]
-    return net, {"train_loss_first": round(losses[0], 4) if losses else None,
-                 "train_loss_last": round(sum(tail) / len(tail), 4) if tail else None}
+    # BCE on the logits: no vanishing gradient on sparse edges
+    return fit_on_stream(net, sample, lambda m, x, y: F.binary_cross_entropy_with_logits(m.logits(x), y),
+                         steps, batch, lr)

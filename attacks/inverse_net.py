@@ -47,7 +47,7 @@ from sim.core.cuts import control_head, nograd_control_input
 from strategies.vanilla import ControlHead
 
 from .base import Attack, Reconstruction, ServerView, register
-from .common import signed_to_hint
+from .common import fit_on_stream, signed_to_hint
 
 SHADOW_CID = 1_000_000  # simulated ("shadow") client ids start here: no real client has one
 ATTACK_SEED = 31_337  # the attacker's own randomness (aux batches, t, noise, defense draws)
@@ -314,22 +314,8 @@ def train_inverse(sim: ClientSimulator, steps: int, batch: int, width: int, dept
     net = InverseNet(x0.shape[1], y0.shape[1], width, depth)
     net.__dict__["inverse"] = inverse  # fixed and public: kept out of the trained submodules
     net.fit_normaliser(x0)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.1)
-    losses = []
-    net.train()
-    for _ in range(steps):
-        x, y = sample(batch)
-        err = F.mse_loss(net(x), y) if loss == "mse" else F.l1_loss(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        err.backward()
-        opt.step()
-        sched.step()
-        losses.append(err.item())
-    net.eval()
-    tail = losses[-max(1, len(losses) // 10):]
-    return net, {"train_loss_first": round(losses[0], 4) if losses else None,
-                 "train_loss_last": round(sum(tail) / len(tail), 4) if tail else None}
+    err = F.mse_loss if loss == "mse" else F.l1_loss
+    return fit_on_stream(net, sample, lambda m, x, y: err(m(x), y), steps, batch, lr)
 
 
 @torch.no_grad()
