@@ -18,6 +18,9 @@ never on a scheme's name:
     what the client runs of the ControlNet: ``"frozen"`` (nothing trainable: it sends
     h = E(hint) + x_t), ``"head"`` (a trainable head whose output it sends) or ``"whole"``
     (the whole model; nothing is sent per step). Attacks declare the parts they apply to.
+``concurrency``
+    how clients and server overlap when deployed (``rounds``, ``sequential``,
+    ``parallel-split``, ``stream``): the process :mod:`sim.core.timeline` simulates;
 ``start(channel)``
     the server loop; returns a :class:`SchemeResult`;
 ``cut_features(controlnet, base, x_t, hint, stack, ctx)``
@@ -87,7 +90,7 @@ SCHEMES: dict[str, type] = {}
 
 def register(cls: type) -> type:
     """Class decorator: add a strategy class to the scheme registry under ``cls.name``."""
-    declared = ("name", "message_type", "client_class", "cut", "hooks", "client_part")
+    declared = ("name", "message_type", "client_class", "cut", "hooks", "client_part", "concurrency")
     missing = [a for a in declared if not getattr(cls, a, None)]
     if missing or not cls.name or cls.name in SCHEMES:
         raise ValueError(f"scheme {getattr(cls, 'name', cls)!r}: name empty or taken, or missing {missing}")
@@ -395,6 +398,9 @@ class Scheme:
     cut: Cut
     hooks: tuple[str, ...] = ()
     client_part: str = ""  # "frozen" | "head" | "whole"
+    # how its clients and server overlap in a deployment, for `splitcontrol timeline` (sim/core/timeline.py):
+    # "rounds" | "sequential" | "parallel-split" | "stream"
+    concurrency: str = ""
     up_message: type | None = None  # the per-step (or per-turn) message classes, for the cost table
     down_message: type | None = None
 

@@ -212,6 +212,7 @@ class FedAvgStrategy(Scheme):
     cut = CUT
     hooks = ("fl-client", "fl-server")
     client_part = "whole"
+    concurrency = "rounds"  # clients train in parallel; the server waits for every reply of a round
     up_message, down_message = FitRes, FitIns
 
     def __init__(self, unet, controlnet, scheduler, settings: TrainSettings, null_context=None):

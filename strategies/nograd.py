@@ -111,6 +111,7 @@ class NoGradStrategy(SplitServer):
     message_type = MESSAGE_TYPE
     cut = CUT
     client_part = "frozen"
+    concurrency = "stream"  # nothing returns, so every client can stream into the server's queue at once
     up_message, down_message = Features, FeaturesRequest
 
     def __init__(self, unet, controlnet, scheduler, settings: TrainSettings, null_context=None):

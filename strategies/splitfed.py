@@ -87,6 +87,7 @@ class SplitFedStrategy(HeadSplitServer):
     message_type = MESSAGE_TYPE
     cut = CUT
     relay = "round"  # every client's head crosses once per round each way (sent, then averaged)
+    concurrency = "parallel-split"  # every client's round trips at once, one server model
 
     def start(self, channel: Channel) -> SchemeResult:
         t0 = time.perf_counter()

@@ -258,6 +258,7 @@ class VanillaStrategy(HeadSplitServer):
     client_class = VanillaClient
     message_type = MESSAGE_TYPE
     cut = CUT
+    concurrency = "sequential"  # one client at a time: the head passes from turn to turn
 
     def start(self, channel: Channel) -> SchemeResult:
         t0 = time.perf_counter()

@@ -15,6 +15,7 @@ import datasets
 from attacks import list_attacks
 from defenses import BUNDLES, list_defenses, make_defense
 from defenses.timestep_target import epsilon_at, t_start_for
+from sim.commands import timeline as tl
 from sim.commands.bench import bench
 from sim.commands.cost import cost_table, markdown
 from sim.commands.pretrain import PretrainConfig, eval_base, pretrain_base
@@ -178,4 +179,28 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 def cmd_cost(a: argparse.Namespace) -> int:
     table = cost_table(a.preset)
     print(json.dumps(table, indent=1) if a.json else markdown(table))
+    return 0
+
+
+def cmd_timeline(a: argparse.Namespace) -> int:
+    if a.profiles:
+        for kind, table in tl.load_profiles().items():
+            for name, p in table.items():
+                print(f"{kind:>7} {name:<11} {p['description']}\n{'':20}source: {p['source']}")
+        return 0
+    if a.validate:
+        res = tl.validate(a.validate)
+        for r in res["rows"]:
+            print(f"{r['scheme']:>9}: predicted {r['predicted_wall_s']:.1f} s, measured {r['measured_wall_s']:.1f} s, "
+                  f"error {r['relative_error']:.3f}")
+        print(f"max relative error {res['max_relative_error']:.3f} (goal <= {res['goal']}); "
+              f"wrote {Path(a.validate) / 'validation.json'}")
+        return 0
+    table = cost_table(a.preset)
+    res = tl.timeline(a.preset, a.clients, a.client_device, a.server_device, a.network, a.samples, a.batch_size,
+                      a.local_steps, a.wire, a.utilisation, table=table)
+    if a.figure:
+        path, data = tl.figure(a.figure, table)
+        res["figure"] = {"path": str(path), "wall_s_per_epoch": data}
+    print(json.dumps(res, indent=1) if a.json else tl.markdown(res))
     return 0

@@ -14,6 +14,7 @@ attacks        list the attacks (threat model: what each needs, where it applies
 attack         run attacks on a finished run's kept round trips and score them
 sweep          run a baselines/*.toml preset's variants and tabulate utility, cost and leakage
 cost           parameters, FLOPs, memory and bytes per scheme at SD1.5 scale, without the hardware
+timeline       wall-clock per epoch per scheme for N clients on device and network profiles
 """
 from __future__ import annotations
 
@@ -93,6 +94,29 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--preset", default="sd15", help="model preset (sd15, tiny)")
     co.add_argument("--json", action="store_true")
     co.set_defaults(func="cost")
+
+    tl = sub.add_parser("timeline", help="predicted wall-clock per epoch per scheme for N clients on device/network "
+                                         "profiles (sim/assets/profiles.toml)")
+    tl.add_argument("--preset", default="sd15", help="model preset whose costs are simulated (sd15, tiny)")
+    tl.add_argument("--clients", type=int, default=100)
+    tl.add_argument("--client-device", default="laptop", help="device profile of every client")
+    tl.add_argument("--server-device", default="a100", help="device profile of the server")
+    tl.add_argument("--network", default="wifi", help="network profile of each client's link")
+    tl.add_argument("--samples", type=int, default=None,
+                    help="samples per epoch, all clients together (default: 50,000 = Fill50K for sd15; 2,000 tiny)")
+    tl.add_argument("--batch-size", type=int, default=8)
+    tl.add_argument("--local-steps", type=int, default=10, help="batches per client turn (FedAvg: per round)")
+    tl.add_argument("--wire", default="fp32", choices=("fp32", "fp16"), help="precision of the cut-layer features")
+    tl.add_argument("--utilisation", type=float, default=None,
+                    help="fraction of peak FLOP/s reached, for both devices (default: each profile's assumption)")
+    tl.add_argument("--figure", default=None, metavar="PNG",
+                    help="also draw wall-clock against 1-1,000 clients for two settings into this file")
+    tl.add_argument("--validate", default=None, metavar="DIR",
+                    help="instead: measure one tiny run, predict another, run it and write DIR/validation.json "
+                         "(about 8 minutes here)")
+    tl.add_argument("--profiles", action="store_true", help="list the device and network profiles with sources")
+    tl.add_argument("--json", action="store_true")
+    tl.set_defaults(func="timeline")
 
     p = sub.add_parser("pretrain-base", help="train the tiny base diffusion model")
     p.add_argument("--out", required=True, help="output folder (diffusers format + logs)")

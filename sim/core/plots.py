@@ -52,7 +52,7 @@ def save_rows_grid(rows: dict[str, np.ndarray], path: str | Path, scale: int = 4
 
 
 # ----------------------------------------------------------------------------- run figures
-SCHEME_COLOURS = {"fedavg": "#1f77b4", "vanilla": "#ff7f0e", "nograd": "#2ca02c"}
+SCHEME_COLOURS = {"fedavg": "#1f77b4", "vanilla": "#ff7f0e", "nograd": "#2ca02c", "splitfed": "#9467bd"}
 
 
 def _plt():
@@ -439,3 +439,29 @@ def plot_variants(out: str | Path, names: list[str]) -> list[Path]:
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     return written
+
+
+def plot_timeline(data: dict, out: str | Path, title: str = "") -> Path:
+    """Wall-clock per epoch against the number of clients, one panel per device/network setting
+    (``data[setting][scheme] = [[clients, wall_s], ...]``, :func:`sim.commands.timeline.scaling`)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(data), figsize=(5.2 * len(data), 4.2), sharey=True, squeeze=False)
+    for ax, (setting, curves) in zip(axes[0], data.items()):
+        for scheme, pts in curves.items():
+            x, y = zip(*pts)
+            ax.plot(x, np.asarray(y) / 3600, marker="o", ms=3.5, lw=1.6, label=scheme, color=_scheme_colour(scheme))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(setting, fontsize=10)
+        ax.set_xlabel("number of clients (log)")
+        ax.grid(True, which="both", alpha=0.25)
+    axes[0][0].set_ylabel("wall-clock per epoch, hours (log; lower is better)")
+    axes[0][0].legend(fontsize=8, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
