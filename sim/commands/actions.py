@@ -201,6 +201,6 @@ def cmd_timeline(a: argparse.Namespace) -> int:
                       a.local_steps, a.wire, a.utilisation, table=table)
     if a.figure:
         path, data = tl.figure(a.figure, table)
-        res["figure"] = {"path": str(path), "wall_s_per_epoch": data}
+        res["figure"] = {"path": str(path), **data}
     print(json.dumps(res, indent=1) if a.json else tl.markdown(res))
     return 0

@@ -162,10 +162,11 @@ def committed_validation(path: Path = VALIDATION) -> dict:
 
 def scaling(table: dict, settings: dict = SETTINGS, counts=CLIENT_COUNTS, samples: int | None = None,
             batch_size: int = 8, local_steps: int = 10) -> dict:
-    """wall_s_per_epoch[setting][scheme] over ``counts`` clients (the figure's data)."""
+    """The figure's data: ``wall_s_per_epoch[setting][scheme]`` = [[clients, seconds], ...] over ``counts``,
+    and ``does_not_fit[setting]``: the schemes whose client training state exceeds the client's memory."""
     profiles = load_profiles()
     samples = samples or EPOCH_SAMPLES.get(table["preset"], EPOCH_SAMPLES["sd15"])
-    out = {}
+    walls, unfit = {}, {}
     for label, (c, s, n) in settings.items():
         cdev, sdev = profiles["device"][c], profiles["device"][s]
         net = network(profiles, n, sdev)
@@ -173,8 +174,11 @@ def scaling(table: dict, settings: dict = SETTINGS, counts=CLIENT_COUNTS, sample
         for k in counts:
             for r in predict(table, k, cdev, sdev, net, samples, batch_size, local_steps, details=False):
                 curves.setdefault(r["scheme"], []).append([k, r["wall_s_per_epoch"]])
-        out[label] = curves
-    return out
+                if not r["client_fits_memory"]:
+                    unfit.setdefault(label, set()).add(r["scheme"])
+        walls[label] = curves
+    return {"wall_s_per_epoch": walls, "does_not_fit": {k: sorted(v) for k, v in unfit.items()},
+            "settings": {k: dict(zip(("client_device", "server_device", "network"), v)) for k, v in settings.items()}}
 
 
 # ----------------------------------------------------------------------------- validation on this machine
@@ -243,10 +247,13 @@ def validate(out: str | Path, extra: list[str] = (), calibration: dict = CALIBRA
 
 
 def figure(path: str | Path, table: dict | None = None) -> tuple[Path, dict]:
+    """:func:`scaling` drawn by :func:`sim.core.plots.plot_timeline`; returns the path and the data."""
     table = table or cost_table("sd15")
     data = scaling(table)
-    return plot_timeline(data, path, title=f"one epoch of {EPOCH_SAMPLES.get(table['preset'], 0):,} samples, "
-                                          f"{table['preset']} at {table['image_size']} px, batch 8, 10 steps per turn"), data
+    title = (f"predicted: one epoch of {EPOCH_SAMPLES.get(table['preset'], 0):,} samples, {table['preset']} at "
+             f"{table['image_size']} px, batch 8, 10 steps per turn, fp32 wire (utilisation assumed: "
+             "sim/assets/profiles.toml)")
+    return plot_timeline(data["wall_s_per_epoch"], path, title=title, dashed=data["does_not_fit"]), data
 
 
 def markdown(res: dict) -> str:

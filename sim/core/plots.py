@@ -441,24 +441,30 @@ def plot_variants(out: str | Path, names: list[str]) -> list[Path]:
     return written
 
 
-def plot_timeline(data: dict, out: str | Path, title: str = "") -> Path:
+def plot_timeline(data: dict, out: str | Path, title: str = "", dashed: dict | None = None) -> Path:
     """Wall-clock per epoch against the number of clients, one panel per device/network setting
-    (``data[setting][scheme] = [[clients, wall_s], ...]``, :func:`sim.commands.timeline.scaling`)."""
+    (``data[setting][scheme] = [[clients, wall_s], ...]``, :func:`sim.commands.timeline.scaling`);
+    ``dashed[setting]``: schemes drawn dashed because their client state does not fit the client's memory."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(data), figsize=(5.2 * len(data), 4.2), sharey=True, squeeze=False)
+    dashed = dashed or {}
+    fig, axes = plt.subplots(1, len(data), figsize=(5.2 * len(data), 4.4), sharey=True, squeeze=False)
     for ax, (setting, curves) in zip(axes[0], data.items()):
         for scheme, pts in curves.items():
             x, y = zip(*pts)
-            ax.plot(x, np.asarray(y) / 3600, marker="o", ms=3.5, lw=1.6, label=scheme, color=_scheme_colour(scheme))
+            unfit = scheme in dashed.get(setting, ())
+            ax.plot(x, np.asarray(y) / 3600, marker="o", ms=3.5, lw=1.6, ls="--" if unfit else "-",
+                    label=f"{scheme} (does not fit client memory)" if unfit else scheme,
+                    color=_scheme_colour(scheme))
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(setting, fontsize=10)
         ax.set_xlabel("number of clients (log)")
         ax.grid(True, which="both", alpha=0.25)
     axes[0][0].set_ylabel("wall-clock per epoch, hours (log; lower is better)")
-    axes[0][0].legend(fontsize=8, loc="best")
+    for ax in axes[0]:
+        ax.legend(fontsize=7.5, loc="lower left")
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
