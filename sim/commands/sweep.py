@@ -14,6 +14,8 @@ A sweep preset (``baselines/*.toml``) is a TOML file::
     [[variant]]
     name = "symsigmoid"
     set = ["defenses=[\\"symsigmoid\\"]"]
+    smoke = ["num-clients=2"]                       # optional: this variant's own, after the preset's
+    engine = "ray"                                  # optional: "in-process" (default) or "ray" (below)
 
 Each variant is a ``compare`` run in ``OUT/<variant>/`` (skipped when its summary.json
 exists, so an interrupted sweep resumes); ``OUT/sweep.json`` collects one row per
@@ -25,6 +27,10 @@ whose configuration equals a finished run's in a sibling folder of ``OUT`` (anot
 preset's sweep under the same ``results/``) is copied from it instead of trained again;
 attacks it lists that the copy lacks are then run on the copy. ``sweep.json`` names the
 source in ``reused_from``. Pass ``reuse=False`` (CLI ``--no-reuse``) to train everything.
+
+A variant with ``engine = "ray"`` runs under Flower's Ray simulation engine instead
+(:func:`sim.engine.ray_sim.run_ray`: one virtual SuperNode per client; never copied from an
+in-process run; no attacks, since the clients keep their own keys there).
 
 When attacks ran on the circles, ``privacy_<utility>.png`` plots leakage against utility with
 the Pareto front. Optional preset keys for figures and tables: ``x_label`` with a number
@@ -54,11 +60,15 @@ from sim.core.config import FRESH
 from sim.core.tables import markdown_table
 from sim.engine.clientside import load_run_config
 from sim.engine.context import load_experiment
+from sim.engine.ray_sim import run_ray
 from sim.engine.runner import run_compare
 from sim.engine.scoring import blind_scores, run_attacks
 
 ROW_KEYS = ("outline_iou", "outline_iou_se", "edge_ssim", "colour_acc", "fid_project", "fid_inception", "clip_score", "final_loss",
             "bytes_up_per_step", "bytes_down_per_step", "wall_s", "epsilon", "delta")
+
+
+ENGINES = ("in-process", "ray")
 
 
 def load_sweep(path: str | Path) -> dict:
@@ -69,6 +79,9 @@ def load_sweep(path: str | Path) -> dict:
     names = [v.get("name") for v in spec.get("variant", [])]
     if not names or None in names or len(set(names)) != len(names):
         raise ValueError(f"{path}: every [[variant]] needs a unique name; got {names}")
+    for v in spec["variant"]:
+        if v.get("engine", "in-process") not in ENGINES:
+            raise ValueError(f"{path}: variant {v['name']!r}: engine={v['engine']!r}, expected one of {ENGINES}")
     return spec
 
 
@@ -77,7 +90,7 @@ def variant_config(spec: dict, variant: dict, smoke: bool = False):
     if spec.get("attacks"):
         overrides.append("attacks=" + json.dumps(spec["attacks"]))
     if smoke:
-        overrides += list(spec.get("smoke", []))
+        overrides += list(spec.get("smoke", [])) + list(variant.get("smoke", []))
     return load_experiment(spec.get("preset", "default"), overrides)
 
 
@@ -145,10 +158,14 @@ def run_sweep(preset: str | Path, out: str | Path, smoke: bool = False, only: li
                       f"differs from the preset's in {stale}; delete the folder (or use another --out) to rerun it")
             continue
         t0 = time.time()
-        src = find_identical(configs[v["name"]], out.resolve().parent, exclude=run.resolve()) if reuse else None
+        ray = v.get("engine", "in-process") == "ray"
+        src = find_identical(configs[v["name"]], out.resolve().parent, exclude=run.resolve()) \
+            if reuse and not ray else None
         if src is not None:
             print(f"variant {v['name']}: same configuration as {src}, copied")
             reuse_run(src, run, configs[v["name"]])
+        elif ray:
+            run_ray(configs[v["name"]], run)
         else:
             run_compare(configs[v["name"]], run)
         print(f"variant {v['name']}: {time.time() - t0:.0f} s")
@@ -186,7 +203,7 @@ def figures(spec: dict, out: Path, rows: list[dict], names: list[str]) -> list[P
 
 
 def collect(out: Path, names: list[str], spec: dict | None = None) -> list[dict]:
-    extra = {v["name"]: {k: v[k] for k in ("x", "group") if k in v} for v in (spec or {}).get("variant", [])}
+    extra = {v["name"]: {k: v[k] for k in ("x", "group", "engine") if k in v} for v in (spec or {}).get("variant", [])}
     rows, blinds = [], {}
     for name in names:
         path = out / name / "summary.json"

@@ -33,7 +33,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from sim.core.config import ExperimentConfig, from_run_config
+from sim.core.config import ExperimentConfig, PublicConfig, from_run_config
 from sim.core.wire import METRICS, decode, encode
 from sim.engine.clientside import draw_client_seed, from_node_config
 from sim.engine.context import check_components, context_for
@@ -58,9 +58,9 @@ def _public(run_config: frozenset):
     return check_components(from_run_config(dict(run_config)))
 
 
-def client_config(context: Context) -> ExperimentConfig:
-    """This node's whole configuration: the public run config plus its client-side keys."""
-    public = _public(frozenset(context.run_config.items()))
+def client_config(context: Context, public: PublicConfig | None = None) -> ExperimentConfig:
+    """This node's whole configuration: the public run config (or ``public``) plus its client-side keys."""
+    public = public or _public(frozenset(context.run_config.items()))
     keys = from_node_config(context.node_config)
     if "client_seed" not in keys:  # drawn once, kept in the node's own state (never sent)
         if SECRET_KEY not in context.state.config_records:
@@ -69,9 +69,9 @@ def client_config(context: Context) -> ExperimentConfig:
     return ExperimentConfig.from_public(public, **keys)
 
 
-def env_from_run_config(context: Context):
-    """The client's environment from the run config, its node config and its partition id."""
-    cfg = client_config(context)
+def env_from_run_config(context: Context, public: PublicConfig | None = None):
+    """The client's environment from the run config (or ``public``), its node config and its partition id."""
+    cfg = client_config(context, public)
     return context_for(cfg).client_env(cfg, partition_id(context))
 
 
