@@ -34,6 +34,15 @@ def test_presets_load_and_round_trip_through_toml(tmp_path):
     ("max-radius=0.1", "max-radius"),
     ("high-noise-weight=0.5", "high-noise-weight"),
     ("dataset=faces", "num-samples"),
+    # inf and nan pass every range check, so they are refused on their own (before any work)
+    ("guidance=inf", "guidance must be a finite number"),
+    ("lr=inf", "lr must be a finite number"),
+    ("high-noise-weight=nan", "high-noise-weight must be a finite number"),
+    ("max-radius=nan", "max-radius must be a finite number"),
+    ("defenses=noise:std=inf", "std='inf' must be a finite number"),
+    ("defenses=latent-dp:epsilon=nan", "epsilon='nan' must be a finite number"),
+    ("attacks=inverse-net:lr=inf", "lr='inf' must be a finite number"),
+    ("ddim-steps=5000", "ddim-steps=5000 exceeds"),
 ])
 def test_bad_overrides_fail_naming_the_key(override, needle):
     with pytest.raises(ValueError, match=needle):
@@ -108,3 +117,35 @@ def test_an_older_run_config_without_a_key_keeps_the_behaviour_it_was_made_with(
     assert config_differences(dataclasses.replace(cfg, fedavg_keep_optimizer=False, jobs=3), tmp_path) == []
     with pytest.raises(FileNotFoundError, match="config.toml"):
         load_run_config(tmp_path / "nothing")
+
+
+def test_bad_numbers_exit_2_before_any_work(tmp_path, capsys):
+    from sim.commands.cli import main
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--preset", "smoke", "--set", "guidance=inf", "--out", str(out)])
+    assert e.value.code == 2 and "guidance must be a finite number" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_strict_json_writes_null_and_says_where():
+    import json
+
+    from sim.core import jsonio
+
+    text = jsonio.dumps({"rows": [{"final_loss": float("nan"), "x": 1.0}], "wall": float("inf")})
+    back = json.loads(text)  # valid JSON: no bare NaN / Infinity
+    assert "NaN" not in text and "Infinity" not in text
+    assert back["rows"][0] == {"final_loss": None, "x": 1.0} and back["wall"] is None
+    assert back["non_finite"] == ["rows.0.final_loss", "wall"]
+    assert json.loads(jsonio.dumps([1.0, 2])) == [1.0, 2]  # nothing to flag: unchanged
+
+
+def test_a_diverged_run_is_refused_before_evaluation():
+    from sim.engine.runner import check_finite_losses
+
+    cfg = load_experiment("smoke")
+    check_finite_losses("nograd", [0.5, 0.4], cfg)
+    with pytest.raises(ValueError, match="nograd: the training loss is nan at step 2 of 3: the run diverged"):
+        check_finite_losses("nograd", [0.5, float("nan"), 0.3], cfg)

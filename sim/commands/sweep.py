@@ -55,7 +55,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from attacks import best_ssim, make_attack
-from sim.core import plots
+from sim.core import jsonio, plots
 from sim.core.config import FRESH
 from sim.core.tables import markdown_table
 from sim.engine.clientside import load_run_config
@@ -135,7 +135,7 @@ def reuse_run(src: Path, dst: Path, cfg) -> None:
     (dst / "reused_from").write_text(str(src.resolve()) + "\n")
     summary = json.loads((dst / "summary.json").read_text())
     summary["reused_from"] = str(src)
-    (dst / "summary.json").write_text(json.dumps(summary, indent=2))
+    (dst / "summary.json").write_text(jsonio.dumps(summary, indent=2))
     done = {r["attack"] for r in json.loads((dst / "attacks.json").read_text())} if (dst / "attacks.json").exists() else set()
     missing = [a for a in cfg.attacks if repr(make_attack(a)) not in done]
     if missing:
@@ -170,7 +170,7 @@ def run_sweep(preset: str | Path, out: str | Path, smoke: bool = False, only: li
             run_compare(configs[v["name"]], run)
         print(f"variant {v['name']}: {time.time() - t0:.0f} s")
     rows = collect(out, [v["name"] for v in variants], spec)
-    (out / "sweep.json").write_text(json.dumps(rows, indent=1))
+    (out / "sweep.json").write_text(jsonio.dumps(rows, indent=1))
     (out / "sweep.md").write_text(markdown(rows) + "\n")
     print(markdown(rows))
     figures(spec, out, rows, [v["name"] for v in variants])

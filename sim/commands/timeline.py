@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sim.commands.cost import cost_table
+from sim.core import jsonio
 from sim.core.plots import plot_timeline
 from sim.core.timeline import (
     Network,
@@ -242,7 +243,7 @@ def validate(out: str | Path, extra: list[str] = (), calibration: dict = CALIBRA
                              "wall time of another (clients, turn length, steps) through the simulator's "
                              "message counts; the concurrency of a deployment is not exercised (one processor)"}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "validation.json").write_text(json.dumps(res, indent=2))
+    (out / "validation.json").write_text(jsonio.dumps(res, indent=2))
     return res
 
 

@@ -6,6 +6,8 @@ class's ``params`` defaults; unknown names and bad values fail naming the compon
 """
 from __future__ import annotations
 
+import math
+
 
 class Component:
     """Base of :class:`defenses.base.Defense` and :class:`attacks.base.Attack`."""
@@ -51,9 +53,12 @@ def coerce(owner: str, key: str, value, default):
             return parse_bool(value)
         if typ is int and isinstance(value, str):
             return int(value)
-        return typ(value)
+        out = typ(value)
     except (TypeError, ValueError):
         raise ValueError(f"{owner}: bad value {value!r} for {key!r} (expected {typ.__name__})") from None
+    if typ is float and not math.isfinite(out):  # inf and nan pass range checks: refuse them here
+        raise ValueError(f"{owner}: {key}={value!r} must be a finite number")
+    return out
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:

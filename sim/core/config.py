@@ -20,6 +20,7 @@ layer up (:func:`sim.engine.context.check_components`); this module checks types
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass
@@ -73,6 +74,10 @@ class PublicConfig:
 
     # ---------------------------------------------------------------- validation
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # inf and nan pass every range check below, so refuse them first
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{_kebab(f.name)} must be a finite number, got {v}")
         choices = {"model": ("tiny", "sd15"), "dataset": ("fill50k", "faces"), "partition": ("iid", "dirichlet"),
                    "keep_from": ("start", "end")}
         for key, allowed in choices.items():

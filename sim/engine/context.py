@@ -24,7 +24,13 @@ import torch
 from attacks import make_attack
 from defenses import DefenseStack
 from sim.core.config import ExperimentConfig, PublicConfig, load_config
-from sim.core.models import build_controlnet, configure_torch, ddpm_scheduler, load_base
+from sim.core.models import (
+    build_controlnet,
+    configure_torch,
+    ddpm_scheduler,
+    get_preset,
+    load_base,
+)
 from sim.core.splits import ClientData, client_partitions, eval_set
 from strategies import SCHEMES, ClientEnv, get_strategy
 from strategies.base import TrainSettings
@@ -36,6 +42,9 @@ def check_components(cfg: PublicConfig) -> PublicConfig:
     bad = [s for s in cfg.schemes if s not in SCHEMES]
     if bad:
         raise ValueError(f"schemes={list(cfg.schemes)} is not allowed: unknown {bad}; choose from {list(SCHEMES)}")
+    timesteps = get_preset(cfg.model).num_train_timesteps
+    if cfg.ddim_steps > timesteps:  # found before training, not after it
+        raise ValueError(f"ddim-steps={cfg.ddim_steps} exceeds model={cfg.model!r}'s {timesteps} training timesteps")
     for scheme in cfg.schemes:  # fails naming the defense and why it cannot serve the scheme
         DefenseStack(cfg.defenses, get_strategy(scheme))
     for spec in cfg.attacks:

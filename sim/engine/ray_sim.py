@@ -22,6 +22,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
+from sim.core import jsonio
 from sim.core.config import PublicConfig
 from sim.engine.client_app import env_from_run_config, make_client_app
 from sim.engine.grid import discover, quiet_flower_logs
@@ -58,5 +59,5 @@ def run_ray(cfg: PublicConfig, out: str | Path, cpus_per_client: int = 1) -> dic
         raise RuntimeError(f"the Ray simulation ended without writing {path}; see its log above")
     summary = json.loads(path.read_text())
     summary.update(engine="ray", engine_wall_s=round(time.time() - t0, 1))
-    path.write_text(json.dumps(summary, indent=2))
+    path.write_text(jsonio.dumps(summary, indent=2))
     return summary

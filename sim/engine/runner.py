@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import multiprocessing
 import os
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from diffusers import ControlNetModel
 
+from sim.core import jsonio
 from sim.core.config import ExperimentConfig, PublicConfig
 from sim.core.diffusion import BAR_POSITION_ENV, to_uint8
 from sim.core.models import count_params
@@ -80,6 +82,15 @@ def summary_row(res, metrics: dict) -> dict:
     }
 
 
+def check_finite_losses(scheme: str, losses: list[float], cfg: PublicConfig) -> None:
+    """Refuse a diverged run before anything is evaluated or written (ValueError: the CLI exits 2)."""
+    bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+    if bad is not None:
+        raise ValueError(f"{scheme}: the training loss is {losses[bad]} at step {bad + 1} of {len(losses)}: the run "
+                         f"diverged (lr={cfg.lr}, high-noise-weight={cfg.high_noise_weight}, "
+                         f"batch-size={cfg.batch_size}); lower lr and run again")
+
+
 def _external_weights(cfg: PublicConfig) -> dict:
     """evaluate()'s keywords for the metrics that need user-supplied weights (None when not given)."""
     return {"inception_weights": cfg.inception_weights or None, "clip_weights": cfg.clip_weights or None}
@@ -105,6 +116,7 @@ def run_job(cfg: PublicConfig, scheme: str | None, position: int = 0, out: Path 
     else:
         res = train_scheme(scheme, cfg, grid=grid, node_ids=node_ids,
                            transcript=Transcript(keep=cfg.keep_messages, keep_last=cfg.keep_from == "end"))
+        check_finite_losses(scheme, res.losses, cfg)
         metrics, imgs = evaluate(base, eval_set, scheme, res.controlnet, cfg.ddim_steps, cfg.guidance, cfg.seed,
                                  f"sampling {scheme}", uncond_control=cfg.uncond_control, defenses=cfg.defenses,
                                  secret=inference_secret(cfg), **_external_weights(cfg))
@@ -189,13 +201,13 @@ def run_compare(cfg: PublicConfig, out: str | Path, grid=None, node_ids=None) ->
     conds, targets = conditions_uint8(eval_set["condition"]), to_uint8(eval_set["target"])
     with (out / "losses.jsonl").open("w") as f:
         for r in trained:
-            f.write(json.dumps({"scheme": r["row"]["scheme"], "losses": r["losses"]}) + "\n")
+            f.write(jsonio.dumps({"scheme": r["row"]["scheme"], "losses": r["losses"]}) + "\n")
     with (out / "rounds.jsonl").open("w") as f:
         for r in trained:
-            f.writelines(json.dumps(row) + "\n" for row in r["rounds"])
+            f.writelines(jsonio.dumps(row) + "\n" for row in r["rounds"])
     with (out / "transcript.jsonl").open("w") as f:
         for r in trained:
-            f.writelines(json.dumps(row) + "\n" for row in r["transcript"])
+            f.writelines(jsonio.dumps(row) + "\n" for row in r["transcript"])
     np.savez_compressed(out / "samples.npz", condition=conds[:16], target=targets[:16],
                         **{r["row"]["scheme"].split()[0]: r["images"][:16] for r in results})
     for r in results:
@@ -210,7 +222,7 @@ def run_compare(cfg: PublicConfig, out: str | Path, grid=None, node_ids=None) ->
         "base_params": results[0]["base_params"], "controlnet_params": results[0]["controlnet_params"],
         "total_wall_s": round(time.time() - t_start, 1),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(jsonio.dumps(summary, indent=2))
     (out / "summary.md").write_text(markdown_table(rows, table_columns(rows)) + "\n")
     print_table(rows, table_columns(rows))
     if cfg.attacks:
@@ -264,5 +276,5 @@ def reevaluate(run_dir: str | Path, overrides: list[str] = (), update: bool = Fa
         for r in summary["rows"]:
             r.update(new.get(r["scheme"], {}))
         summary["reevaluated"] = list(overrides) or True
-        (run / "summary.json").write_text(json.dumps(summary, indent=2))
+        (run / "summary.json").write_text(jsonio.dumps(summary, indent=2))
     return rows

@@ -26,6 +26,7 @@ from diffusers import ControlNetModel
 
 from attacks import ServerView, best_ssim, make_attack
 from attacks.scoring import image_scores, prompt_scores
+from sim.core import jsonio
 from sim.core.config import ExperimentConfig, load_public_config
 from sim.core.diffusion import to_uint8
 from sim.core.plots import save_rows_grid
@@ -137,12 +138,12 @@ def run_attacks(run_dir: str | Path, specs: list[str], schemes: list[str] | None
             rows.append(row)
     old = json.loads((run / "attacks.json").read_text()) if (run / "attacks.json").exists() else []
     keep = [r for r in old if (r["scheme"], r["attack"]) not in {(r2["scheme"], r2["attack"]) for r2 in rows}]
-    (run / "attacks.json").write_text(json.dumps(keep + rows, indent=2))
+    (run / "attacks.json").write_text(jsonio.dumps(keep + rows, indent=2))
     summary_path = run / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         summary["attacks"] = {s: [r for r in keep + rows if r["scheme"] == s] for s in cfg.schemes}
-        summary_path.write_text(json.dumps(summary, indent=2))
+        summary_path.write_text(jsonio.dumps(summary, indent=2))
     return rows
 
 
