@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +85,51 @@ def test_eval_base_prints_colour_accuracy_json(capsys):
     assert main(["eval-base", "--n", "4", "--steps", "3", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"fg_colour_acc", "bg_colour_acc", "n"} <= set(res) and res["n"] == 4
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="ignore")
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_no_worker_survives_kill_9_of_its_parent(tmp_path):
+    """`compare` with jobs=2 killed with SIGKILL mid-training: its worker processes die with it."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "run"
+    parent = subprocess.Popen([sys.executable, "-m", "sim.commands.cli", "compare", "--preset", "smoke", "--set",
+                               "jobs=2", "--set", "steps=2000", "--out", str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        found = subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True, text=True).stdout.split()
+        return [int(p) for p in found]
+
+    deadline = time.time() + 120
+    workers = []
+    while time.time() < deadline and len(workers) < 2:  # the pool's workers (the resource tracker aside)
+        workers = [p for p in children() if "spawn_main" in _cmdline(p)]
+        time.sleep(0.5)
+    assert len(workers) >= 2, "the pool's workers never started"
+    time.sleep(20)  # past their imports: training (unchecked, 2,000 steps would take them minutes)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    def running(pid: int) -> bool:  # alive and not a zombie waiting to be reaped
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.time() + 30
+    while time.time() < deadline and any(running(p) for p in workers):
+        time.sleep(0.5)
+    alive = [p for p in workers if running(p)]
+    for p in alive:  # do not leave them behind on failure
+        os.kill(p, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived their parent by 30 s"

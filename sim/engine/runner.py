@@ -11,11 +11,14 @@ without control), ``losses.jsonl`` (per-step loss per scheme), ``samples_<scheme
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import json
 import math
 import multiprocessing
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -155,6 +158,18 @@ def round_metrics(res) -> list[dict]:
     return out
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: the kernel kills this process when its parent dies, by any signal (Linux
+    ``prctl(PR_SET_PDEATHSIG)``), so no worker trains on into a dead run's folder; elsewhere a no-op."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+
+
 def _run_job_star(args) -> dict:
     return run_job(*args)
 
@@ -193,7 +208,7 @@ def run_compare(cfg: PublicConfig, out: str | Path, grid=None, node_ids=None) ->
         results = [run_job(*j) for j in jobs]
     else:
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(min(cfg.jobs, len(jobs))) as pool:
+        with ctx.Pool(min(cfg.jobs, len(jobs)), initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             results = pool.map(_run_job_star, jobs, chunksize=1)
 
     trained = results[1:] if cfg.baseline else results
