@@ -103,7 +103,7 @@ def test_flower_run_config_declares_every_key_with_the_default_values():
 def test_an_older_run_config_without_a_key_keeps_the_behaviour_it_was_made_with(tmp_path):
     """fedavg-keep-optimizer became true by default after runs were written without the key
     (stateless FedAvg clients): such a run still reads as stateless, a preset gets the new default."""
-    from sim.commands.sweep import config_differences
+    from sim.engine.runfolder import config_differences
     from sim.engine.clientside import load_run_config
 
     cfg = load_config("smoke")

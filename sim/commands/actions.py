@@ -25,6 +25,7 @@ from sim.core.plots import plot_run
 from sim.core.tables import print_table
 from sim.engine.context import load_experiment
 from sim.engine.privacy import planned_record_sends
+from sim.engine.runfolder import require_complete
 from sim.engine.runner import reevaluate, run_compare
 from sim.engine.scoring import run_attacks
 from strategies import SCHEMES
@@ -54,7 +55,7 @@ def cmd_eval_base(a: argparse.Namespace) -> int:
 def cmd_compare(a: argparse.Namespace) -> int:
     cfg = load_experiment(a.preset, a.set or [])
     out = Path(a.out) if a.out else Path("results") / cfg.experiment / time.strftime("%Y%m%d-%H%M%S")
-    summary = run_compare(cfg, out)
+    summary = run_compare(cfg, out, overwrite=a.overwrite, resume=a.resume)
     figures = plot_run(out)
     print("figures: " + ", ".join(str(p) for p in figures))
     if a.json:
@@ -63,6 +64,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 
 def cmd_plot(a: argparse.Namespace) -> int:
+    require_complete(Path(a.run_dir), "plot")
     for p in plot_run(a.run_dir):
         print(p)
     return 0
@@ -161,6 +163,7 @@ def cmd_attacks(a: argparse.Namespace) -> int:
 
 
 def cmd_attack(a: argparse.Namespace) -> int:
+    require_complete(Path(a.run), "attack")
     rows = run_attacks(a.run, a.attack, a.scheme or None)
     if a.json:
         print(json.dumps(rows))

@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
         c.add_argument("--out", default=None, help="output directory (default: results/<experiment>/<date-time>)")
         c.add_argument("--json", action="store_true", help="print summary.json to stdout")
+        again = c.add_mutually_exclusive_group()
+        again.add_argument("--resume", action="store_true",
+                           help="finish an interrupted run in --out (same configuration): redo what is missing")
+        again.add_argument("--overwrite", action="store_true",
+                           help="empty --out's run folder first (it holds a finished run or another configuration)")
         c.set_defaults(func="compare")
 
     pl = sub.add_parser("plot", help="draw loss, bytes, client cost and sample figures of a results folder")

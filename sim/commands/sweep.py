@@ -45,7 +45,6 @@ Pareto front. Rows carry ``best_image`` / ``best_hint`` (and the attack that rea
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time
@@ -56,11 +55,11 @@ from tqdm.auto import tqdm
 
 from attacks import best_ssim, make_attack
 from sim.core import jsonio, plots
-from sim.core.config import FRESH
 from sim.core.tables import markdown_table
 from sim.engine.clientside import load_run_config
 from sim.engine.context import load_experiment
 from sim.engine.ray_sim import run_ray
+from sim.engine.runfolder import INCOMPLETE, config_differences, is_complete
 from sim.engine.runner import run_compare
 from sim.engine.scoring import blind_scores, run_attacks
 
@@ -99,29 +98,11 @@ def attack_ids(cfg) -> set[str]:
     return {repr(make_attack(a)) for a in cfg.attacks}
 
 
-def _training_key(cfg, client_seed: int | None = None):
-    """What a run's outputs depend on: everything but the process split and the attack list (and,
-    with ``client_seed``, the client seed replaced by it)."""
-    key = dataclasses.replace(cfg, jobs=1, attacks=())
-    return key if client_seed is None else key.with_client_seed(client_seed)
-
-
-def config_differences(cfg, run: Path) -> list[str]:
-    """The config keys in which the finished run ``run`` differs from ``cfg`` (jobs and attacks aside;
-    an unset client seed in ``cfg`` accepts whichever the run drew), client-side keys included."""
-    try:
-        other = _training_key(load_run_config(run))
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:  # an older or foreign configuration
-        return [f"unreadable config.toml ({e})"]
-    key = _training_key(cfg, other.client_seed if cfg.client_seed == FRESH else None)
-    return [f.name.replace("_", "-") for f in dataclasses.fields(key) if getattr(key, f.name) != getattr(other, f.name)]
-
-
 def find_identical(cfg, root: Path, exclude: Path | None = None) -> Path | None:
     """A finished run folder under ``root/*/`` or ``root/*/*/`` trained with ``cfg``'s configuration."""
     for path in sorted(root.glob("*/config.toml")) + sorted(root.glob("*/*/config.toml")):
         run = path.parent
-        if run == exclude or not (run / "summary.json").exists() or (run / "reused_from").exists():
+        if run == exclude or not is_complete(run) or (run / "reused_from").exists():
             continue
         if not config_differences(cfg, run):  # an unreadable (older or foreign) config differs too
             return run
@@ -151,7 +132,7 @@ def run_sweep(preset: str | Path, out: str | Path, smoke: bool = False, only: li
     configs = {v["name"]: variant_config(spec, v, smoke) for v in variants}  # validate all before running any
     for v in tqdm(variants, desc=f"sweep {spec.get('name', Path(preset).stem)}", unit="variant"):
         run = out / v["name"]
-        if (run / "summary.json").exists():
+        if is_complete(run):
             stale = config_differences(configs[v["name"]], run)
             if stale:
                 print(f"warning: variant {v['name']} in {run} is kept from an earlier run whose configuration "
@@ -165,9 +146,9 @@ def run_sweep(preset: str | Path, out: str | Path, smoke: bool = False, only: li
             print(f"variant {v['name']}: same configuration as {src}, copied")
             reuse_run(src, run, configs[v["name"]])
         elif ray:
-            run_ray(configs[v["name"]], run)
-        else:
-            run_compare(configs[v["name"]], run)
+            run_ray(configs[v["name"]], run, resume=(run / INCOMPLETE).exists())
+        else:  # an interrupted variant (killed in training or in its attacks) is finished, not skipped
+            run_compare(configs[v["name"]], run, resume=(run / INCOMPLETE).exists())
         print(f"variant {v['name']}: {time.time() - t0:.0f} s")
     rows = collect(out, [v["name"] for v in variants], spec)
     (out / "sweep.json").write_text(jsonio.dumps(rows, indent=1))

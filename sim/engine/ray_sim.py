@@ -29,19 +29,19 @@ from sim.engine.grid import discover, quiet_flower_logs
 from sim.engine.runner import run_compare
 
 
-def server_app_for(public: PublicConfig, out: Path) -> ServerApp:
+def server_app_for(public: PublicConfig, out: Path, resume: bool = False) -> ServerApp:
     """The ServerApp of :mod:`sim.engine.server_app`, with its configuration and folder given in code."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         quiet_flower_logs()
-        run_compare(public, out, grid=grid, node_ids=discover(grid, public.num_clients))
+        run_compare(public, out, grid=grid, node_ids=discover(grid, public.num_clients), resume=resume)
 
     return app
 
 
-def run_ray(cfg: PublicConfig, out: str | Path, cpus_per_client: int = 1) -> dict:
+def run_ray(cfg: PublicConfig, out: str | Path, cpus_per_client: int = 1, resume: bool = False) -> dict:
     """Train and evaluate every scheme of ``cfg`` under Ray with ``cfg.num_clients`` virtual SuperNodes."""
     public = cfg.public() if hasattr(cfg, "public") else cfg
     if public.attacks:
@@ -50,7 +50,7 @@ def run_ray(cfg: PublicConfig, out: str | Path, cpus_per_client: int = 1) -> dic
     out = Path(out).resolve()
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     t0 = time.time()
-    run_simulation(server_app=server_app_for(public, out),
+    run_simulation(server_app=server_app_for(public, out, resume),
                    client_app=make_client_app(functools.partial(env_from_run_config, public=public)),
                    num_supernodes=public.num_clients,
                    backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}})

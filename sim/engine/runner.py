@@ -36,6 +36,15 @@ from sim.engine.context import context_for
 from sim.engine.evaluate import conditions_uint8, evaluate, inference_secret
 from sim.engine.grid import discover, in_process_grid, quiet_flower_logs
 from sim.engine.privacy import guarantee_columns, run_guarantees
+from sim.engine.runfolder import (
+    RunLock,
+    begin,
+    load_part,
+    mark_complete,
+    prepare,
+    require_complete,
+    save_part,
+)
 from sim.engine.scoring import run_attacks
 from sim.engine.transcript import RecordingGrid, Transcript, peak_rss_mb, save_seen
 from strategies import Channel, get_strategy
@@ -170,11 +179,13 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _run_job_star(args) -> dict:
-    return run_job(*args)
+def _run_job_indexed(item) -> tuple[int, dict]:
+    i, args = item
+    return i, run_job(*args)
 
 
-def run_compare(cfg: PublicConfig, out: str | Path, grid=None, node_ids=None) -> dict:
+def run_compare(cfg: PublicConfig, out: str | Path, grid=None, node_ids=None, overwrite: bool = False,
+                resume: bool = False) -> dict:
     """Train every scheme of ``cfg``, evaluate, write the run folder; returns the summary.
 
     Without ``grid`` every scheme gets its own in-process grid of clients provisioned with
@@ -185,9 +196,22 @@ def run_compare(cfg: PublicConfig, out: str | Path, grid=None, node_ids=None) ->
     ``threads``. With a ``grid`` (the ServerApp under Flower's engines) the schemes take
     turns on it in this process, and ``cfg`` is public: the clients hold their own keys,
     so no clients.toml is written and attacks (whose scorer needs it) are refused.
+
+    The folder is locked while it is written, refused if it holds another run (``overwrite``
+    empties a run folder first), and marked complete at the very end; an unfinished run of
+    the same configuration is finished with ``resume`` (:mod:`sim.engine.runfolder`).
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):
+        again = prepare(out, cfg, overwrite=overwrite, resume=resume)
+        if again is not None:  # the folder's own keys (its client seed), this call's process split and attacks
+            cfg = dataclasses.replace(again, jobs=cfg.jobs, threads=cfg.threads, attacks=cfg.attacks)
+        summary = _run_compare(cfg, out, grid, node_ids)
+        mark_complete(out, summary)
+    return summary
+
+
+def _run_compare(cfg: PublicConfig, out: Path, grid, node_ids) -> dict:
     if isinstance(cfg, ExperimentConfig):
         cfg = resolved(cfg)
         write_run_config(out, cfg)
@@ -199,17 +223,33 @@ def run_compare(cfg: PublicConfig, out: str | Path, grid=None, node_ids=None) ->
             raise ValueError("attacks are scored against the clients' data, whose keys a ServerApp does not hold: "
                              "run them afterwards with `splitcontrol attack --run OUT` where clients.toml is")
         (out / "config.toml").write_text(cfg.to_toml())
+    begin(out)
     t_start = time.time()
     jobs = [(cfg, None, 0, out)] if cfg.baseline else []
     jobs += [(cfg, s, (i + 1) % cfg.jobs, out) for i, s in enumerate(cfg.schemes)]
+    names = ["base" if j[1] is None else j[1] for j in jobs]
+    results = [load_part(out, n) for n in names]  # a resumed run's finished jobs
+    todo = [i for i, r in enumerate(results) if r is None]
+    if todo and len(todo) < len(jobs):
+        print(f"resuming {out}: {', '.join(n for i, n in enumerate(names) if i not in todo)} already done; "
+              f"running {', '.join(names[i] for i in todo)}")
+
+    def done(i: int, result: dict) -> None:
+        results[i] = result
+        save_part(out, names[i], result)
+
     if grid is not None:
-        results = [run_job(c, s, 0, o, grid, node_ids) for c, s, _, o in jobs]
-    elif cfg.jobs == 1:
-        results = [run_job(*j) for j in jobs]
-    else:
+        for i in todo:
+            c, s, _, o = jobs[i]
+            done(i, run_job(c, s, 0, o, grid, node_ids))
+    elif cfg.jobs == 1 or len(todo) == 1:
+        for i in todo:
+            done(i, run_job(*jobs[i]))
+    elif todo:
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(min(cfg.jobs, len(jobs)), initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
-            results = pool.map(_run_job_star, jobs, chunksize=1)
+        with ctx.Pool(min(cfg.jobs, len(todo)), initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+            for i, result in pool.imap_unordered(_run_job_indexed, [(i, jobs[i]) for i in todo]):
+                done(i, result)
 
     trained = results[1:] if cfg.baseline else results
     eval_set = context_for(cfg).eval_set
@@ -264,6 +304,7 @@ def reevaluate(run_dir: str | Path, overrides: list[str] = (), update: bool = Fa
     run's config.toml names but this machine lacks.
     """
     run = Path(run_dir)
+    require_complete(run, "evaluate")
     for item in overrides:
         key = item.split("=", 1)[0].strip().replace("_", "-")
         if key not in EVAL_KEYS:
