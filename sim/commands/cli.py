@@ -155,10 +155,21 @@ def main(argv: list[str] | None = None) -> int:
     actions.setup_env()
     try:
         return int(getattr(actions, f"cmd_{args.func}")(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # bad input: say what, no traceback
+    except (ValueError, OSError) as e:  # bad input, a missing or unreadable path: say what, no traceback
         if os.environ.get("SPLITCONTROL_DEBUG"):
             raise
+        _close_progress_bars()
         parser.exit(2, f"splitcontrol {args.command}: error: {e}\n")
+
+
+def _close_progress_bars() -> None:
+    """Clear any progress bar left open by the failure, so the error starts on its own line."""
+    tqdm = sys.modules.get("tqdm")
+    bars = list(getattr(tqdm.tqdm, "_instances", ())) if tqdm is not None else []
+    for bar in bars:
+        bar.close()
+    if bars:
+        sys.stderr.write("\n")
 
 
 if __name__ == "__main__":

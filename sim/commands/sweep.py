@@ -114,10 +114,10 @@ def reuse_run(src: Path, dst: Path, cfg) -> None:
     shutil.copytree(src, dst, dirs_exist_ok=True)
     (dst / "config.toml").write_text(cfg.public().to_toml())  # clients.toml: the source's (the same keys)
     (dst / "reused_from").write_text(str(src.resolve()) + "\n")
-    summary = json.loads((dst / "summary.json").read_text())
+    summary = jsonio.read(dst / "summary.json")
     summary["reused_from"] = str(src)
     (dst / "summary.json").write_text(jsonio.dumps(summary, indent=2))
-    done = {r["attack"] for r in json.loads((dst / "attacks.json").read_text())} if (dst / "attacks.json").exists() else set()
+    done = {r["attack"] for r in jsonio.read(dst / "attacks.json")} if (dst / "attacks.json").exists() else set()
     missing = [a for a in cfg.attacks if repr(make_attack(a)) not in done]
     if missing:
         run_attacks(dst, missing)
@@ -128,6 +128,10 @@ def run_sweep(preset: str | Path, out: str | Path, smoke: bool = False, only: li
     spec = load_sweep(preset)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    known = [v["name"] for v in spec["variant"]]
+    unknown = sorted(set(only or ()) - set(known))
+    if unknown:
+        raise ValueError(f"{preset}: no variant(s) {unknown}; its variants: {known}")
     variants = [v for v in spec["variant"] if not only or v["name"] in only]
     configs = {v["name"]: variant_config(spec, v, smoke) for v in variants}  # validate all before running any
     for v in tqdm(variants, desc=f"sweep {spec.get('name', Path(preset).stem)}", unit="variant"):
@@ -190,7 +194,7 @@ def collect(out: Path, names: list[str], spec: dict | None = None) -> list[dict]
         path = out / name / "summary.json"
         if not path.exists():
             continue
-        summary = json.loads(path.read_text())
+        summary = jsonio.read(path)
         cfg = load_run_config(out / name)
         data_key = (cfg.dataset, cfg.model, cfg.num_samples, cfg.eval_samples, cfg.data_seed, cfg.max_radius)
         wanted = attack_ids(cfg)
@@ -252,7 +256,7 @@ def matrix_markdown(out: Path, names: list[str]) -> str:
             blind[data_key] = _ssim_cell(blind_scores(cfg))
         by_scheme: dict[str, dict] = {}
         bests: dict[str, dict] = {}
-        for a in json.loads(path.read_text()):
+        for a in jsonio.read(path):
             if a["attack"] not in wanted:  # a copied run's attacks of another preset
                 continue
             a = {**a, "attack": a["attack"].split(":")[0]}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 
 def finite(obj, path: str = "", found: list | None = None):
@@ -31,3 +32,13 @@ def dumps(obj, **kw) -> str:
     if found and isinstance(clean, dict):
         clean["non_finite"] = found
     return json.dumps(clean, allow_nan=False, **kw)
+
+
+def read(path) -> object:
+    """A JSON file's content, or a ValueError naming the file (a truncated file: an interrupted writer)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): was its run interrupted while writing it? "
+                         "Re-run it (compare --resume) or delete the file") from None

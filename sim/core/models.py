@@ -323,3 +323,27 @@ def count_params(module: nn.Module | None, trainable_only: bool = False) -> int:
     if module is None:
         return 0
     return sum(q.numel() for q in module.parameters() if q.requires_grad or not trainable_only)
+
+
+def load_controlnet(path: str | Path) -> ControlNetModel:
+    """A saved ControlNet (diffusers folder), or a ValueError naming the folder (truncated, foreign, ...)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is missing: the run did not save this ControlNet")
+    try:
+        return ControlNetModel.from_pretrained(path).eval()
+    except Exception as e:  # safetensors, JSON and shape errors alike: name the file, not the library's frames
+        raise ValueError(f"{path}: cannot load the saved ControlNet ({type(e).__name__}: {str(e)[:200]}); "
+                         "the file may be truncated: re-run the compare") from None
+
+
+def load_pickled(path: str | Path):
+    """A file written with ``torch.save`` (kept messages), or a ValueError naming it."""
+    path = Path(path)
+    try:
+        return torch.load(path, weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read it ({type(e).__name__}: {str(e)[:200]}); the file may be "
+                         "truncated: re-run the compare that wrote it") from None

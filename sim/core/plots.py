@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sim.core import jsonio
+
 
 def image_grid(images: np.ndarray, ncol: int, pad: int = 1, fill: int = 255) -> np.ndarray:
     """Tile (N, H, W, 3) uint8 images into one (rows*H, ncol*W, 3) array with ``pad`` px gaps."""
@@ -94,7 +96,7 @@ def plot_run(run_dir: str | Path, colour=None) -> list[Path]:
     summary_path = run / "summary.json"
     if not summary_path.exists():
         raise FileNotFoundError(f"{run} has no summary.json: is it a results folder of `splitcontrol compare/run`?")
-    summary = json.loads(summary_path.read_text())
+    summary = jsonio.read(summary_path)
     rows = [r for r in summary["rows"] if r["scheme"] in SCHEME_COLOURS or "bytes_up_per_step" in r]
     schemes = [r["scheme"] for r in rows]
     colour_of = colour or (lambda s: SCHEME_COLOURS.get(s, "grey"))
@@ -239,7 +241,7 @@ def plot_privacy_utility(sweep_json: str | Path, out: str | Path | None = None,
     the same score of a guess made without any transcript (a vertical line)."""
     plt = _plt()
     path = Path(sweep_json)
-    rows = json.loads(path.read_text())
+    rows = jsonio.read(path)
     pts, labels, schemes = [], [], []
     for r in rows:
         ssims = [v for k, v in r.items() if k.startswith("attack:") and isinstance(v, (int, float))
@@ -289,7 +291,7 @@ def plot_frontier(sweep_json: str | Path, target: str = "image", out: str | Path
     Pareto front. Colour: scheme; marker: defense family (latent-dp, one-shot, ...)."""
     plt = _plt()
     path = Path(sweep_json)
-    rows = [r for r in json.loads(path.read_text())
+    rows = [r for r in jsonio.read(path)
             if r.get(f"best_{target}") is not None and r.get("outline_iou") is not None]
     fig, ax = plt.subplots(figsize=(8, 5.5))
     pts = [(r[f"best_{target}"], r["outline_iou"]) for r in rows]
@@ -339,7 +341,7 @@ def plot_sweep_curves(sweep_json: str | Path, x_label: str, blind: dict | None =
     transcript-free guess's SSIM) as dotted lines."""
     plt = _plt()
     path = Path(sweep_json)
-    rows = [r for r in json.loads(path.read_text()) if r.get("x") is not None]
+    rows = [r for r in jsonio.read(path) if r.get("x") is not None]
     lines: dict[str, list[dict]] = {}
     for r in rows:
         lines.setdefault(r["scheme"] + (f" ({r['group']})" if r.get("group") else ""), []).append(r)
@@ -408,7 +410,7 @@ def plot_variants(out: str | Path, names: list[str]) -> list[Path]:
         def label(scheme: str) -> str:  # "nograd-none" names its scheme; "none" of a nograd run does not
             return name if scheme in name else f"{scheme} {name}"
 
-        rows += [{**r, "scheme": label(r["scheme"])} for r in json.loads((run / "summary.json").read_text())["rows"]
+        rows += [{**r, "scheme": label(r["scheme"])} for r in jsonio.read(run / "summary.json")["rows"]
                  if "bytes_up_per_step" in r]
         losses += [{**d, "scheme": label(d["scheme"])} for d in map(json.loads, (run / "losses.jsonl").read_text().splitlines())]
         rounds += [{**d, "label": label(d["scheme"])} for d in map(json.loads, (run / "rounds.jsonl").read_text().splitlines())]

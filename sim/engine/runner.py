@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
-import json
 import math
 import multiprocessing
 import os
@@ -23,12 +22,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from diffusers import ControlNetModel
 
 from sim.core import jsonio
 from sim.core.config import ExperimentConfig, PublicConfig
 from sim.core.diffusion import BAR_POSITION_ENV, to_uint8
-from sim.core.models import count_params
+from sim.core.models import count_params, load_controlnet
 from sim.core.plots import save_rows_grid
 from sim.core.tables import markdown_table, print_table, table_columns
 from sim.engine.clientside import load_run_config, resolved, write_run_config
@@ -317,17 +315,14 @@ def reevaluate(run_dir: str | Path, overrides: list[str] = (), update: bool = Fa
         metrics, _ = evaluate(base, eval_set, None, None, cfg.ddim_steps, cfg.guidance, cfg.seed,
                               "sampling base (no control)", **_external_weights(cfg))
         rows.append({"scheme": "base (no control)", **metrics})
-    for scheme in cfg.schemes:
-        path = run / f"controlnet_{scheme}"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: the run did not save a ControlNet for {scheme!r}")
-        controlnet = ControlNetModel.from_pretrained(path).eval()
+    saved = {s: load_controlnet(run / f"controlnet_{s}") for s in cfg.schemes}  # all readable before any sampling
+    for scheme, controlnet in saved.items():
         metrics, _ = evaluate(base, eval_set, scheme, controlnet, cfg.ddim_steps, cfg.guidance, cfg.seed,
                               f"sampling {scheme}", uncond_control=cfg.uncond_control, defenses=cfg.defenses,
                               secret=inference_secret(cfg), **_external_weights(cfg))
         rows.append({"scheme": scheme, **metrics})
     if update and (run / "summary.json").exists():
-        summary = json.loads((run / "summary.json").read_text())
+        summary = jsonio.read(run / "summary.json")
         new = {r["scheme"]: r for r in rows}
         for r in summary["rows"]:
             r.update(new.get(r["scheme"], {}))

@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel
 
 from attacks import ServerView, best_ssim, make_attack
 from attacks.scoring import image_scores, prompt_scores
 from sim.core import jsonio
 from sim.core.config import ExperimentConfig, load_public_config
 from sim.core.diffusion import to_uint8
+from sim.core.models import load_controlnet, load_pickled
 from sim.core.plots import save_rows_grid
 from sim.core.splits import aux_set
 from sim.engine.clientside import load_run_config
@@ -80,8 +80,8 @@ def server_view(run_dir: str | Path, scheme: str) -> ServerView:
         raise FileNotFoundError(f"{seen} is missing: run compare with keep-messages > 0 (or attacks=[...])")
     ctx = context_for(cfg)
     final = run / f"controlnet_{scheme}"
-    final_cn = ControlNetModel.from_pretrained(final).eval() if final.exists() else None
-    return ServerView(scheme, cfg, torch.load(seen, weights_only=False), ctx.base, ctx.scheduler, ctx.controlnet,
+    final_cn = load_controlnet(final) if final.exists() else None
+    return ServerView(scheme, cfg, load_pickled(seen), ctx.base, ctx.scheduler, ctx.controlnet,
                       final_cn, history=message_history(run, scheme), connect=session(run, scheme))
 
 
@@ -136,12 +136,12 @@ def run_attacks(run_dir: str | Path, specs: list[str], schemes: list[str] | None
                   (f"prompt acc {row['prompt']['accuracy']:.2f} (chance {row['prompt']['chance']:.3f})"
                    if "prompt" in row else "")))
             rows.append(row)
-    old = json.loads((run / "attacks.json").read_text()) if (run / "attacks.json").exists() else []
+    old = jsonio.read(run / "attacks.json") if (run / "attacks.json").exists() else []
     keep = [r for r in old if (r["scheme"], r["attack"]) not in {(r2["scheme"], r2["attack"]) for r2 in rows}]
     (run / "attacks.json").write_text(jsonio.dumps(keep + rows, indent=2))
     summary_path = run / "summary.json"
     if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
+        summary = jsonio.read(summary_path)
         summary["attacks"] = {s: [r for r in keep + rows if r["scheme"] == s] for s in cfg.schemes}
         summary_path.write_text(jsonio.dumps(summary, indent=2))
     return rows
