@@ -241,7 +241,8 @@ def check_against_in_process(flower: Flower, out: Path, ref_out: Path, steps: in
         # the same computation in other processes (replies sorted by partition): equal up to float noise
         assert row["final_loss"] == pytest.approx(ref[scheme]["final_loss"], rel=1e-3), scheme
         assert (out / f"samples_{scheme}.png").stat().st_size > 0
-    for name in ("rounds.jsonl", "transcript.jsonl", "losses.jsonl", "config.toml"):
+    for name in ("rounds.jsonl", "transcript.jsonl", "losses.jsonl", "config.toml", "complete.json",
+                 "loss.png", "bytes.png"):  # a Flower run also marks itself finished and draws its figures
         assert (out / name).stat().st_size > 0, name
     # the client-side keys stay with the clients: the ServerApp's folder has none; the in-process runner,
     # which provisions the clients, keeps them apart in clients.toml

@@ -17,6 +17,7 @@ def test_run_ray_matches_the_in_process_run(tmp_path):
     ray = run_ray(load_experiment("smoke", keys), tmp_path / "ray")
     local = run_compare(load_experiment("smoke", keys + ["client-seed=7"]), tmp_path / "local")
     assert ray["engine"] == "ray" and not (tmp_path / "ray" / "clients.toml").exists()
+    assert (tmp_path / "ray" / "loss.png").stat().st_size > 0 and (tmp_path / "ray" / "complete.json").exists()
     rows = {r["scheme"]: r for r in local["rows"]}
     for r in ray["rows"]:
         want = rows[r["scheme"]]

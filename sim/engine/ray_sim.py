@@ -24,6 +24,7 @@ from flwr.simulation import run_simulation
 
 from sim.core import jsonio
 from sim.core.config import PublicConfig
+from sim.core.plots import plot_run
 from sim.engine.client_app import env_from_run_config, make_client_app
 from sim.engine.grid import discover, quiet_flower_logs
 from sim.engine.runner import run_compare
@@ -37,6 +38,7 @@ def server_app_for(public: PublicConfig, out: Path, resume: bool = False) -> Ser
     def main(grid: Grid, context: Context) -> None:
         quiet_flower_logs()
         run_compare(public, out, grid=grid, node_ids=discover(grid, public.num_clients), resume=resume)
+        plot_run(out)
 
     return app
 

@@ -18,6 +18,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from sim.core.config import from_run_config
+from sim.core.plots import plot_run
 from sim.engine.context import check_components
 from sim.engine.grid import discover, quiet_flower_logs
 from sim.engine.runner import run_compare
@@ -33,3 +34,4 @@ def main(grid: Grid, context: Context) -> None:
     out_dir = Path(out) if out else Path("results") / cfg.experiment / time.strftime("flower-%Y%m%d-%H%M%S")
     node_ids = discover(grid, cfg.num_clients)
     run_compare(cfg, out_dir, grid=grid, node_ids=node_ids)
+    plot_run(out_dir)  # the same figures as `splitcontrol compare` draws
