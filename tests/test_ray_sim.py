@@ -1,6 +1,8 @@
 """`engine = "ray"` sweep variants: the apps under Flower's Ray simulation engine, called from Python."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from sim.engine.context import load_experiment
@@ -10,11 +12,15 @@ from sim.engine.context import load_experiment
 def test_run_ray_matches_the_in_process_run(tmp_path):
     """4 virtual SuperNodes on Ray and the in-process grid: same rows (the clients draw their own seeds,
     which an undefended run never uses)."""
-    from sim.engine.ray_sim import run_ray
+    from sim.commands.cli import main
     from sim.engine.runner import run_compare
 
     keys = ["num-clients=4", "schemes=[\"fedavg\", \"nograd\"]", "baseline=false"]
-    ray = run_ray(load_experiment("smoke", keys), tmp_path / "ray")
+    argv = ["flower-sim", "--preset", "smoke", "--out", str(tmp_path / "ray")]
+    for k in keys:
+        argv += ["--set", k]
+    assert main(argv) == 0  # `splitcontrol flower-sim`: no federation to configure, no SuperLink left
+    ray = json.loads((tmp_path / "ray" / "summary.json").read_text())
     local = run_compare(load_experiment("smoke", keys + ["client-seed=7"]), tmp_path / "local")
     assert ray["engine"] == "ray" and not (tmp_path / "ray" / "clients.toml").exists()
     assert (tmp_path / "ray" / "loss.png").stat().st_size > 0 and (tmp_path / "ray" / "complete.json").exists()

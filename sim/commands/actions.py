@@ -25,6 +25,7 @@ from sim.core.plots import plot_run
 from sim.core.tables import print_table
 from sim.engine.context import load_experiment
 from sim.engine.privacy import planned_record_sends
+from sim.engine.ray_sim import run_ray
 from sim.engine.runfolder import require_complete
 from sim.engine.runner import reevaluate, run_compare
 from sim.engine.scoring import run_attacks
@@ -60,6 +61,16 @@ def cmd_compare(a: argparse.Namespace) -> int:
     print("figures: " + ", ".join(str(p) for p in figures))
     if a.json:
         print(json.dumps(summary))
+    return 0
+
+
+def cmd_flower_sim(a: argparse.Namespace) -> int:
+    cfg = load_experiment(a.preset, a.set or [])
+    out = Path(a.out) if a.out else Path("results") / cfg.experiment / time.strftime("flower-%Y%m%d-%H%M%S")
+    if a.cpus_per_client < 1:
+        raise ValueError(f"--cpus-per-client must be >= 1, got {a.cpus_per_client}")
+    run_ray(cfg, out.resolve(), cpus_per_client=a.cpus_per_client, resume=a.resume)
+    print(f"wrote {out.resolve()} (summary.json, figures)")
     return 0
 
 

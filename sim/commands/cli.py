@@ -3,6 +3,7 @@
 Sub-commands
 ------------
 compare        train a ControlNet under each scheme on the same data, seed and budget
+flower-sim     the same under Flower's Ray simulation engine (N virtual SuperNodes)
 run            run a preset's experiment (today: a comparison) with --set overrides
 plot           draw a results folder's figures from its files
 evaluate       sample and score a finished run's ControlNets again (other guidance, ...)
@@ -42,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
         again.add_argument("--overwrite", action="store_true",
                            help="empty --out's run folder first (it holds a finished run or another configuration)")
         c.set_defaults(func="compare")
+
+    fs = sub.add_parser("flower-sim", help="the same comparison under Flower's Ray simulation engine: one virtual "
+                                           "SuperNode per client, nothing to configure")
+    fs.add_argument("--preset", default="default", help="experiment preset (default, smoke) or a .toml path")
+    fs.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    fs.add_argument("--out", default=None, help="output directory (default: results/<experiment>/flower-<date-time>)")
+    fs.add_argument("--cpus-per-client", type=int, default=1, help="CPUs Ray reserves per virtual client")
+    fs.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
+    fs.set_defaults(func="flower_sim")
 
     pl = sub.add_parser("plot", help="draw loss, bytes, client cost and sample figures of a results folder")
     pl.add_argument("run_dir", help="a results folder (has summary.json)")
