@@ -23,6 +23,9 @@ never on a scheme's name:
     ``parallel-split``, ``stream``): the process :mod:`sim.core.timeline` simulates;
 ``start(channel)``
     the server loop; returns a :class:`SchemeResult`;
+``reply_expect()`` (and its client's ``request_expect()``)
+    what the receiver's own models fix about a message it decodes (trailing shapes, the
+    timestep range, state names and shapes: :class:`sim.core.wire.Expect`);
 ``cut_features(controlnet, base, x_t, hint, stack, ctx)``
     the two cut-layer tensors of the composed model (evaluation, attacks);
 ``bare(envs, controlnet, settings, turns)``
@@ -82,7 +85,7 @@ from sim.core.diffusion import (
     weighted_mse,
 )
 from sim.core.splits import ClientData
-from sim.core.wire import WireError, decode, encode
+from sim.core.wire import Expect, WireError, decode, encode
 
 # ----------------------------------------------------------------------------- registry
 SCHEMES: dict[str, type] = {}
@@ -314,6 +317,10 @@ class SchemeClient:
     def serve(self, request):
         raise NotImplementedError
 
+    def request_expect(self) -> Expect | None:
+        """What this client's own models fix about a request (:class:`sim.core.wire.Expect`; None: nothing)."""
+        return None
+
     def get_state(self) -> dict[str, torch.Tensor]:
         return {"generator": self.gen.get_state(), "defense-generator": self.defense_gen.get_state()}
 
@@ -346,7 +353,8 @@ class Channel:
 
     ``call(cid, request, reply_type, steps)`` sends one typed request to client ``cid``
     (a partition id) as a ``message_type`` message, waits for the reply and decodes it,
-    validating every field. ``steps`` = (first step, number of steps) the round trip
+    validating every field (and, given ``expect``, what the server's model fixes about it:
+    :class:`sim.core.wire.Expect`). ``steps`` = (first step, number of steps) the round trip
     serves and ``round`` the turn it belongs to, for the transcript. ``node_ids[cid]`` is client cid's node.
     """
 
@@ -364,13 +372,14 @@ class Channel:
     def transcript(self):
         return self.grid.transcript
 
-    def call(self, cid: int, request, reply_type, steps: tuple[int, int] = (0, 0), round: int = 0):
+    def call(self, cid: int, request, reply_type, steps: tuple[int, int] = (0, 0), round: int = 0,
+             expect: Expect | None = None):
         self.grid.window, self.grid.round = steps, round
         msg = Message(encode(request), dst_node_id=self.node_ids[cid], message_type=self.message_type,
                       group_id=str(steps[0]))
         (reply,) = self.grid.send_and_receive([msg])
         try:
-            return decode(reply.content, reply_type)
+            return decode(reply.content, reply_type, expect)
         except WireError as e:  # a corrupt reply stops the run naming the client and the message type
             raise WireError(f"client {cid} (node {self.node_ids[cid]}) sent an invalid reply to "
                             f"{self.message_type!r}: {e}") from e
@@ -406,6 +415,10 @@ class Scheme:
 
     def start(self, channel: "Channel") -> "SchemeResult":
         raise NotImplementedError
+
+    def reply_expect(self) -> Expect | None:
+        """What the server's own models fix about a client's reply (:class:`sim.core.wire.Expect`; None: nothing)."""
+        return None
 
     @classmethod
     def cut_features(cls, controlnet, base, x_t, hint, stack: DefenseStack | None = None,
@@ -474,6 +487,28 @@ class SplitServer(Scheme):
     def server_features(controlnet, control: torch.Tensor) -> torch.Tensor:
         """The ControlNet's first-conv features from the control tensor a client sent."""
         raise NotImplementedError
+
+    @staticmethod
+    def control_channels(controlnet) -> int:
+        """Channels of the control tensor a client sends (what :meth:`server_features` takes)."""
+        raise NotImplementedError
+
+    def reply_expect(self) -> Expect:
+        """What the server's own models fix about a client's batch: each sent tensor's trailing
+        (C, H, W) or (L, D) shape and t in [0, T). Only the invariant parts: the dtypes (fp16 on the
+        wire), a missing context (prompts kept home) and the leading batch dims may vary."""
+        cfg = self.unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else None
+        if self.null_context is not None:  # the public embedding of "": every prompt's (L, D)
+            context = tuple(self.null_context.shape[1:])
+        else:
+            dim = cfg.cross_attention_dim
+            context = (None, dim if isinstance(dim, int) and getattr(cfg, "encoder_hid_dim", None) is None else None)
+        latent, features = self.unet.conv_in.in_channels, self.unet.conv_in.out_channels
+        return Expect(shapes={self.cut.up[0]: (self.control_channels(self.controlnet), size, size),
+                              "unet_features": (features, size, size), "noise": (latent, size, size),
+                              "context": context},
+                      ranges={"t": (0, self.scheduler.config.num_train_timesteps)})
 
     @classmethod
     def trace_server(cls, models, up: dict, meter) -> int:

@@ -38,7 +38,7 @@ from flwr.serverapp.strategy import FedAvg
 from defenses import DefenseStack
 from sim.core.cuts import Cut, controlled_eps
 from sim.core.diffusion import high_noise_weights
-from sim.core.wire import config, decode, metric, state
+from sim.core.wire import Expect, config, decode, metric, shapes_of, state
 
 from .base import (
     Channel,
@@ -109,6 +109,10 @@ class FedAvgClient(SchemeClient):
     def held_modules(self):
         return super().held_modules() + [self.base.unet, self.controlnet]
 
+    def request_expect(self) -> Expect:
+        """The global ControlNet has this client's ControlNet's tensors."""
+        return Expect(states={"arrays": shapes_of(self.controlnet.state_dict())})
+
     def serve(self, request: FitIns) -> FitRes:
         self.controlnet.load_state_dict(request.arrays)
         self.controlnet.train()
@@ -162,11 +166,13 @@ def _mean_scalar_metrics(records: list[RecordDict], weight_key: str) -> MetricRe
 class _TurnFedAvg(FedAvg):
     """Flower's FedAvg, told the turn schedule: each client gets its own ``local-steps``
     (the last round may be short), and every reply is decoded (validated) before
-    Flower aggregates it; the per-step losses are kept in schedule order."""
+    Flower aggregates it (``expect``: the global model's tensors); the per-step losses are kept
+    in schedule order."""
 
-    def __init__(self, turns: list[tuple[int, int]], partition_of: dict[int, int], bar, **kwargs):
+    def __init__(self, turns: list[tuple[int, int]], partition_of: dict[int, int], bar, expect: Expect | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
-        self.turns, self.partition_of, self.bar = turns, partition_of, bar
+        self.turns, self.partition_of, self.bar, self.expect = turns, partition_of, bar, expect
         self.losses: list[float] = []
         self.steps_done = 0
 
@@ -191,7 +197,7 @@ class _TurnFedAvg(FedAvg):
     def aggregate_train(self, server_round, replies):
         replies = list(replies)
         for r in replies:  # RecordingGrid ordered them by partition: the schedule's order
-            res = decode(r.content, FitRes)
+            res = decode(r.content, FitRes, self.expect)
             self.losses.extend(res.losses)
         k = sum(self._round_turns(server_round).values())
         self.steps_done += k
@@ -220,13 +226,18 @@ class FedAvgStrategy(Scheme):
         self.controlnet = controlnet
         self.settings = settings
 
+    def reply_expect(self) -> Expect:
+        """A client's ControlNet has the global ControlNet's tensors."""
+        return Expect(states={"arrays": shapes_of(self.controlnet.state_dict())})
+
     def start(self, channel: Channel) -> SchemeResult:
         t0 = time.perf_counter()
         n = channel.num_clients
         turns = turn_schedule(self.settings.steps, n, self.settings.local_steps)
         bar = progress(self.settings.steps, self.name)
-        flower = _TurnFedAvg(turns, channel.grid.partition_of, bar, fraction_train=1.0, fraction_evaluate=0.0,
-                             min_train_nodes=n, min_available_nodes=n, train_metrics_aggr_fn=_mean_scalar_metrics)
+        flower = _TurnFedAvg(turns, channel.grid.partition_of, bar, self.reply_expect(), fraction_train=1.0,
+                             fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n,
+                             train_metrics_aggr_fn=_mean_scalar_metrics)
         strategy = flower  # fl-server defenses (e.g. server-dp) wrap Flower's strategy
         for d in DefenseStack(self.settings.defenses, type(self)).with_hook("fl-server"):
             strategy = d.wrap_strategy(strategy, n)

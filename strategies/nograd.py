@@ -121,6 +121,10 @@ class NoGradStrategy(SplitServer):
     def server_features(controlnet, control: torch.Tensor) -> torch.Tensor:
         return controlnet.conv_in(control.float())
 
+    @staticmethod
+    def control_channels(controlnet) -> int:
+        return controlnet.conv_in.in_channels  # E(hint) + x_t: a latent
+
     def train_step(self, control_input, unet_features, t, noise, context) -> float:
         return self.server_step(self.server_features(self.controlnet, control_input), unet_features, t, noise, context)
 
@@ -169,8 +173,9 @@ class NoGradStrategy(SplitServer):
         server_s, losses = 0.0, []
         bar = progress(self.settings.steps, self.name)
         turns = turn_schedule(self.settings.steps, channel.num_clients, self.settings.local_steps)
+        expect = self.reply_expect()
         for turn, (cid, k) in enumerate(turns, start=1):
-            reply = channel.call(cid, FeaturesRequest(k), Features, steps=(len(losses), k), round=turn)
+            reply = channel.call(cid, FeaturesRequest(k), Features, steps=(len(losses), k), round=turn, expect=expect)
             s0 = time.perf_counter()
             for i in range(k):
                 context = None if reply.context is None else reply.context[i]

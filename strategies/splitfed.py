@@ -94,10 +94,12 @@ class SplitFedStrategy(HeadSplitServer):
         server_s, losses = 0.0, []
         bar = progress(self.settings.steps, self.name)
         turns = turn_schedule(self.settings.steps, channel.num_clients, self.settings.local_steps)
+        expect = self.reply_expect()
         for rnd, round_turns in enumerate(rounds_of(turns, channel.num_clients), start=1):
             pending = {cid: VanillaRequest(head=self.head_state) for cid, _ in round_turns}
             for cid in interleaved(round_turns):
-                reply = channel.call(cid, pending[cid], VanillaReply, steps=(len(losses), 1), round=rnd)
+                reply = channel.call(cid, pending[cid], VanillaReply, steps=(len(losses), 1), round=rnd,
+                                     expect=expect)
                 if reply.control_features is None:
                     raise RuntimeError(f"splitfed: client {cid} sent no batch")
                 s0 = time.perf_counter()
@@ -109,7 +111,8 @@ class SplitFedStrategy(HeadSplitServer):
             heads, weights = [], []
             for cid, k in round_turns:
                 pending[cid].want_batch = False
-                reply = channel.call(cid, pending[cid], VanillaReply, steps=(len(losses), 0), round=rnd)
+                reply = channel.call(cid, pending[cid], VanillaReply, steps=(len(losses), 0), round=rnd,
+                                     expect=expect)
                 if reply.head is None:
                     raise RuntimeError(f"splitfed: client {cid} did not return its head at the end of round {rnd}")
                 heads.append(reply.head)

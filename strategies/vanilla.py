@@ -22,6 +22,7 @@ is what an active attacker (FSHA, a later issue) exploits.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -37,7 +38,15 @@ from sim.core.cuts import (
     resolve,
     unet_first_conv,
 )
-from sim.core.wire import FEATURE_DTYPES, config, same_leading_dims, state, tensor
+from sim.core.wire import (
+    FEATURE_DTYPES,
+    Expect,
+    config,
+    same_leading_dims,
+    shapes_of,
+    state,
+    tensor,
+)
 
 from .base import (
     Channel,
@@ -135,6 +144,12 @@ class VanillaClient(SchemeClient):
     def held_modules(self) -> list[nn.Module]:
         return super().held_modules() + [self.head]
 
+    def request_expect(self) -> Expect:
+        """The relayed head has this head's tensors; a gradient has the head output's (C, H, W)."""
+        size = self.base.preset.latent_size
+        return Expect(shapes={"control_features_grad": (self.head.conv_in.out_channels, size, size)},
+                      states={"head": shapes_of(self.head.state_dict())})
+
     # ----------------------------------------------------------- state between messages
     def get_state(self) -> dict[str, torch.Tensor]:
         out = super().get_state()
@@ -206,6 +221,14 @@ class HeadSplitServer(SplitServer):
     def server_features(controlnet, control: torch.Tensor) -> torch.Tensor:
         return control.float().requires_grad_(True)
 
+    @staticmethod
+    def control_channels(controlnet) -> int:
+        return controlnet.conv_in.out_channels  # the head's output: the ControlNet's first-conv features
+
+    def reply_expect(self) -> Expect:
+        """A batch as :meth:`SplitServer.reply_expect`; a returned head has the clients' starting head's tensors."""
+        return dataclasses.replace(super().reply_expect(), states={"head": shapes_of(self.head_state)})
+
     def train_step(self, control_features, unet_features, t, noise, context) -> tuple[float, torch.Tensor]:
         control_features = self.server_features(self.controlnet, control_features)
         loss = self.server_step(control_features, unet_features, t, noise, context)
@@ -265,10 +288,11 @@ class VanillaStrategy(HeadSplitServer):
         server_s, losses = 0.0, []
         bar = progress(self.settings.steps, self.name)
         turns = turn_schedule(self.settings.steps, channel.num_clients, self.settings.local_steps)
+        expect = self.reply_expect()
         for turn, (cid, k) in enumerate(turns, start=1):
             request = VanillaRequest(head=self.head_state)
             for _ in range(k):
-                reply = channel.call(cid, request, VanillaReply, steps=(len(losses), 1), round=turn)
+                reply = channel.call(cid, request, VanillaReply, steps=(len(losses), 1), round=turn, expect=expect)
                 if reply.control_features is None:
                     raise RuntimeError(f"vanilla: client {cid} sent no batch")
                 s0 = time.perf_counter()
@@ -279,7 +303,7 @@ class VanillaStrategy(HeadSplitServer):
                 bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             request.want_batch = False
-            reply = channel.call(cid, request, VanillaReply, steps=(len(losses), 0), round=turn)
+            reply = channel.call(cid, request, VanillaReply, steps=(len(losses), 0), round=turn, expect=expect)
             if reply.head is None:
                 raise RuntimeError(f"vanilla: client {cid} did not return its head at the end of its turn")
             self.head_state = reply.head

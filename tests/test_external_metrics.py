@@ -204,6 +204,7 @@ def test_reevaluate_accepts_the_weights_and_passes_them_on(tmp_path, monkeypatch
     run.mkdir()
     write_run_config(run, load_config("smoke", ["schemes=nograd", "baseline=true", "client-seed=5"]))
     (run / "controlnet_nograd").mkdir()
+    (run / "complete.json").write_text("{}")  # a finished run (evaluate refuses unfinished ones)
     calls = []
     monkeypatch.setattr(runner, "context_for", lambda cfg: types.SimpleNamespace(base=None, eval_set=None))
     monkeypatch.setattr(ControlNetModel, "from_pretrained", staticmethod(lambda path: torch.nn.Identity()))

@@ -66,6 +66,7 @@ class PublicConfig:
     jobs: int = 4                            # worker processes: the schemes and the no-control baseline in parallel
     baseline: bool = True                    # also sample the base model without control (the reference row)
     defenses: tuple[str, ...] = ()           # defense specs or bundles, e.g. ["pp-protected"], ["noise:std=0.5"]
+    message_timeout: float = 3600.0          # seconds the server waits for one client's reply (0 = no limit)
     keep_messages: int = 0                   # round trips per scheme whose payloads are saved (seen_<scheme>.pt) for attacks
     keep_from: str = "start"                 # start | end: keep the first or the last keep-messages round trips
     attacks: tuple[str, ...] = ()            # attacks run on the saved round trips after training (keep-messages >= 4 then)
@@ -112,6 +113,8 @@ class PublicConfig:
             if path and not ok(Path(path)):
                 what = "is not a" if Path(path).exists() else "does not exist; expected a"
                 raise ValueError(f"{_kebab(key)}={path!r} {what} {kind} (local weights only; nothing is downloaded)")
+        if self.message_timeout < 0:
+            raise ValueError(f"message-timeout must be >= 0 (0 = no limit), got {self.message_timeout}")
         if self.keep_messages < 0:
             raise ValueError(f"keep-messages must be >= 0, got {self.keep_messages}")
         if self.attacks and self.keep_messages == 0:

@@ -43,12 +43,17 @@ def save_rows_grid(rows: dict[str, np.ndarray], path: str | Path, scale: int = 4
         ax.set_yticks([])
         ax.set_xticks([])
         ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    return _finish(plt, fig, path, title, dpi=120)
+
+
+def _finish(plt, fig, path: str | Path, title: str | None, dpi: int) -> Path:
+    """Title, tight layout, save (creating the folder), close; returns the path."""
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -465,11 +470,4 @@ def plot_timeline(data: dict, out: str | Path, title: str = "", dashed: dict | N
     axes[0][0].set_ylabel("wall-clock per epoch, hours (log; lower is better)")
     for ax in axes[0]:
         ax.legend(fontsize=7.5, loc="lower left")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, out, title, dpi=130)

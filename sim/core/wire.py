@@ -9,9 +9,21 @@ only records). :func:`encode` turns a message into Flower records
 metrics into the ``MetricRecord`` ``"metrics"`` -- which is also Flower's own layout for
 ``FedAvg`` (``"arrays"`` + ``"config"`` down, ``"arrays"`` + ``"metrics"`` with
 ``"num-examples"`` up). :func:`decode` turns records back into the dataclass and
-validates every field on receipt: a missing field, a wrong dtype or rank, a NaN or an
-Inf raises :class:`WireError` naming the message and the field, so a run never
-continues on a corrupt payload.
+validates every field on receipt, raising :class:`WireError` naming the message and the
+field, so a run never continues on a corrupt payload. Always checked:
+
+* every declared field present (unless optional or defaulted), and nothing undeclared: no
+  other record, tensor, state, config or metric key (replies may also carry the
+  transport's own finite numbers, :data:`TRANSPORT_METRICS`);
+* tensors: the declared dtype and rank, at least one element (no empty batch), no NaN or Inf;
+* states: the declared dtype, no NaN or Inf;
+* configs and metrics: the declared type, no NaN or Inf (in lists too);
+* the message's own ``check()`` (e.g. fields that share a batch size).
+
+What depends on the receiver's model (trailing shapes, the timestep range, the names and
+shapes of a state dict) the receiver passes as an :class:`Expect`, checked where given (the
+strategies build theirs from their own models: a server's ``reply_expect``, a client's
+``request_expect``).
 
 Bytes on the wire (:func:`record_nbytes`) are the serialised sizes Flower ships: each
 array's buffer (NumPy ``.npy`` bytes, header included), 8 bytes per number and the
@@ -20,6 +32,7 @@ UTF-8 length of each string.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +46,9 @@ METRICS = "metrics"
 
 
 FEATURE_DTYPES = (torch.float32, torch.float16)  # sent features: fp32, or fp16 under wire quantisation
+# metrics the transport adds to every reply beyond its message's fields (sim.engine.client_app: the
+# handler's seconds and the process's peak memory, sim.engine.transcript.CLIENT_S / CLIENT_PEAK_MB)
+TRANSPORT_METRICS = frozenset({"client-s", "client-peak-mb"})
 
 
 class WireError(ValueError):
@@ -75,6 +91,40 @@ def metric(typ, default=dataclasses.MISSING, key: str | None = None):
 
 def _specs(cls) -> list[tuple[str, Spec]]:
     return [(f.name, f.metadata["wire"]) for f in dataclasses.fields(cls)]
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What the receiver's own model fixes about a message, checked by :func:`decode` where given.
+
+    Parameters
+    ----------
+    shapes : tensor field -> its trailing shape (the last ``len(shape)`` sizes; None: any size there)
+    ranges : tensor field -> (low, high): every value in [low, high) (timesteps: (0, T))
+    states : state field -> {name: shape}: exactly these tensors (the model's ``state_dict``, :func:`shapes_of`)
+    """
+
+    shapes: Mapping[str, tuple[int | None, ...]] = field(default_factory=dict)
+    ranges: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    states: Mapping[str, Mapping[str, tuple[int, ...]]] = field(default_factory=dict)
+
+    def check_against(self, cls) -> None:
+        """Raise TypeError unless every name is a field of ``cls`` of the right kind (a stale expectation)."""
+        specs = dict(_specs(cls))
+        for what, names, kind in (("shapes", self.shapes, "tensor"), ("ranges", self.ranges, "tensor"),
+                                  ("states", self.states, "state")):
+            for n in names:
+                if n not in specs or specs[n].kind != kind:
+                    raise TypeError(f"Expect.{what}[{n!r}]: {cls.__name__} has no {kind} field {n!r}")
+        for n, shape in self.shapes.items():
+            if specs[n].ndim is not None and len(shape) > specs[n].ndim:
+                raise TypeError(f"Expect.shapes[{n!r}] = {shape} has more dims than {cls.__name__}.{n} "
+                                f"({specs[n].ndim})")
+
+
+def shapes_of(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in a state dict (for :attr:`Expect.states`)."""
+    return {k: tuple(v.shape) for k, v in sd.items()}
 
 
 # ----------------------------------------------------------------------------- encode
@@ -123,16 +173,83 @@ def _check_tensor(cls, name: str, t: torch.Tensor, dtype, ndim: int | None) -> t
     return t
 
 
+def _check_expected(cls, name: str, t: torch.Tensor, expect: Expect) -> None:
+    shape = expect.shapes.get(name)
+    if shape:
+        tail = tuple(t.shape)[-len(shape):]
+        if len(tail) != len(shape) or any(w is not None and g != w for g, w in zip(tail, shape)):
+            want = ", ".join("*" if w is None else str(w) for w in shape)
+            _fail(cls, name, f"shape {tuple(t.shape)}, expected trailing shape (..., {want})")
+    if name in expect.ranges:
+        low, high = expect.ranges[name]
+        lo, hi = t.min().item(), t.max().item()
+        if lo < low or hi >= high:
+            _fail(cls, name, f"values in [{lo}, {hi}], expected in [{low}, {high})")
+
+
+def _check_state(cls, name: str, sd: dict[str, torch.Tensor], want: Mapping[str, tuple[int, ...]]) -> None:
+    missing, unexpected = [k for k in want if k not in sd], [k for k in sd if k not in want]
+    if missing or unexpected:
+        def some(keys):
+            return f"{keys[:3]}" + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+        _fail(cls, name, f"keys differ from the model's: missing {some(missing)}, unexpected {some(unexpected)}")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(want[k]):
+            _fail(cls, f"{name}[{k!r}]", f"shape {tuple(v.shape)}, expected {tuple(want[k])}")
+
+
+def _check_number(cls, name: str, value) -> None:
+    values = value if isinstance(value, list) else [value]
+    bad = sum(1 for v in values if isinstance(v, float) and not np.isfinite(v))
+    if bad:
+        _fail(cls, name, f"{value} is not finite" if not isinstance(value, list)
+              else f"{bad} of {len(values)} values are NaN or Inf")
+
+
+def _check_layout(content: RecordDict, cls, tensors: dict, cfg, metrics) -> None:
+    """Nothing undeclared: no other record, tensor, state, config or metric key than ``cls`` declares."""
+    keys = {kind: set() for kind in ("tensor", "state", "config", "metric")}
+    for name, spec in _specs(cls):
+        keys[spec.kind].add(spec.key or name)
+    for rec in content.array_records:
+        if rec != TENSORS and rec not in keys["state"]:
+            _fail(cls, rec, f"not a field of {cls.__name__} (an undeclared array record)")
+    for rec in list(content.config_records) + list(content.metric_records):
+        if rec not in (CONFIG, METRICS):
+            _fail(cls, rec, f"not a field of {cls.__name__} (an undeclared record)")
+    for got, kind in ((tensors, "tensor"), (cfg, "config"), (metrics, "metric")):
+        allowed = keys[kind] | (TRANSPORT_METRICS if kind == "metric" else set())
+        for k in got:
+            if k not in allowed:
+                _fail(cls, k, f"not a field of {cls.__name__} (an undeclared {kind})")
+    for k in TRANSPORT_METRICS & set(metrics) - keys["metric"]:
+        v = metrics[k]
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            _fail(cls, k, f"{type(v).__name__} {v!r}, expected a number")
+        _check_number(cls, k, v)
+
+
 def _array_dict(record: ArrayRecord) -> dict[str, torch.Tensor]:
     # ArrayRecord.to_torch_state_dict copies; from_numpy over the deserialised array avoids a second copy
     return {k: torch.from_numpy(np.ascontiguousarray(a.numpy())) for k, a in record.items()}
 
 
-def decode(content: RecordDict, cls):
-    """Records back into a ``cls`` message, every field validated (raises :class:`WireError`)."""
+def decode(content: RecordDict, cls, expect: Expect | None = None):
+    """Records back into a ``cls`` message, every field validated (raises :class:`WireError`).
+
+    Parameters
+    ----------
+    content : the received records
+    cls : the message class they must be
+    expect : what the receiver's model fixes about them (trailing shapes, value ranges, state
+        names and shapes); None checks only what ``cls`` declares
+    """
+    if expect is not None:
+        expect.check_against(cls)
     tensors = _array_dict(content.array_records[TENSORS]) if TENSORS in content.array_records else {}
     cfg = content.config_records.get(CONFIG, ConfigRecord())
     metrics = content.metric_records.get(METRICS, MetricRecord())
+    _check_layout(content, cls, tensors, cfg, metrics)
     kwargs = {}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name, spec in _specs(cls):
@@ -142,13 +259,20 @@ def decode(content: RecordDict, cls):
                 if not spec.optional:
                     _fail(cls, name, "missing")
                 continue
-            kwargs[name] = _check_tensor(cls, name, tensors[key], spec.dtype, spec.ndim)
+            t = _check_tensor(cls, name, tensors[key], spec.dtype, spec.ndim)
+            if t.numel() == 0:
+                _fail(cls, name, f"empty: shape {tuple(t.shape)}")
+            if expect is not None:
+                _check_expected(cls, name, t, expect)
+            kwargs[name] = t
         elif spec.kind == "state":
             if key not in content.array_records:
                 if not spec.optional:
                     _fail(cls, name, "missing")
                 continue
             sd = _array_dict(content.array_records[key])
+            if expect is not None and name in expect.states:
+                _check_state(cls, name, sd, expect.states[name])
             kwargs[name] = {k: _check_tensor(cls, f"{name}[{k!r}]", v, spec.dtype, None) for k, v in sd.items()}
         else:
             rec = cfg if spec.kind == "config" else metrics
@@ -159,8 +283,7 @@ def decode(content: RecordDict, cls):
             value = rec[key]
             if not isinstance(value, spec.dtype) or (spec.dtype in (int, float) and isinstance(value, bool)):
                 _fail(cls, name, f"{type(value).__name__} {value!r}, expected {spec.dtype}")
-            if isinstance(value, float) and not np.isfinite(value):
-                _fail(cls, name, f"{value} is not finite")
+            _check_number(cls, name, value)
             kwargs[name] = value
     msg = cls(**kwargs)
     check = getattr(msg, "check", None)

@@ -9,7 +9,8 @@ the run config), its own data partition and its client seed (from the node confi
 ``partition-id``, and the client-side ``data-seed`` and ``client-seed``; a node without a
 ``client-seed`` draws one on its first message and keeps it in its own state, so it never
 leaves the node). It restores what must outlive a message from ``context.state``, decodes
-and validates the request (:mod:`sim.core.wire`), serves it, saves the state back and
+and validates the request (:mod:`sim.core.wire`; against what the client's own models fix
+about it, ``request_expect``), serves it, saves the state back and
 replies. So the app also works where every message runs in a fresh process (Flower's
 Deployment Engine). Replies carry two extra metrics: ``client-s`` (seconds in the
 handler) and ``client-peak-mb`` (the process's peak RSS).
@@ -83,7 +84,7 @@ def serve(msg: Message, context: Context, scheme: str, env_fn: Callable) -> Mess
     key = STATE_KEY.format(scheme=scheme)
     if key in context.state.array_records:
         client.set_state(context.state.array_records[key].to_torch_state_dict())
-    reply = client.serve(decode(msg.content, cls.request_type))
+    reply = client.serve(decode(msg.content, cls.request_type, client.request_expect()))
     context.state[key] = ArrayRecord(torch_state_dict=client.get_state())
     content = encode(reply)
     metrics = content.metric_records.get(METRICS, MetricRecord())

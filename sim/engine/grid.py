@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -93,7 +94,31 @@ class InProcessGrid(Grid):
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return list(self.pull_messages(list(self.push_messages(messages))))
+        """Each message served in turn; with ``timeout`` (seconds per message), a client that has not
+        replied by then yields no reply, as under Flower's engines (its call goes on in a daemon
+        thread: Python cannot stop it). An exception in the ClientApp propagates, as in-process."""
+        ids = list(self.push_messages(messages))
+        if timeout is None:
+            return list(self.pull_messages(ids))
+        replies = []
+        for mid in ids:
+            m = self._pending.pop(mid)
+            box: dict = {}
+
+            def serve(m=m, box=box):
+                try:
+                    box["reply"] = self.client_app(m, self.contexts[m.metadata.dst_node_id])
+                except BaseException as e:  # handed to the caller's thread below
+                    box["error"] = e
+
+            worker = threading.Thread(target=serve, daemon=True, name=f"client-node-{m.metadata.dst_node_id}")
+            worker.start()
+            worker.join(timeout)
+            if "error" in box:
+                raise box["error"]
+            if "reply" in box:
+                replies.append(box["reply"])
+        return replies
 
 
 def in_process_grid(cfg: ExperimentConfig) -> InProcessGrid:

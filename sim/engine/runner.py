@@ -57,17 +57,19 @@ def train_scheme(scheme: str, cfg: PublicConfig, grid=None, node_ids=None, trans
     if grid is None:
         grid = in_process_grid(cfg)
     ctx = context_for(cfg)
-    return run_strategy(scheme, ctx, grid, node_ids or discover(grid, cfg.num_clients), transcript)
+    return run_strategy(scheme, ctx, grid, node_ids or discover(grid, cfg.num_clients), transcript,
+                        timeout=cfg.message_timeout or None)
 
 
-def run_strategy(scheme: str, ctx, grid, node_ids: list[int], transcript=None, settings=None):
+def run_strategy(scheme: str, ctx, grid, node_ids: list[int], transcript=None, settings=None,
+                 timeout: float | None = None):
     """The server side of one scheme on ``grid``: the strategy gets the frozen UNet, the public
     initial ControlNet and the recipe (``settings``, default the context's); every message is
-    recorded in ``transcript``."""
+    recorded in ``transcript``; a client that has not replied within ``timeout`` seconds stops it."""
     cls = get_strategy(scheme)
     settings = settings or ctx.settings
     transcript = transcript if transcript is not None else Transcript()
-    rgrid = RecordingGrid(grid, transcript, {n: i for i, n in enumerate(node_ids)}, scheme)
+    rgrid = RecordingGrid(grid, transcript, {n: i for i, n in enumerate(node_ids)}, scheme, timeout=timeout)
     strategy = cls(ctx.base.unet, ctx.controlnet, ctx.scheduler, settings, null_context=ctx.null_context)
     result = strategy.start(Channel(rgrid, node_ids, cls.message_type))
     # what a client of this scheme trains: a property of the scheme, computed on a public client

@@ -107,6 +107,10 @@ class Transcript:
         return {"bytes_up": up, "bytes_down": down}
 
 
+class ClientTimeout(TimeoutError):
+    """A client did not reply in time (an OSError: the CLI reports it and exits 2)."""
+
+
 class RecordingGrid(Grid):
     """A Flower ``Grid`` that passes messages to ``inner`` and records each round trip.
 
@@ -116,11 +120,13 @@ class RecordingGrid(Grid):
     or the split-learning turn).
     """
 
-    def __init__(self, inner: Grid, transcript: Transcript, partition_of: dict[int, int], scheme: str = ""):
+    def __init__(self, inner: Grid, transcript: Transcript, partition_of: dict[int, int], scheme: str = "",
+                 timeout: float | None = None):
         self.inner = inner
         self.transcript = transcript
         self.partition_of = dict(partition_of)
         self.scheme = scheme
+        self.timeout = timeout  # seconds per call at most (``message-timeout``); None: the caller's
         self.window = (0, 0)
         self.round = 0
 
@@ -149,13 +155,16 @@ class RecordingGrid(Grid):
         by_node = {m.metadata.dst_node_id: m for m in messages}
         if len(by_node) != len(messages):
             raise ValueError("RecordingGrid sends at most one message per node per call")
+        if self.timeout is not None:
+            timeout = self.timeout if timeout is None else min(timeout, self.timeout)
         t0 = time.perf_counter()
         replies = list(self.inner.send_and_receive(messages, timeout=timeout))
         elapsed = time.perf_counter() - t0
         if len(replies) != len(messages):
             got = {r.metadata.src_node_id for r in replies}
             missing = sorted(self.partition_of.get(n, n) for n in by_node if n not in got)
-            raise RuntimeError(f"{self.scheme}: no reply from client(s) {missing} within the timeout")
+            raise ClientTimeout(f"{self.scheme}: no reply from client(s) {missing} (round {self.round}) within "
+                                f"{timeout:g} s; raise message-timeout if they are only slow")
         replies.sort(key=lambda r: self.partition_of.get(r.metadata.src_node_id, 0))  # deterministic order
         first, n = self.window
         for r in replies:
