@@ -23,7 +23,7 @@ from sim.core.wire import (
 from sim.engine.client_app import client_app_for
 from sim.engine.grid import InProcessGrid, discover
 from sim.engine.runner import run_strategy
-from sim.engine.transcript import CLIENT_PEAK_MB, CLIENT_S, MessageStat, Transcript
+from sim.engine.transcript import CLIENT_PEAK_MB, CLIENT_S, CLIENT_SETUP_S, MessageStat, Transcript
 from strategies import get_strategy
 from strategies.base import ClientData, ClientEnv, TrainSettings
 from strategies.fedavg import FitIns, FitRes
@@ -179,7 +179,7 @@ def test_a_field_the_message_does_not_declare_is_rejected(add, name, kind):
 
 
 def test_transport_metrics_are_allowed_on_replies_but_must_be_finite():
-    assert TRANSPORT_METRICS == {CLIENT_S, CLIENT_PEAK_MB}  # what the ClientApp adds to every reply
+    assert TRANSPORT_METRICS == {CLIENT_S, CLIENT_PEAK_MB, CLIENT_SETUP_S}  # what the ClientApp adds to every reply
     content = encode(FitRes({"w": torch.ones(2)}, 3, [0.1]))
     content["metrics"][CLIENT_S], content["metrics"][CLIENT_PEAK_MB] = 0.5, 100.0
     assert decode(content, FitRes).num_examples == 3

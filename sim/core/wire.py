@@ -48,7 +48,7 @@ METRICS = "metrics"
 FEATURE_DTYPES = (torch.float32, torch.float16)  # sent features: fp32, or fp16 under wire quantisation
 # metrics the transport adds to every reply beyond its message's fields (sim.engine.client_app: the
 # handler's seconds and the process's peak memory, sim.engine.transcript.CLIENT_S / CLIENT_PEAK_MB)
-TRANSPORT_METRICS = frozenset({"client-s", "client-peak-mb"})
+TRANSPORT_METRICS = frozenset({"client-s", "client-peak-mb", "client-setup-s"})
 
 
 class WireError(ValueError):

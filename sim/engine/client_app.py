@@ -12,8 +12,10 @@ leaves the node). It restores what must outlive a message from ``context.state``
 and validates the request (:mod:`sim.core.wire`; against what the client's own models fix
 about it, ``request_expect``), serves it, saves the state back and
 replies. So the app also works where every message runs in a fresh process (Flower's
-Deployment Engine). Replies carry two extra metrics: ``client-s`` (seconds in the
-handler) and ``client-peak-mb`` (the process's peak RSS).
+Deployment Engine). Replies carry three extra metrics: ``client-s`` (seconds of the
+handler's own compute), ``client-setup-s`` (seconds building its models and data first: a
+fresh process's start-up under the Deployment Engine, ~0 where they are cached) and
+``client-peak-mb`` (the process's peak RSS).
 
 ``make_client_app(env_fn)`` builds the app around another environment (tests use tiny
 random models); ``app`` is the one ``flwr run`` loads (see pyproject.toml).
@@ -38,7 +40,7 @@ from sim.core.config import ExperimentConfig, PublicConfig, from_run_config
 from sim.core.wire import METRICS, decode, encode
 from sim.engine.clientside import draw_client_seed, from_node_config
 from sim.engine.context import check_components, context_for
-from sim.engine.transcript import CLIENT_PEAK_MB, CLIENT_S, peak_rss_mb
+from sim.engine.transcript import CLIENT_PEAK_MB, CLIENT_S, CLIENT_SETUP_S, peak_rss_mb
 from strategies import SCHEMES, get_strategy
 
 HELLO = "hello"
@@ -77,10 +79,16 @@ def env_from_run_config(context: Context, public: PublicConfig | None = None):
 
 
 def serve(msg: Message, context: Context, scheme: str, env_fn: Callable) -> Message:
-    """Build the scheme's client, restore its state, answer the request, save the state."""
+    """Build the scheme's client, restore its state, answer the request, save the state.
+
+    ``client-setup-s``: building the environment (models and data: in a fresh process, as the
+    Deployment Engine starts for each message, its start-up; cached within a process);
+    ``client-s``: everything after it, the handler's own compute."""
+    t_setup = time.perf_counter()
+    env = env_fn(context)
     t0 = time.perf_counter()
     cls = get_strategy(scheme).client_class
-    client = cls(partition_id(context), env_fn(context))
+    client = cls(partition_id(context), env)
     key = STATE_KEY.format(scheme=scheme)
     if key in context.state.array_records:
         client.set_state(context.state.array_records[key].to_torch_state_dict())
@@ -89,6 +97,7 @@ def serve(msg: Message, context: Context, scheme: str, env_fn: Callable) -> Mess
     content = encode(reply)
     metrics = content.metric_records.get(METRICS, MetricRecord())
     metrics[CLIENT_S] = time.perf_counter() - t0
+    metrics[CLIENT_SETUP_S] = t0 - t_setup
     metrics[CLIENT_PEAK_MB] = peak_rss_mb()
     content[METRICS] = metrics
     return Message(content, reply_to=msg)

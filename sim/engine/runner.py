@@ -90,6 +90,7 @@ def summary_row(res, metrics: dict) -> dict:
         "messages_per_step": t.messages / res.steps, "steps": res.steps,
         "wall_s": round(res.wall_s, 2), "client_s": round(t.client_s, 2), "server_s": round(res.server_s, 2),
         "client_s_per_step": t.client_s / res.steps, "server_s_per_step": res.server_s / res.steps,
+        "client_setup_s": round(t.client_setup_s, 2),
         "client_peak_rss_mb": round(t.client_peak_mb, 1), **res.extra,
     }
 

@@ -32,6 +32,7 @@ from sim.core.wire import METRICS, record_nbytes
 
 CLIENT_S = "client-s"  # reply metric: seconds the client spent in its handler
 CLIENT_PEAK_MB = "client-peak-mb"  # reply metric: the client process's peak resident memory so far (MiB)
+CLIENT_SETUP_S = "client-setup-s"  # reply metric: seconds spent building the client (models, data) before serving
 
 
 def peak_rss_mb() -> float:
@@ -55,6 +56,7 @@ class MessageStat:
     client_s: float
     client_peak_mb: float
     round_trip_s: float
+    client_setup_s: float = 0.0  # building the client's models and data (a fresh process: its start-up)
 
 
 @dataclass
@@ -90,6 +92,10 @@ class Transcript:
     @property
     def client_s(self) -> float:
         return sum(s.client_s for s in self.stats)
+
+    @property
+    def client_setup_s(self) -> float:
+        return sum(s.client_setup_s for s in self.stats)
 
     @property
     def client_peak_mb(self) -> float:
@@ -178,7 +184,7 @@ class RecordingGrid(Grid):
             stat = MessageStat(len(self.transcript.stats), self.round, self.scheme, cid, req.metadata.message_type,
                                first, n, record_nbytes(req.content), record_nbytes(r.content),
                                float(m.get(CLIENT_S, 0.0)), float(m.get(CLIENT_PEAK_MB, 0.0)),
-                               elapsed / len(replies))
+                               elapsed / len(replies), float(m.get(CLIENT_SETUP_S, 0.0)))
             self.transcript.add(stat, req.content, r.content)
         return replies
 
