@@ -202,13 +202,15 @@ class TrainSettings:
     prompt_dropout: float = 0.0  # fraction of training prompts replaced by the empty prompt
     defenses: tuple[str, ...] = ()  # defense specs (public: the server knows which defenses run)
     keep_optimizer: bool = True  # fedavg: a client keeps its AdamW state between rounds (else a fresh one per round)
+    min_reply_fraction: float = 1.0  # fedavg: a round goes on with this fraction of its clients' replies
 
     @classmethod
     def from_config(cls, cfg) -> "TrainSettings":
         """The recipe of a :class:`sim.core.config.ExperimentConfig`."""
         return cls(lr=cfg.lr, steps=cfg.steps, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
                    high_noise_weight=cfg.high_noise_weight, prompt_dropout=cfg.prompt_dropout,
-                   defenses=tuple(cfg.defenses), keep_optimizer=cfg.fedavg_keep_optimizer)
+                   defenses=tuple(cfg.defenses), keep_optimizer=cfg.fedavg_keep_optimizer,
+                   min_reply_fraction=cfg.min_reply_fraction)
 
 
 def diffusion_loss(eps_hat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler,

@@ -38,7 +38,7 @@ from flwr.serverapp.strategy import FedAvg
 from defenses import DefenseStack
 from sim.core.cuts import Cut, controlled_eps
 from sim.core.diffusion import high_noise_weights
-from sim.core.wire import Expect, config, decode, metric, shapes_of, state
+from sim.core.wire import ClientFailure, Expect, config, decode, metric, shapes_of, state
 
 from .base import (
     Channel,
@@ -170,9 +170,10 @@ class _TurnFedAvg(FedAvg):
     in schedule order."""
 
     def __init__(self, turns: list[tuple[int, int]], partition_of: dict[int, int], bar, expect: Expect | None = None,
-                 **kwargs):
+                 min_reply_fraction: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         self.turns, self.partition_of, self.bar, self.expect = turns, partition_of, bar, expect
+        self.min_reply_fraction, self.sent = min_reply_fraction, 0
         self.losses: list[float] = []
         self.steps_done = 0
 
@@ -183,6 +184,7 @@ class _TurnFedAvg(FedAvg):
     def configure_train(self, server_round, arrays, config, grid):
         messages = super().configure_train(server_round, arrays, config, grid)
         ks = self._round_turns(server_round)
+        self.sent = sum(1 for k in ks.values() if k)
         out = []
         for m in messages:
             k = ks.get(self.partition_of[m.metadata.dst_node_id], 0)
@@ -195,11 +197,17 @@ class _TurnFedAvg(FedAvg):
         return out
 
     def aggregate_train(self, server_round, replies):
-        replies = list(replies)
+        replies = list(replies)  # a tolerant grid has dropped (and recorded) the failed ones
+        need = math.ceil(self.min_reply_fraction * self.sent - 1e-9)
+        if len(replies) < need:
+            raise ClientFailure(f"fedavg: round {server_round}: {len(replies)} of {self.sent} clients replied, fewer "
+                                f"than min-reply-fraction={self.min_reply_fraction} needs ({need}); see the "
+                                "transcript's failures")
+        ks = self._round_turns(server_round)
         for r in replies:  # RecordingGrid ordered them by partition: the schedule's order
             res = decode(r.content, FitRes, self.expect)
             self.losses.extend(res.losses)
-        k = sum(self._round_turns(server_round).values())
+        k = sum(ks[self.partition_of[r.metadata.src_node_id]] for r in replies)
         self.steps_done += k
         self.bar.update(k)
         if self.losses:
@@ -235,7 +243,10 @@ class FedAvgStrategy(Scheme):
         n = channel.num_clients
         turns = turn_schedule(self.settings.steps, n, self.settings.local_steps)
         bar = progress(self.settings.steps, self.name)
-        flower = _TurnFedAvg(turns, channel.grid.partition_of, bar, self.reply_expect(), fraction_train=1.0,
+        # below 1, a round goes on without failed clients (Flower's FedAvg aggregates the replies it has)
+        channel.grid.tolerate = self.settings.min_reply_fraction < 1
+        flower = _TurnFedAvg(turns, channel.grid.partition_of, bar, self.reply_expect(),
+                             min_reply_fraction=self.settings.min_reply_fraction, fraction_train=1.0,
                              fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n,
                              train_metrics_aggr_fn=_mean_scalar_metrics)
         strategy = flower  # fl-server defenses (e.g. server-dp) wrap Flower's strategy
@@ -249,7 +260,9 @@ class FedAvgStrategy(Scheme):
         final.load_state_dict(result.arrays.to_torch_state_dict())
         wall = time.perf_counter() - t0
         server_s = wall - sum(s.round_trip_s for s in channel.transcript.stats if s.scheme == self.name)
-        extra = {"rounds": math.ceil(len(turns) / n)}
+        extra = {"rounds": math.ceil(len(turns) / n), "failed_replies": len(channel.transcript.failures)}
+        if channel.transcript.failures:  # which client, round and why: in the summary row
+            extra["failures"] = list(channel.transcript.failures)
         if getattr(strategy, "noise_std", None):  # server-dp: the noise std it added per round
             extra["server_dp_noise_std"] = list(strategy.noise_std)
         return SchemeResult(self.name, final.eval(), flower.losses, len(flower.losses), wall, server_s,

@@ -10,7 +10,7 @@ from sim.engine.client_app import client_app_for
 from sim.engine.context import context_for, load_experiment
 from sim.engine.grid import InProcessGrid, discover
 from sim.engine.runner import run_strategy
-from sim.engine.transcript import ClientTimeout
+from sim.core.wire import ClientFailure, ClientTimeout
 
 
 @pytest.mark.parametrize("scheme", ["nograd", "vanilla", "fedavg"])
@@ -39,3 +39,50 @@ def test_a_hanging_client_is_named_after_the_message_timeout(scheme):
 def test_message_timeout_must_not_be_negative():
     with pytest.raises(ValueError, match="message-timeout must be >= 0"):
         load_experiment("smoke", ["message-timeout=-1"])
+
+
+def _failing_grid(cfg, ctx, failing_client: int, on_message: int = 1):
+    """An in-process grid whose client ``failing_client`` raises on its ``on_message``-th training message."""
+    real = client_app_for([ctx.client_env(cfg, c) for c in range(cfg.num_clients)])
+    count = {"n": 0}
+
+    def app(msg, context):
+        if context.node_config["partition-id"] == failing_client and "hello" not in msg.metadata.message_type:
+            count["n"] += 1
+            if count["n"] == on_message:
+                raise RuntimeError("injected failure")
+        return real(msg, context)
+
+    return InProcessGrid(app, cfg.num_clients, {})
+
+
+def test_fedavg_goes_on_without_a_failed_client_above_the_minimum_fraction():
+    keys = ["schemes=[\"fedavg\"]", "num-clients=3", "steps=12", "local-steps=2", "client-seed=3"]
+    cfg = load_experiment("smoke", keys + ["min-reply-fraction=0.6"])
+    ctx = context_for(cfg)
+    grid = _failing_grid(cfg, ctx, failing_client=2)
+    res = run_strategy("fedavg", ctx, grid, discover(grid, cfg.num_clients), timeout=cfg.message_timeout)
+    failures = res.transcript.failures
+    assert [(f["round"], f["client"]) for f in failures] == [(1, 2)] and "injected failure" in failures[0]["reason"]
+    assert res.extra["failed_replies"] == 1 and res.extra["failures"] == failures
+    assert res.steps == 12 - 2  # client 2's two steps of round 1 are lost, the other rounds are whole
+    # by default every client must reply: the same failure stops the run, naming the client
+    strict = load_experiment("smoke", keys)
+    ctx = context_for(strict)
+    grid = _failing_grid(strict, ctx, failing_client=2)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_strategy("fedavg", ctx, grid, discover(grid, strict.num_clients), timeout=strict.message_timeout)
+
+
+def test_fedavg_stops_when_fewer_clients_reply_than_the_minimum():
+    cfg = load_experiment("smoke", ["schemes=[\"fedavg\"]", "num-clients=3", "steps=12", "local-steps=2",
+                                    "client-seed=3", "min-reply-fraction=0.9"])
+    ctx = context_for(cfg)
+    grid = _failing_grid(cfg, ctx, failing_client=1, on_message=2)
+    with pytest.raises(ClientFailure, match=r"round 2: 2 of 3 clients replied, fewer than min-reply-fraction=0.9"):
+        run_strategy("fedavg", ctx, grid, discover(grid, cfg.num_clients), timeout=cfg.message_timeout)
+
+
+def test_min_reply_fraction_is_a_fraction():
+    with pytest.raises(ValueError, match="min-reply-fraction must be in"):
+        load_experiment("smoke", ["min-reply-fraction=0"])

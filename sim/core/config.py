@@ -67,6 +67,7 @@ class PublicConfig:
     baseline: bool = True                    # also sample the base model without control (the reference row)
     defenses: tuple[str, ...] = ()           # defense specs or bundles, e.g. ["pp-protected"], ["noise:std=0.5"]
     message_timeout: float = 3600.0          # seconds the server waits for one client's reply (0 = no limit)
+    min_reply_fraction: float = 1.0          # fedavg: fewest of a round's clients whose replies are aggregated
     keep_messages: int = 0                   # round trips per scheme whose payloads are saved (seen_<scheme>.pt) for attacks
     keep_from: str = "start"                 # start | end: keep the first or the last keep-messages round trips
     attacks: tuple[str, ...] = ()            # attacks run on the saved round trips after training (keep-messages >= 4 then)
@@ -113,6 +114,8 @@ class PublicConfig:
             if path and not ok(Path(path)):
                 what = "is not a" if Path(path).exists() else "does not exist; expected a"
                 raise ValueError(f"{_kebab(key)}={path!r} {what} {kind} (local weights only; nothing is downloaded)")
+        if not 0 < self.min_reply_fraction <= 1:
+            raise ValueError(f"min-reply-fraction must be in (0, 1], got {self.min_reply_fraction}")
         if self.message_timeout < 0:
             raise ValueError(f"message-timeout must be >= 0 (0 = no limit), got {self.message_timeout}")
         if self.keep_messages < 0:

@@ -55,6 +55,14 @@ class WireError(ValueError):
     """A payload that does not match its declared message type."""
 
 
+class ClientTimeout(TimeoutError):
+    """A client did not reply in time (an OSError: the CLI reports it and exits 2)."""
+
+
+class ClientFailure(ConnectionError):
+    """A client failed (an error reply), or too many did for a strategy to go on (CLI: exit 2)."""
+
+
 @dataclass(frozen=True)
 class Spec:
     """How one field travels: kind (tensor | state | config | metric), record key, dtype, rank."""

@@ -20,7 +20,8 @@ import time
 import uuid
 from collections.abc import Iterable
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
@@ -59,6 +60,9 @@ class InProcessGrid(Grid):
                                               state=RecordDict(), run_config=dict(run_config))
             for i in range(num_nodes)
         }
+        # an exception in the ClientApp: raised here (default), or returned as an error reply, as
+        # Flower's engines do (set by a strategy that tolerates failed clients)
+        self.errors_as_replies = False
         # what a running ServerApp has set: lets Flower's strategies build Messages
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SERVER_NODE_ID
 
@@ -90,7 +94,12 @@ class InProcessGrid(Grid):
         replies = []
         for mid in message_ids:
             m = self._pending.pop(mid)
-            replies.append(self.client_app(m, self.contexts[m.metadata.dst_node_id]))
+            try:
+                replies.append(self.client_app(m, self.contexts[m.metadata.dst_node_id]))
+            except Exception as e:  # noqa: BLE001 -- the client's failure, whatever it is
+                if not self.errors_as_replies:
+                    raise
+                replies.append(error_reply(m, e))
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
@@ -115,10 +124,18 @@ class InProcessGrid(Grid):
             worker.start()
             worker.join(timeout)
             if "error" in box:
-                raise box["error"]
+                if not self.errors_as_replies or not isinstance(box["error"], Exception):
+                    raise box["error"]
+                box["reply"] = error_reply(m, box["error"])
             if "reply" in box:
                 replies.append(box["reply"])
         return replies
+
+
+def error_reply(msg: Message, e: Exception) -> Message:
+    """The reply Flower's engines give for a ClientApp that raised."""
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(e).__name__}: {e}"),
+                   reply_to=msg)
 
 
 def in_process_grid(cfg: ExperimentConfig) -> InProcessGrid:

@@ -28,7 +28,7 @@ import torch
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from sim.core.wire import METRICS, record_nbytes
+from sim.core.wire import METRICS, ClientFailure, ClientTimeout, record_nbytes
 
 CLIENT_S = "client-s"  # reply metric: seconds the client spent in its handler
 CLIENT_PEAK_MB = "client-peak-mb"  # reply metric: the client process's peak resident memory so far (MiB)
@@ -67,6 +67,7 @@ class Transcript:
     keep: int = 0
     keep_last: bool = False
     stats: list[MessageStat] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)  # replies a tolerant strategy went on without
     seen: list[tuple[MessageStat, RecordDict, RecordDict]] = field(default_factory=list)  # (stat, down, up)
 
     def add(self, stat: MessageStat, down: RecordDict, up: RecordDict) -> None:
@@ -113,10 +114,6 @@ class Transcript:
         return {"bytes_up": up, "bytes_down": down}
 
 
-class ClientTimeout(TimeoutError):
-    """A client did not reply in time (an OSError: the CLI reports it and exits 2)."""
-
-
 class RecordingGrid(Grid):
     """A Flower ``Grid`` that passes messages to ``inner`` and records each round trip.
 
@@ -133,8 +130,22 @@ class RecordingGrid(Grid):
         self.partition_of = dict(partition_of)
         self.scheme = scheme
         self.timeout = timeout  # seconds per call at most (``message-timeout``); None: the caller's
+        self.tolerate = False  # set by a strategy that goes on without failed clients (FedAvg)
         self.window = (0, 0)
         self.round = 0
+
+    def _drop_failures(self, by_node: dict, replies: list[Message], timeout) -> list[Message]:
+        """Tolerant mode: record each missing or failed reply in the transcript and keep the others."""
+        got = {r.metadata.src_node_id: r for r in replies}
+        for node, req in by_node.items():
+            r = got.get(node)
+            if r is None or r.has_error():
+                reason = f"no reply within {timeout:g} s" if r is None else r.error.reason
+                self.transcript.failures.append({"round": self.round, "scheme": self.scheme,
+                                                 "client": self.partition_of.get(node, -1),
+                                                 "message_type": req.metadata.message_type, "reason": reason})
+                got.pop(node, None)
+        return list(got.values())
 
     # the abstract Grid interface, delegated
     def set_run(self, run) -> None:
@@ -164,9 +175,15 @@ class RecordingGrid(Grid):
         if self.timeout is not None:
             timeout = self.timeout if timeout is None else min(timeout, self.timeout)
         t0 = time.perf_counter()
+        if self.tolerate and hasattr(self.inner, "errors_as_replies"):  # in-process: an exception is a failed reply
+            self.inner.errors_as_replies = True
         replies = list(self.inner.send_and_receive(messages, timeout=timeout))
         elapsed = time.perf_counter() - t0
-        if len(replies) != len(messages):
+        if self.tolerate:  # the failed ones are recorded and dropped; the strategy decides whether to go on
+            replies = self._drop_failures(by_node, replies, timeout)
+            if not replies:
+                return []
+        elif len(replies) != len(messages):
             got = {r.metadata.src_node_id for r in replies}
             missing = sorted(self.partition_of.get(n, n) for n in by_node if n not in got)
             raise ClientTimeout(f"{self.scheme}: no reply from client(s) {missing} (round {self.round}) within "
@@ -177,8 +194,8 @@ class RecordingGrid(Grid):
             node = r.metadata.src_node_id
             cid = self.partition_of.get(node, -1)
             if r.has_error():
-                raise RuntimeError(f"{self.scheme}: client {cid} (node {node}) failed on "
-                                   f"{by_node[node].metadata.message_type!r}: {r.error.reason}")
+                raise ClientFailure(f"{self.scheme}: client {cid} (node {node}) failed on "
+                                    f"{by_node[node].metadata.message_type!r}: {r.error.reason}")
             req = by_node[node]
             m = r.content.metric_records.get(METRICS, {})
             stat = MessageStat(len(self.transcript.stats), self.round, self.scheme, cid, req.metadata.message_type,
