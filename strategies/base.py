@@ -57,6 +57,7 @@ client-side ``client-seed`` (:func:`private_generator`), which no public key det
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 from dataclasses import dataclass, field
@@ -85,7 +86,7 @@ from sim.core.diffusion import (
     weighted_mse,
 )
 from sim.core.splits import ClientData
-from sim.core.wire import Expect, WireError, decode, encode
+from sim.core.wire import ClientFailure, Expect, WireError, decode, encode
 
 # ----------------------------------------------------------------------------- registry
 SCHEMES: dict[str, type] = {}
@@ -203,6 +204,7 @@ class TrainSettings:
     defenses: tuple[str, ...] = ()  # defense specs (public: the server knows which defenses run)
     keep_optimizer: bool = True  # fedavg: a client keeps its AdamW state between rounds (else a fresh one per round)
     min_reply_fraction: float = 1.0  # fedavg: a round goes on with this fraction of its clients' replies
+    on_client_failure: str = "stop"  # split schemes: "skip" ends a failed client's turn and goes on
 
     @classmethod
     def from_config(cls, cfg) -> "TrainSettings":
@@ -210,7 +212,7 @@ class TrainSettings:
         return cls(lr=cfg.lr, steps=cfg.steps, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
                    high_noise_weight=cfg.high_noise_weight, prompt_dropout=cfg.prompt_dropout,
                    defenses=tuple(cfg.defenses), keep_optimizer=cfg.fedavg_keep_optimizer,
-                   min_reply_fraction=cfg.min_reply_fraction)
+                   min_reply_fraction=cfg.min_reply_fraction, on_client_failure=cfg.on_client_failure)
 
 
 def diffusion_loss(eps_hat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler,
@@ -374,12 +376,26 @@ class Channel:
     def transcript(self):
         return self.grid.transcript
 
+    def tolerate_failures(self, on: bool) -> None:
+        """With ``on``, a failed or silent client is recorded by the grid and :meth:`call` raises
+        :class:`~sim.core.wire.ClientFailure`, which :meth:`guard` lets a strategy skip."""
+        self.grid.tolerate = on
+
+    def guard(self):
+        """Around one client's turn: when failures are tolerated, a :class:`ClientFailure` ends the turn
+        there (the grid recorded it) and the strategy goes on; otherwise it propagates."""
+        return contextlib.suppress(ClientFailure) if getattr(self.grid, "tolerate", False) else contextlib.nullcontext()
+
     def call(self, cid: int, request, reply_type, steps: tuple[int, int] = (0, 0), round: int = 0,
              expect: Expect | None = None):
         self.grid.window, self.grid.round = steps, round
         msg = Message(encode(request), dst_node_id=self.node_ids[cid], message_type=self.message_type,
                       group_id=str(steps[0]))
-        (reply,) = self.grid.send_and_receive([msg])
+        replies = list(self.grid.send_and_receive([msg]))
+        if not replies:  # a tolerant grid recorded the failure and dropped it
+            reason = self.transcript.failures[-1]["reason"] if self.transcript.failures else "no reply"
+            raise ClientFailure(f"client {cid} (node {self.node_ids[cid]}) failed on {self.message_type!r}: {reason}")
+        (reply,) = replies
         try:
             return decode(reply.content, reply_type, expect)
         except WireError as e:  # a corrupt reply stops the run naming the client and the message type

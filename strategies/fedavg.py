@@ -260,9 +260,7 @@ class FedAvgStrategy(Scheme):
         final.load_state_dict(result.arrays.to_torch_state_dict())
         wall = time.perf_counter() - t0
         server_s = wall - sum(s.round_trip_s for s in channel.transcript.stats if s.scheme == self.name)
-        extra = {"rounds": math.ceil(len(turns) / n), "failed_replies": len(channel.transcript.failures)}
-        if channel.transcript.failures:  # which client, round and why: in the summary row
-            extra["failures"] = list(channel.transcript.failures)
+        extra = {"rounds": math.ceil(len(turns) / n)}
         if getattr(strategy, "noise_std", None):  # server-dp: the noise std it added per round
             extra["server_dp_noise_std"] = list(strategy.noise_std)
         return SchemeResult(self.name, final.eval(), flower.losses, len(flower.losses), wall, server_s,

@@ -174,16 +174,19 @@ class NoGradStrategy(SplitServer):
         bar = progress(self.settings.steps, self.name)
         turns = turn_schedule(self.settings.steps, channel.num_clients, self.settings.local_steps)
         expect = self.reply_expect()
+        channel.tolerate_failures(self.settings.on_client_failure == "skip")
         for turn, (cid, k) in enumerate(turns, start=1):
-            reply = channel.call(cid, FeaturesRequest(k), Features, steps=(len(losses), k), round=turn, expect=expect)
-            s0 = time.perf_counter()
-            for i in range(k):
-                context = None if reply.context is None else reply.context[i]
-                losses.append(self.train_step(reply.control_input[i], reply.unet_features[i], reply.t[i],
-                                              reply.noise[i], context))
-                bar.update()
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            server_s += time.perf_counter() - s0
+            with channel.guard():  # on-client-failure=skip: a failed client's turn is skipped (recorded)
+                reply = channel.call(cid, FeaturesRequest(k), Features, steps=(len(losses), k), round=turn,
+                                     expect=expect)
+                s0 = time.perf_counter()
+                for i in range(k):
+                    context = None if reply.context is None else reply.context[i]
+                    losses.append(self.train_step(reply.control_input[i], reply.unet_features[i], reply.t[i],
+                                                  reply.noise[i], context))
+                    bar.update()
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                server_s += time.perf_counter() - s0
         bar.close()
         return SchemeResult(self.name, self.controlnet.eval(), losses, len(losses), time.perf_counter() - t0,
                             server_s, channel.transcript, server_trainable_params=self.server_trainable_params())

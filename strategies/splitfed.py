@@ -95,30 +95,42 @@ class SplitFedStrategy(HeadSplitServer):
         bar = progress(self.settings.steps, self.name)
         turns = turn_schedule(self.settings.steps, channel.num_clients, self.settings.local_steps)
         expect = self.reply_expect()
+        channel.tolerate_failures(self.settings.on_client_failure == "skip")
         for rnd, round_turns in enumerate(rounds_of(turns, channel.num_clients), start=1):
             pending = {cid: VanillaRequest(head=self.head_state) for cid, _ in round_turns}
+            failed: set[int] = set()  # on-client-failure=skip: out of this round (recorded), head not averaged
             for cid in interleaved(round_turns):
-                reply = channel.call(cid, pending[cid], VanillaReply, steps=(len(losses), 1), round=rnd,
-                                     expect=expect)
-                if reply.control_features is None:
-                    raise RuntimeError(f"splitfed: client {cid} sent no batch")
-                s0 = time.perf_counter()
-                loss, grad = self.train_step(*(getattr(reply, n) for n in BATCH_FIELDS))
-                server_s += time.perf_counter() - s0
-                losses.append(loss)
-                pending[cid] = VanillaRequest(control_features_grad=grad)
-                bar.update()
+                if cid in failed:
+                    continue
+                failed.add(cid)  # until its step succeeds
+                with channel.guard():
+                    reply = channel.call(cid, pending[cid], VanillaReply, steps=(len(losses), 1), round=rnd,
+                                         expect=expect)
+                    if reply.control_features is None:
+                        raise RuntimeError(f"splitfed: client {cid} sent no batch")
+                    s0 = time.perf_counter()
+                    loss, grad = self.train_step(*(getattr(reply, n) for n in BATCH_FIELDS))
+                    server_s += time.perf_counter() - s0
+                    losses.append(loss)
+                    pending[cid] = VanillaRequest(control_features_grad=grad)
+                    bar.update()
+                    failed.discard(cid)
             heads, weights = [], []
             for cid, k in round_turns:
+                if cid in failed:
+                    continue
                 pending[cid].want_batch = False
-                reply = channel.call(cid, pending[cid], VanillaReply, steps=(len(losses), 0), round=rnd,
-                                     expect=expect)
-                if reply.head is None:
-                    raise RuntimeError(f"splitfed: client {cid} did not return its head at the end of round {rnd}")
-                heads.append(reply.head)
-                weights.append(k)
-            self.head_state = average(heads, weights)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", round=rnd)
+                with channel.guard():
+                    reply = channel.call(cid, pending[cid], VanillaReply, steps=(len(losses), 0), round=rnd,
+                                         expect=expect)
+                    if reply.head is None:
+                        raise RuntimeError(f"splitfed: client {cid} did not return its head at the end of round {rnd}")
+                    heads.append(reply.head)
+                    weights.append(k)
+            if heads:  # a round whose every client failed keeps the global head
+                self.head_state = average(heads, weights)
+            if losses:
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", round=rnd)
         bar.close()
         return SchemeResult(self.name, self.merged(self.head_state), losses, len(losses), time.perf_counter() - t0,
                             server_s, channel.transcript, server_trainable_params=self.server_trainable_params(),

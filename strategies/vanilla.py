@@ -289,24 +289,28 @@ class VanillaStrategy(HeadSplitServer):
         bar = progress(self.settings.steps, self.name)
         turns = turn_schedule(self.settings.steps, channel.num_clients, self.settings.local_steps)
         expect = self.reply_expect()
+        channel.tolerate_failures(self.settings.on_client_failure == "skip")
         for turn, (cid, k) in enumerate(turns, start=1):
-            request = VanillaRequest(head=self.head_state)
-            for _ in range(k):
-                reply = channel.call(cid, request, VanillaReply, steps=(len(losses), 1), round=turn, expect=expect)
-                if reply.control_features is None:
-                    raise RuntimeError(f"vanilla: client {cid} sent no batch")
-                s0 = time.perf_counter()
-                loss, grad = self.train_step(*(getattr(reply, n) for n in BATCH_FIELDS))
-                server_s += time.perf_counter() - s0
-                losses.append(loss)
-                request = VanillaRequest(control_features_grad=grad)
-                bar.update()
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            request.want_batch = False
-            reply = channel.call(cid, request, VanillaReply, steps=(len(losses), 0), round=turn, expect=expect)
-            if reply.head is None:
-                raise RuntimeError(f"vanilla: client {cid} did not return its head at the end of its turn")
-            self.head_state = reply.head
+            # on-client-failure=skip: a failed client's turn ends there (recorded); the head stays the one it got
+            with channel.guard():
+                request = VanillaRequest(head=self.head_state)
+                for _ in range(k):
+                    reply = channel.call(cid, request, VanillaReply, steps=(len(losses), 1), round=turn,
+                                         expect=expect)
+                    if reply.control_features is None:
+                        raise RuntimeError(f"vanilla: client {cid} sent no batch")
+                    s0 = time.perf_counter()
+                    loss, grad = self.train_step(*(getattr(reply, n) for n in BATCH_FIELDS))
+                    server_s += time.perf_counter() - s0
+                    losses.append(loss)
+                    request = VanillaRequest(control_features_grad=grad)
+                    bar.update()
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                request.want_batch = False
+                reply = channel.call(cid, request, VanillaReply, steps=(len(losses), 0), round=turn, expect=expect)
+                if reply.head is None:
+                    raise RuntimeError(f"vanilla: client {cid} did not return its head at the end of its turn")
+                self.head_state = reply.head
         bar.close()
         return SchemeResult(self.name, self.merged(self.head_state), losses, len(losses), time.perf_counter() - t0,
                             server_s, channel.transcript, server_trainable_params=self.server_trainable_params())

@@ -1,6 +1,7 @@
 """Faults at the clients: a client that never replies is named after message-timeout, not waited on forever."""
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -86,3 +87,23 @@ def test_fedavg_stops_when_fewer_clients_reply_than_the_minimum():
 def test_min_reply_fraction_is_a_fraction():
     with pytest.raises(ValueError, match="min-reply-fraction must be in"):
         load_experiment("smoke", ["min-reply-fraction=0"])
+
+
+@pytest.mark.parametrize("scheme, on_message", [("nograd", 1), ("vanilla", 2), ("splitfed", 2)])
+def test_split_schemes_skip_a_failed_clients_turn_when_asked(scheme, on_message):
+    keys = [f"schemes=[\"{scheme}\"]", "num-clients=2", "steps=8", "local-steps=2", "client-seed=3"]
+    cfg = load_experiment("smoke", keys + ["on-client-failure=skip"])
+    ctx = context_for(cfg)
+    grid = _failing_grid(cfg, ctx, failing_client=1, on_message=on_message)
+    res = run_strategy(scheme, ctx, grid, discover(grid, cfg.num_clients), timeout=cfg.message_timeout)
+    failures = res.transcript.failures
+    assert len(failures) == 1 and failures[0]["client"] == 1 and "injected failure" in failures[0]["reason"]
+    assert res.extra["failed_replies"] == 1 and res.extra["failures"] == failures
+    assert 8 - 2 <= res.steps < 8  # at most the failed turn's steps are lost; the run went on
+    assert all(math.isfinite(v) for v in res.losses)
+    # by default (stop) the same failure stops the run with the client's own error
+    strict = load_experiment("smoke", keys)
+    ctx = context_for(strict)
+    grid = _failing_grid(strict, ctx, failing_client=1, on_message=on_message)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_strategy(scheme, ctx, grid, discover(grid, strict.num_clients), timeout=strict.message_timeout)

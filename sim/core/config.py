@@ -68,6 +68,7 @@ class PublicConfig:
     defenses: tuple[str, ...] = ()           # defense specs or bundles, e.g. ["pp-protected"], ["noise:std=0.5"]
     message_timeout: float = 3600.0          # seconds the server waits for one client's reply (0 = no limit)
     min_reply_fraction: float = 1.0          # fedavg: fewest of a round's clients whose replies are aggregated
+    on_client_failure: str = "stop"          # split schemes: stop | skip (the failed client's turn ends, recorded)
     keep_messages: int = 0                   # round trips per scheme whose payloads are saved (seen_<scheme>.pt) for attacks
     keep_from: str = "start"                 # start | end: keep the first or the last keep-messages round trips
     attacks: tuple[str, ...] = ()            # attacks run on the saved round trips after training (keep-messages >= 4 then)
@@ -81,7 +82,7 @@ class PublicConfig:
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError(f"{_kebab(f.name)} must be a finite number, got {v}")
         choices = {"model": ("tiny", "sd15"), "dataset": ("fill50k", "faces"), "partition": ("iid", "dirichlet"),
-                   "keep_from": ("start", "end")}
+                   "keep_from": ("start", "end"), "on_client_failure": ("stop", "skip")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{_kebab(key)}={getattr(self, key)!r} is not allowed; choose one of {list(allowed)}")

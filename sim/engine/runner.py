@@ -72,6 +72,9 @@ def run_strategy(scheme: str, ctx, grid, node_ids: list[int], transcript=None, s
     rgrid = RecordingGrid(grid, transcript, {n: i for i, n in enumerate(node_ids)}, scheme, timeout=timeout)
     strategy = cls(ctx.base.unet, ctx.controlnet, ctx.scheduler, settings, null_context=ctx.null_context)
     result = strategy.start(Channel(rgrid, node_ids, cls.message_type))
+    result.extra["failed_replies"] = len(transcript.failures)  # what a tolerant strategy went on without
+    if transcript.failures:
+        result.extra["failures"] = list(transcript.failures)  # round, client, message type, reason
     # what a client of this scheme trains: a property of the scheme, computed on a public client
     public = ctx.public_client(scheme)
     result.client_trainable_params = public.trainable_parameters()

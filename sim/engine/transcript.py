@@ -130,7 +130,7 @@ class RecordingGrid(Grid):
         self.partition_of = dict(partition_of)
         self.scheme = scheme
         self.timeout = timeout  # seconds per call at most (``message-timeout``); None: the caller's
-        self.tolerate = False  # set by a strategy that goes on without failed clients (FedAvg)
+        self.tolerate = False  # set by a strategy that goes on without failed clients (Channel.tolerate_failures)
         self.window = (0, 0)
         self.round = 0
 
