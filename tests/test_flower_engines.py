@@ -262,8 +262,7 @@ def test_ray_simulation_matches_in_process(flower):
     # which could be another user's, with another FLWR_HOME and environment.
     flower.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
     flower.env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
-    flower.write_config('[superlink]\ndefault = "local-sim"\n\n'
-                        '[superlink.local-sim]\naddress = ":local-in-memory:"\n')
+    flower.write_config((REPO / "flower-home" / "config.toml").read_text())  # the FLWR_HOME config the project ships
     every = ["schemes=[" + ", ".join(f'"{s}"' for s in ALL_SCHEMES) + "]"]
     ref, ref_out = flower.start_in_process(every)
     run, out = flower.flwr_run("local-sim", every, ["--federation-config",
