@@ -17,3 +17,15 @@ def test_flower_home_config_has_the_readme_federations():
     assert "export FLWR_HOME=$PWD/flower-home" in readme
     for name in ("local-sim", "local-deployment"):
         assert f"flwr run . {name}" in readme
+
+
+def test_a_flower_run_needs_an_absolute_out():
+    """The ServerApp runs in the SuperLink's folder: a relative or missing `out` is refused, naming the fix."""
+    import pytest
+
+    from sim.engine.server_app import results_dir
+
+    for bad in ("", "results/flower"):
+        with pytest.raises(ValueError, match="absolute path"):
+            results_dir(bad)
+    assert results_dir("/tmp/x") == Path("/tmp/x")
