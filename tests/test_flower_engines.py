@@ -41,6 +41,7 @@ import psutil
 import pytest
 
 from sim.core.config import CLIENT_KEYS, load_config, to_run_config
+from sim.engine.flower_run import stop_marked as _stop_marked
 from strategies import STRATEGIES
 
 pytestmark = pytest.mark.slow
@@ -102,41 +103,16 @@ def tail(path: Path, n: int = 4000) -> str:
     return f"--- {path.name} (last {n} chars):\n{text[-n:]}\n"
 
 
+def stop_marked(tag: str) -> list[str]:
+    """Stop every process this test started (the package's helper, with the tests' own marker)."""
+    return _stop_marked(tag, mark=MARK)
+
+
 def _marked(p: psutil.Process, tag: str) -> bool:
     try:
         return p.pid != os.getpid() and p.environ().get(MARK) == tag
     except (psutil.Error, OSError):  # gone, a zombie, or not ours
         return False
-
-
-def _gone(p: psutil.Process) -> bool:
-    try:
-        return p.status() == psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return True
-
-
-def stop_marked(tag: str, grace: float = 10.0) -> list[str]:
-    """Stop every process whose environment carries ``MARK=tag`` (SIGTERM, then SIGKILL); returns their names."""
-    stopped = []
-    for _ in range(3):  # a dying parent may still have spawned a child
-        procs = [p for p in psutil.process_iter() if _marked(p, tag)]
-        if not procs:
-            break
-        for sig in ("terminate", "kill"):
-            for p in procs:
-                try:
-                    stopped.append(p.name())
-                    getattr(p, sig)()
-                except psutil.Error:
-                    pass
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and not all(_gone(p) for p in procs):
-                time.sleep(0.2)
-            procs = [p for p in procs if not _gone(p)]
-            if not procs:
-                break
-    return stopped
 
 
 class Flower:

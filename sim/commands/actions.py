@@ -24,6 +24,7 @@ from sim.core.models import ddpm_scheduler, get_preset
 from sim.core.plots import plot_run
 from sim.core.tables import print_table
 from sim.engine.context import load_experiment
+from sim.engine.flower_run import flwr_run
 from sim.engine.privacy import planned_record_sends
 from sim.engine.ray_sim import run_ray
 from sim.engine.runfolder import require_complete
@@ -72,6 +73,12 @@ def cmd_flower_sim(a: argparse.Namespace) -> int:
     run_ray(cfg, out.resolve(), cpus_per_client=a.cpus_per_client, resume=a.resume)
     print(f"wrote {out.resolve()} (summary.json, figures)")
     return 0
+
+
+def cmd_flwr_run(a: argparse.Namespace) -> int:
+    if not a.flwr_args:
+        raise ValueError("give flwr run's arguments, e.g. splitcontrol flwr-run . local-sim --stream")
+    return flwr_run(a.flwr_args)
 
 
 def cmd_plot(a: argparse.Namespace) -> int:

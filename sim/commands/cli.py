@@ -4,6 +4,7 @@ Sub-commands
 ------------
 compare        train a ControlNet under each scheme on the same data, seed and budget
 flower-sim     the same under Flower's Ray simulation engine (N virtual SuperNodes)
+flwr-run       `flwr run` with the project's federations, an absolute out, nothing left running
 run            run a preset's experiment (today: a comparison) with --set overrides
 plot           draw a results folder's figures from its files
 evaluate       sample and score a finished run's ControlNets again (other guidance, ...)
@@ -52,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--cpus-per-client", type=int, default=1, help="CPUs Ray reserves per virtual client")
     fs.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
     fs.set_defaults(func="flower_sim")
+
+    fr = sub.add_parser("flwr-run", help="`flwr run ARGS` with the project's FLWR_HOME, an absolute out, and every "
+                                         "process it started stopped at the end")
+    fr.add_argument("flwr_args", nargs=argparse.REMAINDER, metavar="ARGS",
+                    help="flwr run's arguments, e.g. . local-sim --run-config 'steps=8' --stream")
+    fr.set_defaults(func="flwr_run")
 
     pl = sub.add_parser("plot", help="draw loss, bytes, client cost and sample figures of a results folder")
     pl.add_argument("run_dir", help="a results folder (has summary.json)")
