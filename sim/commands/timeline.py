@@ -213,19 +213,15 @@ def validate(out: str | Path, extra: list[str] = (), calibration: dict = CALIBRA
     """Measure on one run shape, predict another, run it, compare (see the module doc)."""
     out = Path(out)
     cal = _run(out / "calibration", calibration, list(extra))
-    cfg = load_experiment("default", list(extra))
-    batch = cfg.batch_size
-    for key in extra:  # the batch size the runs used
-        if key.startswith("batch-size="):
-            batch = int(key.split("=", 1)[1])
+    batch = load_experiment("default", list(extra)).batch_size  # the runs' (extra may override it)
     tgt = _run(out / "target", target, list(extra))
     cal_turns = turn_schedule(calibration["steps"], calibration["num-clients"], calibration["local-steps"])
     turns = turn_schedule(target["steps"], target["num-clients"], target["local-steps"])
     plan = plan_from_turns(turns, batch)
     measured = {r["scheme"]: r for r in tgt["rows"]}
     rows = []
+    rounds = math.ceil(len(cal_turns) / calibration["num-clients"])  # the calibration run's
     for r in cal["rows"]:
-        rounds = math.ceil(len(cal_turns) / calibration["num-clients"])
         w, per_message = measured_workload(r, batch, rounds)
         net = Network(math.inf, math.inf, 0.0, math.inf, message_s=per_message, shared=True)
         pred = simulate(w, net, plan, target["num-clients"])
