@@ -169,10 +169,10 @@ def test_score_reports_the_standard_error_of_outline_iou(fill):
     n = 40
     flats = np.stack([_flat(bg) for bg in fill["bg"][n // 2:n]])
     images = np.concatenate([fill["target"][:n // 2], flats])
-    out = score(images, fill["condition"][:n])
+    out = score(images, fill["condition"][:n], fill["fg"][:n], fill["bg"][:n])
     per = metrics.outline_iou_per_image(images, fill["condition"][:n])
     assert out["outline_iou"] == pytest.approx(per.mean())
     assert out["outline_iou_se"] == pytest.approx(per.std(ddof=1) / np.sqrt(n))
     assert 0.07 < out["outline_iou_se"] < 0.09  # ~0.5 / sqrt(40)
-    assert score(fill["target"][:n], fill["condition"][:n])["outline_iou_se"] < 0.01
+    assert score(fill["target"][:n], fill["condition"][:n], fill["fg"][:n], fill["bg"][:n])["outline_iou_se"] < 0.01
     assert standard_error([0.3]) == 0.0

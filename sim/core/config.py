@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sim.core.components import parse_bool
-from sim.core.data import NUM_LFW_FACES
+from sim.core.data import DATASET_NAMES, NUM_LFW_FACES
+from sim.core.local_data import CONDITION_KINDS, check_local_config
+from sim.core.models import get_preset
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
 DEFAULT_KEEP_FOR_ATTACKS = 4  # round trips kept per scheme when attacks are listed and keep-messages is 0
@@ -43,7 +45,13 @@ class PublicConfig:
     model: str = "tiny"                      # model preset: tiny | sd15
     base_model: str = ""                     # folder of base weights ("" = the committed tiny base)
     schemes: tuple[str, ...] = ("fedavg", "vanilla", "nograd")
-    dataset: str = "fill50k"                 # fill50k | faces
+    dataset: str = "fill50k"                 # fill50k | faces | a local folder (save_to_disk or imagefolder)
+    image_column: str = "image"              # local dataset: target image column (diffusers' train_controlnet default)
+    conditioning_image_column: str = "conditioning_image"  # local dataset: condition image column
+    caption_column: str = "text"             # local dataset: prompt column
+    resolution: int = 0                      # image side in px (resize + centre crop); 0 = the model's own size
+    partition_by: str = ""                   # dirichlet: the label column ("" = fg for fill50k)
+    condition_kind: str = "auto"             # auto | outline | canny | none: how condition fidelity is re-extracted
     num_samples: int = 2000                  # private training samples, split over the clients
     max_radius: float = 0.25                 # fill50k: largest circle radius / image size (base: 0.35)
     eval_seed: int = 1                       # public held-out eval set and the server's auxiliary data
@@ -81,7 +89,7 @@ class PublicConfig:
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError(f"{_kebab(f.name)} must be a finite number, got {v}")
-        choices = {"model": ("tiny", "sd15"), "dataset": ("fill50k", "faces"), "partition": ("iid", "dirichlet"),
+        choices = {"model": ("tiny", "sd15"), "partition": ("iid", "dirichlet"), "condition_kind": CONDITION_KINDS,
                    "keep_from": ("start", "end"), "on_client_failure": ("stop", "skip")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -101,6 +109,20 @@ class PublicConfig:
         for key in ("lr", "dirichlet_alpha", "guidance"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{_kebab(key)} must be > 0, got {getattr(self, key)}")
+        if self.resolution < 0:
+            raise ValueError(f"resolution must be >= 0 (0 = the model's own image size), got {self.resolution}")
+        preset = get_preset(self.model)
+        if self.resolution and preset.autoencoder == "identity" and self.resolution != preset.image_size:
+            raise ValueError(f"resolution={self.resolution} is not supported by model={self.model!r}: it was trained "
+                             f"at {preset.image_size} px only; use resolution={preset.image_size} (or 0)")
+        if self.resolution % 8 and preset.autoencoder == "kl":
+            raise ValueError(f"resolution={self.resolution} must be a multiple of 8 (model={self.model!r}'s VAE "
+                             "downsampling factor)")
+        if self.dataset not in DATASET_NAMES:  # a local folder: resolved, its layout and columns checked now
+            object.__setattr__(self, "dataset", check_local_config(self))
+        elif self.partition_by and (self.dataset == "faces" or self.partition_by not in ("fg", "bg")):
+            raise ValueError(f"partition-by={self.partition_by!r} is not a label of dataset={self.dataset!r}; "
+                             + ("fill50k has 'fg' and 'bg'" if self.dataset == "fill50k" else "faces has none"))
         if self.dataset == "faces":
             if self.num_samples + self.eval_samples > NUM_LFW_FACES:
                 raise ValueError(f"dataset='faces' has {NUM_LFW_FACES} images, split disjointly into training and "

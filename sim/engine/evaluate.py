@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from defenses import DefenseStack, HookContext
+from sim.core.condition_metrics import condition_fidelity, infer_condition_kind, target_similarity
 from sim.core.config import ExperimentConfig
 from sim.core.diffusion import bar_position, ddim_sample, to_uint8
-from sim.core.fidelity import clip_score, edge_ssim, fid_project, standard_fid
+from sim.core.fidelity import clip_score, fid_project, standard_fid
 from sim.core.metrics import colour_accuracy, outline_iou_per_image
 from sim.core.models import ddpm_scheduler
 from strategies import get_strategy
@@ -106,15 +107,24 @@ def standard_error(values) -> float:
 
 
 def score(images_uint8, conditions_uint8, fgs=None, bgs=None, targets_uint8=None, prompts=None,
-          inception_weights=None, clip_weights=None) -> dict:
-    """Task metrics of generated images against their conditions (and prompt colours when known).
+          inception_weights=None, clip_weights=None, condition_kind: str | None = None,
+          circles: bool | None = None) -> dict:
+    """Task metrics of generated images against their conditions, their targets and (circles) their prompts.
 
+    Condition fidelity by the condition's kind (:mod:`sim.core.condition_metrics`):
+    ``condition_kind`` ``"outline"`` / ``"canny"`` re-extract Canny edges from each image and
+    compare them with the condition's (``edge_ssim``, as in the paper, and ``edge_f1``);
+    ``"none"`` scores no fidelity. None infers it: ``"outline"`` for circle data, else
+    ``"canny"`` when the conditions look like edge maps, else ``"none"``.
+
+    The circle metrics, only on circle data (``circles``; None = when ``fgs`` are given):
     ``outline_iou`` (Fill50K circles) with its standard error ``outline_iou_se`` over the
-    eval images (:func:`standard_error`), ``edge_ssim`` (condition fidelity as in the paper:
-    Canny edges of the generated image vs the condition's, by SSIM), prompt-colour
-    accuracy, and with ``targets_uint8`` ``fid_project``: the Frechet distance on the
-    project's own feature network (sim/feature_net.py) -- "FID (project features)", not
-    Inception FID; few samples inflate it, so compare runs at equal ``eval-samples``.
+    eval images (:func:`standard_error`) and prompt-colour accuracy.
+
+    With ``targets_uint8``: ``psnr`` / ``ssim`` of each image against its target, and
+    ``fid_project``: the Frechet distance on the project's own feature network
+    (sim/feature_net.py) -- "FID (project features)", not Inception FID; few samples inflate
+    it, so compare runs at equal ``eval-samples``.
 
     Only with local weights the user points to (nothing is downloaded):
     ``inception_weights`` (a TorchScript Inception file) adds ``fid_inception``, "FID
@@ -122,11 +132,18 @@ def score(images_uint8, conditions_uint8, fgs=None, bgs=None, targets_uint8=None
     ``clip_weights`` (a Hugging Face CLIP folder) adds ``clip_score`` of each image vs
     its prompt in ``prompts`` (:func:`sim.core.fidelity.clip_score`). Both see 32x32 images
     upsampled, so neither is comparable with papers' values at 512 px."""
-    ious = outline_iou_per_image(images_uint8, conditions_uint8)
-    out = {"outline_iou": float(ious.mean()), "outline_iou_se": standard_error(ious),
-           "edge_ssim": float(edge_ssim(images_uint8, conditions_uint8))}
-    if fgs is not None:
+    circles = fgs is not None if circles is None else circles
+    if condition_kind is None:
+        condition_kind = "outline" if circles else infer_condition_kind(conditions_uint8)
+    out = {}
+    if circles:
+        ious = outline_iou_per_image(images_uint8, conditions_uint8)
+        out.update(outline_iou=float(ious.mean()), outline_iou_se=standard_error(ious))
+    out.update(condition_fidelity(images_uint8, conditions_uint8, condition_kind))
+    if circles and fgs is not None:
         out.update(colour_accuracy(images_uint8, fgs, bgs))
+    if targets_uint8 is not None:
+        out.update(target_similarity(images_uint8, targets_uint8))
     if targets_uint8 is not None and len(targets_uint8) >= 2:
         out["fid_project"] = float(fid_project(targets_uint8, images_uint8))
         if inception_weights:
