@@ -5,9 +5,16 @@ TABLE_COLUMNS = ["scheme", "outline_iou", "outline_iou_se", "colour_acc", "final
                  "bytes_up_per_step", "bytes_down_per_step", "messages_per_step", "wall_s"]
 
 
+ANY_DATA_COLUMNS = ["edge_f1", "psnr", "ssim", "fid_project"]  # in place of the circle metrics on other data
+
+
 def table_columns(rows: list[dict]) -> list[str]:
-    """The summary's columns: :data:`TABLE_COLUMNS`, plus the run-level (epsilon, delta) where a row has one."""
-    return TABLE_COLUMNS + (["epsilon", "delta"] if any("epsilon" in r for r in rows) else [])
+    """The summary's columns: :data:`TABLE_COLUMNS` (on data without circle metrics, the circle columns
+    replaced by :data:`ANY_DATA_COLUMNS`), plus the run-level (epsilon, delta) where a row has one."""
+    columns = TABLE_COLUMNS
+    if rows and not any("outline_iou" in r for r in rows):
+        columns = ["scheme", *ANY_DATA_COLUMNS, *TABLE_COLUMNS[4:]]
+    return columns + (["epsilon", "delta"] if any("epsilon" in r for r in rows) else [])
 
 
 def cell(v) -> str:
