@@ -41,7 +41,8 @@ the Pareto front. Optional preset keys for figures and tables: ``x_label`` with 
 ``frontier = true`` draws ``frontier_image.png`` and ``frontier_hint.png``: the strongest
 attack's SSIM on each target against outline IoU, with error bars, the blind guess and the
 Pareto front. Rows carry ``best_image`` / ``best_hint`` (and the attack that reached it) and
-``blind_image`` / ``blind_hint``.
+``blind_image`` / ``blind_hint``. :func:`redraw` draws the figures again from ``OUT/sweep.json``
+alone (the per-variant figures and matrix.md, which need the run folders, are skipped without them).
 """
 from __future__ import annotations
 
@@ -162,29 +163,67 @@ def run_sweep(preset: str | Path, out: str | Path, smoke: bool = False, only: li
     return rows
 
 
+def _first_config(spec: dict, out: Path, rows: list[dict]):
+    """The first row's variant's configuration: its run folder's, else the preset's (a sweep.json
+    re-drawn without its run folders)."""
+    name = rows[0]["variant"]
+    if (out / name / "config.toml").exists():
+        return load_run_config(out / name)
+    variant = next((v for v in spec.get("variant", []) if v["name"] == name), None)
+    if variant is None:
+        raise ValueError(f"{out / 'sweep.json'}: variant {name!r} has no run folder and is not in the preset")
+    return variant_config(spec, variant)
+
+
+def _blind(spec: dict, out: Path, rows: list[dict], first) -> dict | None:
+    """The SSIM of a guess made without any transcript, per target ({"image", "hint"}), when attacks
+    ran: the rows' ``blind_image`` / ``blind_hint``, else computed on the first variant's data."""
+    if not any(k.startswith("attack:") for r in rows for k in r):
+        return None
+    recorded = {t: r[f"blind_{t}"] for r in rows[:1] for t in ("image", "hint") if r.get(f"blind_{t}") is not None}
+    return recorded or {k: v["ssim"] for k, v in blind_scores(first).items()}
+
+
 def figures(spec: dict, out: Path, rows: list[dict], names: list[str]) -> list[Path]:
-    """The figures and tables a preset asks for (see the module docstring); returns their paths."""
+    """The figures and tables a preset asks for (see the module docstring); returns their paths.
+    Drawn from ``rows`` (sweep.json); the per-variant figures and matrix.md need the run folders
+    and are skipped (with a note) where none is there."""
 
     written = []
-    first = load_run_config(out / rows[0]["variant"]) if rows else None
-    blind = None
-    if first is not None and any(k.startswith("attack:") for r in rows for k in r):
-        blind = {k: v["ssim"] for k, v in blind_scores(first).items()}  # a guess without any transcript
+    first = _first_config(spec, out, rows) if rows else None
+    blind = _blind(spec, out, rows, first) if rows else None
     if blind and first.dataset == "fill50k":  # (the utility metrics are the circles')
-        written += [plots.plot_privacy_utility(out / "sweep.json", utility=u, blind=max(blind.values()))
+        written += [plots.plot_privacy_utility(out / "sweep.json", utility=u, blind=blind)
                     for u in ("outline_iou", "colour_acc")]
     if spec.get("frontier"):
-        written += [plots.plot_frontier(out / "sweep.json", target) for target in ("image", "hint")]
+        written += [plots.plot_frontier(out / "sweep.json", target, blind=blind) for target in ("image", "hint")]
     if spec.get("x_label"):
         written += plots.plot_sweep_curves(out / "sweep.json", spec["x_label"], blind)
+    runs = [n for n in names if (out / n / "summary.json").exists()]
     if "schemes" in spec.get("figures", []):
-        written += plots.plot_variants(out, names)
+        if runs:
+            written += plots.plot_variants(out, names)
+        else:
+            print(f"skipped: loss, bytes and client-cost figures (no run folder of {names} under {out})")
     if spec.get("matrix"):
-        (out / "matrix.md").write_text(matrix_markdown(out, names) + "\n")
-        written.append(out / "matrix.md")
+        if any((out / n / "attacks.json").exists() for n in names):
+            (out / "matrix.md").write_text(matrix_markdown(out, names) + "\n")
+            written.append(out / "matrix.md")
+        else:
+            print(f"skipped: matrix.md (no attacks.json under {out})")
     for p in written:
         print("figure:" if p.suffix == ".png" else "table:", p)
     return written
+
+
+def redraw(preset: str | Path, out: str | Path) -> list[Path]:
+    """Re-draw a finished sweep's figures from its ``OUT/sweep.json`` (no training, no attacks)."""
+    out = Path(out)
+    if not (out / "sweep.json").exists():
+        raise FileNotFoundError(f"{out} has no sweep.json: run `splitcontrol sweep {preset} --out {out}` first")
+    spec = load_sweep(preset)
+    rows = jsonio.read(out / "sweep.json")
+    return figures(spec, out, rows, list(dict.fromkeys(r["variant"] for r in rows)))
 
 
 def collect(out: Path, names: list[str], spec: dict | None = None) -> list[dict]:

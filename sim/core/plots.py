@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
 import tempfile
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +39,12 @@ def save_rows_grid(rows: dict[str, np.ndarray], path: str | Path, scale: int = 4
     plt = _plt()
     names = list(rows)
     ncol = min(len(v) for v in rows.values())
-    fig, axes = plt.subplots(len(names), 1, figsize=(ncol * 0.6 + 1.5, len(names) * 0.75 + 0.4), squeeze=False)
+    label_w = 0.3 + 0.07 * max(len(n) for n in names)  # the row labels' column, inches at 8 pt
+    width = max(ncol * 0.6 + label_w + 0.3, 4.2 if title else 0.0)  # never narrower than its title needs
+    if title:
+        title = textwrap.fill(title, max(24, int(width / 0.075)))
+    fig, axes = plt.subplots(len(names), 1, figsize=(width, len(names) * 0.75 + 0.4 + 0.15 * (title or "").count("\n")),
+                             squeeze=False)
     for ax, name in zip(axes[:, 0], names):
         ax.imshow(image_grid(np.asarray(rows[name][:ncol]), ncol), interpolation="nearest")
         ax.set_yticks([])
@@ -147,9 +154,12 @@ def plot_run(run_dir: str | Path, colour=None) -> list[Path]:
     ax.set_xticks(x, schemes, **tick)
     ax.set_yscale("log")
     ax.set_ylim(top=max(up + down) * (60 if many else 8))  # room for the value labels
-    ax.set_ylabel("bytes per training step")
+    ax.set_ylabel("bytes per training step (log; lower is better)")
     ax.set_title("Communication per step (log scale; solid: up, hatched: down)", fontsize=10)
-    ax.legend(fontsize=8)
+    from matplotlib.patches import Patch  # lazy: after the backend is chosen
+
+    ax.legend([Patch(facecolor="0.45"), Patch(facecolor="0.45", alpha=0.45, hatch="//")],
+              ["client -> server", "server -> client"], fontsize=8)
     fig.tight_layout()
     written.append(run / "bytes.png")
     fig.savefig(written[-1], dpi=120)
@@ -160,20 +170,28 @@ def plot_run(run_dir: str | Path, colour=None) -> list[Path]:
         fig, axes = plt.subplots(3, 1, figsize=(max(6, 0.8 * len(rows)), 9))
     else:
         fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
-    panels = [("client_s_per_step", "client compute s / step"),
-              ("client_model_mb", "client model + optimizer state (MiB)"),
-              ("client_trainable_params", "client trainable parameters")]
+    panels = [("client_s_per_step", "client compute, seconds per training step"),
+              ("client_model_mb", "client model + optimizer state, MiB"),
+              ("client_trainable_params", "client trainable parameters (count)")]
     for ax, (key, label) in zip(axes, panels):
         vals = [float(r.get(key, 0) or 0) for r in rows]
+        pos = [v for v in vals if v > 0]
+        log = bool(pos) and max(pos) / min(pos) >= 20  # a linear axis would flatten the small ones to nothing
         ax.bar(x, vals, color=colour)
-        for xi, v in zip(x, vals):
-            ax.annotate(f"{v:.3g}", (xi, v), ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(x, schemes, **tick)
-        if key == "client_s_per_step" and min(vals, default=0) > 0:
+        if log:
             ax.set_yscale("log")
+            ax.set_ylim(min(pos) / 4, max(pos) * (12 if len(rows) > 5 else 4))
             label += " (log scale)"
+        else:
+            ax.set_ylim(0, max(vals + [1e-9]) * 1.18)
+        bottom = ax.get_ylim()[0]
+        for xi, v in zip(x, vals):
+            text = f"{v:,.0f}" if key == "client_trainable_params" else f"{v:.3g}"
+            ax.annotate(text if v > 0 else "0 (none)", (xi, max(v, bottom)), ha="center", va="bottom",
+                        fontsize=6.5 if len(rows) > 5 else 7, xytext=(0, 1), textcoords="offset points")
+        ax.set_xticks(x, schemes, **tick)
         ax.set_title(label, fontsize=9)
-    fig.suptitle("What the client device pays", fontsize=10)
+    fig.suptitle("What the client device pays per scheme (lower is better)", fontsize=10)
     fig.tight_layout()
     written.append(run / "client_cost.png")
     fig.savefig(written[-1], dpi=120)
@@ -205,132 +223,393 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
-def _spread_labels(ax, pts: list[tuple[float, float]], labels: list[str]) -> None:
-    """Label points without overlaps: points sharing (about) the same x get their labels in a
-    column to the left, pushed apart vertically, each joined to its point by a thin line."""
-    if not pts:
-        return
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    xr, yr = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
-    gap = 0.045 * yr
-    clusters: list[list[int]] = []
-    for i in sorted(range(len(pts)), key=lambda i: xs[i]):
-        if clusters and xs[i] - xs[clusters[-1][0]] < 0.12 * xr:
-            clusters[-1].append(i)
-        else:
-            clusters.append([i])
-    for members in clusters:
-        members.sort(key=lambda i: ys[i])
-        placed = [ys[i] for i in members]
-        for k in range(1, len(placed)):  # push up to keep the gap ...
-            placed[k] = max(placed[k], placed[k - 1] + gap)
-        cap = max(ys) + 2 * gap
-        if placed[-1] > cap:  # ... then down from the top, so labels stay near their points
-            placed[-1] = cap
-            for k in range(len(placed) - 2, -1, -1):
-                placed[k] = min(placed[k], placed[k + 1] - gap)
-        many = len(members) > 1
-        left = xs[members[0]] > min(xs) + 0.6 * xr  # near the right edge: labels to the left
-        for i, ly in zip(members, placed):
-            edge = min(xs[j] for j in members) if left else max(xs[j] for j in members)
-            lx = edge + (-0.06 if left else 0.05) * xr if many else xs[i] + 0.012 * xr
-            ax.annotate(labels[i], (xs[i], ys[i]), xytext=(lx, ly), fontsize=7, va="center",
-                        ha="right" if left and many else "left",
-                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"} if many else None)
+SCHEME_MARKERS = {"fedavg": "s", "vanilla": "D", "nograd": "o", "splitfed": "^"}
+UTILITY_NAMES = {"outline_iou": "outline IoU", "colour_acc": "prompt-colour accuracy", "edge_ssim": "edge SSIM",
+                 "clip_score": "CLIP score"}
+LABEL_GID = "point-label"  # the gid of every numbered point label (tests find them by it)
+
+
+def _num(v) -> bool:
+    """A finite number (not a bool, not "N/A", not None)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _scheme_of(label: str) -> str:
+    """The scheme a row's scheme label names (``nograd``, ``vanilla (8 clients)``, ...), or the label."""
+    return next((s for s in SCHEME_COLOURS if s in label), label)
+
+
+def leakage(row: dict, target: str) -> tuple[float | None, float | None, str | None]:
+    """(score, standard error, attack) of the strongest attack on ``target`` (``image`` or ``hint``:
+    mean SSIM; ``attack``: the best score a row recorded per attack, image or hint, for rows without
+    the parts) of a sweep row; Nones when no attack scored it."""
+    if target != "attack" and _num(row.get(f"best_{target}")):
+        se = row.get(f"best_{target}_se")
+        return row[f"best_{target}"], se if _num(se) else None, row.get(f"best_{target}_attack")
+    prefix = f"{target}:"
+    scores = {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix) and _num(v) and "prompt" not in k}
+    if not scores:
+        return None, None, None
+    attack = max(scores, key=scores.get)
+    se = row.get(f"{target}_se:{attack}")
+    return scores[attack], se if _num(se) else None, attack
+
+
+def _no_score_reason(row: dict, target: str) -> str:
+    """Why a row has no score on ``target``: the attacks were not applicable, none ran, or none reconstructs it."""
+    attacks = [v for k, v in row.items() if k.startswith("attack:")]
+    if not attacks:
+        return "no attack ran"
+    if not any(_num(v) for v in attacks):
+        return "attacks N/A"
+    return f"no {target} reconstructed"
+
+
+def _segment_hits_box(p0, p1, box, step: float = 2.0) -> bool:
+    """Whether the segment p0-p1 (pixels) passes through ``box`` (x0, y0, x1, y1), sampled every ``step`` px."""
+    (x0, y0), (x1, y1) = p0, p1
+    if max(x0, x1) < box[0] or min(x0, x1) > box[2] or max(y0, y1) < box[1] or min(y0, y1) > box[3]:
+        return False
+    n = max(2, int(math.hypot(x1 - x0, y1 - y0) / step) + 1)
+    return any(box[0] <= x0 + (x1 - x0) * k / (n - 1) <= box[2] and box[1] <= y0 + (y1 - y0) * k / (n - 1) <= box[3]
+               for k in range(n))
+
+
+def _segments_cross(a, b) -> bool:
+    """Whether the segments a and b (pixels) cross (touching ends do not count)."""
+    def side(p, q, r):
+        return (q[0] - p[0]) * (r[1] - p[1]) - (q[1] - p[1]) * (r[0] - p[0])
+    d1, d2 = side(a[0], a[1], b[0]), side(a[0], a[1], b[1])
+    d3, d4 = side(b[0], b[1], a[0]), side(b[0], b[1], a[1])
+    return d1 * d2 < 0 and d3 * d4 < 0
+
+
+def _boxes_overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def place_point_labels(fig, ax, points: list[tuple[float, float, str]], segments=(), fontsize: float = 7.5,
+                       marker_px: float = 6.0) -> list:
+    """Label each (x, y, text) point of ``ax`` with its text placed where it overlaps no other label,
+    no marker and none of ``segments`` ([((x0, y0), (x1, y1)), ...] in data coordinates: front,
+    guide and error-bar lines), inside the axes. A cluster of three or more touching markers gets its
+    labels in a column beside it, in the points' vertical order, each joined to its point by a leader
+    line (lines do not cross); other points get the nearest free spot on rings of growing radius (a
+    leader line when away from the point). Call after the axes' limits and position are final.
+    Returns the annotations (gid :data:`LABEL_GID`)."""
+    if not points:
+        return []
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    tr = ax.transData
+    inv = tr.inverted()
+    frame = ax.get_window_extent(renderer)
+    frame = (frame.x0 + 2, frame.y0 + 2, frame.x1 - 2, frame.y1 - 2)
+    px = [tuple(tr.transform((x, y))) for x, y, _ in points]
+    markers = [(u - marker_px, v - marker_px, u + marker_px, v + marker_px) for u, v in px]
+    segs = [tuple(map(tuple, tr.transform(np.asarray(s, dtype=float)))) for s in segments]
+    sizes = []
+    for _, _, text in points:
+        t = ax.text(0, 0, text, fontsize=fontsize)
+        bb = t.get_window_extent(renderer)
+        t.remove()
+        sizes.append((bb.width + 4, bb.height + 2))
+    placed, leaders, chosen = [], [], {}
+
+    def collisions(i, box, leader) -> int:
+        return (sum(_boxes_overlap(box, b) for b in placed)
+                + sum(_boxes_overlap(box, m) for j, m in enumerate(markers) if j != i or leader)
+                + sum(_segment_hits_box(*sg, box) for sg in segs)
+                + sum(_segment_hits_box(*ld, box) for ld in leaders)
+                + (sum(_segment_hits_box(*leader, b) for b in placed)
+                   + sum(_segments_cross(leader, ld) for ld in leaders) if leader else 0))
+
+    def inside(box) -> bool:
+        return box[0] >= frame[0] and box[1] >= frame[1] and box[2] <= frame[2] and box[3] <= frame[3]
+
+    # clusters of touching markers (single linkage)
+    cluster = list(range(len(px)))
+    def root(i):
+        while cluster[i] != i:
+            i = cluster[i]
+        return i
+    for i in range(len(px)):
+        for j in range(i):
+            if math.hypot(px[i][0] - px[j][0], px[i][1] - px[j][1]) < 3.5 * marker_px:
+                cluster[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(px)):
+        groups.setdefault(root(i), []).append(i)
+    for members in sorted((g for g in groups.values() if len(g) >= 3), key=len, reverse=True):
+        members.sort(key=lambda i: (px[i][1], px[i][0]))  # bottom to top
+        h = max(sizes[i][1] for i in members)
+        w = max(sizes[i][0] for i in members)
+        total = h * len(members)
+        mid = sum(px[i][1] for i in members) / len(members)
+        y0 = min(max(mid - total / 2, frame[1]), frame[3] - total)
+        lo, hi = min(px[i][0] for i in members), max(px[i][0] for i in members)
+        best = None
+        for dist in (28, 40, 55, 75, 100, 130):
+            for side in ((-1, 1) if (lo + hi) / 2 > (frame[0] + frame[2]) / 2 else (1, -1)):
+                cx = (lo - dist - w / 2) if side < 0 else (hi + dist + w / 2)
+                boxes = [(cx - w / 2, y0 + k * h, cx + w / 2, y0 + (k + 1) * h) for k in range(len(members))]
+                if not all(inside(b) for b in boxes):
+                    continue
+                lines = [((px[i][0], px[i][1]), (b[2] if side < 0 else b[0], (b[1] + b[3]) / 2))
+                         for i, b in zip(members, boxes)]
+                hits = sum(collisions(i, b, ln) for i, b, ln in zip(members, boxes, lines))
+                if best is None or hits < best[0]:
+                    best = (hits, boxes, lines)
+            if best is not None and best[0] == 0:
+                break
+        if best is None:
+            continue  # no room for a column: the ring search below
+        for i, b, ln in zip(members, best[1], best[2]):
+            placed.append(b)
+            leaders.append(ln)
+            chosen[i] = (b, ln)
+
+    crowd = [sum(math.hypot(u - u2, v - v2) < 40 for u2, v2 in px) for u, v in px]
+    close = [sum(math.hypot(u - u2, v - v2) < 2.2 * marker_px for u2, v2 in px) > 1 for u, v in px]
+    order = sorted((i for i in range(len(points)) if i not in chosen), key=lambda i: (-crowd[i], -px[i][1], px[i][0]))
+    angles = [0, 180, 90, 270, 30, 150, 210, 330, 60, 120, 240, 300, 15, 165, 195, 345, 45, 135, 225, 315]
+    radii = [2, 6, 12, 20, 30, 42, 56, 72, 90, 110, 135, 165, 200, 240]
+    for i in order:
+        (u, v), (w, h) = px[i], sizes[i]
+        best = None
+        for r in radii:
+            if close[i] and r < 12:  # a marker touching another: always a leader line to it
+                continue
+            for a in angles:
+                c, s = math.cos(math.radians(a)), math.sin(math.radians(a))
+                cx, cy = u + c * (r + w / 2), v + s * (r + h / 2)
+                box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+                if not inside(box):
+                    continue
+                leader = ((u, v), (cx - c * w / 2, cy - s * h / 2)) if r > 6 else None
+                hits = collisions(i, box, leader)
+                if best is None or hits < best[0]:
+                    best = (hits, box, leader)
+                if hits == 0:
+                    break
+            if best is not None and best[0] == 0:
+                break
+        if best is None:  # no room inside the axes at all: on the point
+            best = (0, (u - w / 2, v - h / 2, u + w / 2, v + h / 2), None)
+        placed.append(best[1])
+        if best[2]:
+            leaders.append(best[2])
+        chosen[i] = best[1:]
+    annotations = []
+    for i, (box, leader) in sorted(chosen.items()):
+        xt, yt = inv.transform(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
+        annotations.append(ax.annotate(
+            points[i][2], (points[i][0], points[i][1]), xytext=(xt, yt), textcoords="data", fontsize=fontsize,
+            ha="center", va="center", zorder=6, gid=LABEL_GID,
+            arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.35", "shrinkA": 1, "shrinkB": 0} if leader else None))
+    return annotations
+
+
+def _marker_style(scheme: str) -> dict:
+    """Scatter keywords of a scheme's marker: its shape, a translucent fill and a full-colour edge, so
+    markers at (nearly) the same place stay visible through each other."""
+    from matplotlib.colors import to_rgba  # lazy: matplotlib only when drawing
+
+    colour = SCHEME_COLOURS.get(scheme, "grey")
+    return {"marker": SCHEME_MARKERS.get(scheme, "o"), "s": 36, "facecolors": [to_rgba(colour, 0.3)],
+            "edgecolors": [to_rgba(colour, 1.0)], "linewidths": 1.2}
+
+
+def _row_name(row: dict) -> str:
+    """A sweep row's key-table name: its variant, with the scheme when the variant does not name it."""
+    v, sc = str(row.get("variant", "?")), str(row.get("scheme", "?"))
+    return v if sc in v else f"{v} ({sc})"
+
+
+def privacy_figure(rows: list[dict], utility: str = "outline_iou", targets=None, blind: dict | None = None,
+                   title: str = "", dpi: int = 130):
+    """Leakage against utility, one panel per target (``image``, ``hint``; ``attack`` for rows
+    recording only a best score per attack): x the strongest attack's mean SSIM on the private target
+    (lower = more private), y ``utility`` (higher = more useful), both with standard-error bars where
+    the rows carry them (``best_<target>_se``, ``<utility>_se``). Every row gets a numbered marker
+    (colour and shape: scheme) and an entry in the key below; rows without a score on a target sit in
+    a strip beside its panel, so none is dropped. Per panel: the Pareto front, the blind guess of that
+    target (``blind[target]`` or the rows' ``blind_<target>``; shaded: no better than it) and the
+    base model without control. Returns the figure (not saved)."""
+    plt = _plt()
+    from matplotlib.lines import Line2D  # lazy: after the backend is chosen
+    from matplotlib.patches import Patch
+
+    rows = [r for r in rows if isinstance(r, dict)]
+    if targets is None:
+        targets = [t for t in ("image", "hint") if any(leakage(r, t)[0] is not None for r in rows)] or ["attack"]
+    blind = dict(blind or {})
+    for t in targets:
+        if t not in blind:
+            blind[t] = next((r[f"blind_{t}"] for r in rows if _num(r.get(f"blind_{t}"))), None)
+    uname = UTILITY_NAMES.get(utility, utility)
+    numbers = {id(r): k + 1 for k, r in enumerate(rows)}
+    lines_legend: dict[str, object] = {}
+
+    split = {}  # per target: the rows with a score on it and those without (a strip beside the panel)
+    for t in targets:
+        split[t] = ([], [])
+        for r in rows:
+            if _num(r.get(utility)):
+                x, xse, _ = leakage(r, t)
+                split[t][x is None].append((r, x, xse))
+    n_key = len(rows) + 4
+    ncol = 1 if len(targets) == 1 and len(rows) <= 8 else 2 if len(targets) == 1 else 4
+    key_h = 0.18 * math.ceil(n_key / ncol) + 0.15
+    main_w, strip_w, gap, left, right, top, panel_h, below = 5.2, 1.05, 0.75, 0.75, 0.25, 0.85, 4.0, 0.75
+    widths = [main_w + ((0.12 + strip_w) if split[t][1] else 0.0) for t in targets]
+    width = left + sum(widths) + (len(targets) - 1) * gap + right
+    height = top + panel_h + below + key_h
+    fig = plt.figure(figsize=(width, height), dpi=dpi)
+
+    def rect(x_in, y_in, w_in, h_in):  # inches from the bottom-left corner -> figure fractions
+        return [x_in / width, y_in / height, w_in / width, h_in / height]
+
+    use = [(r[utility], r.get(f"{utility}_se") if _num(r.get(f"{utility}_se")) else 0) for r in rows
+           if _num(r.get(utility))]
+    base = next((r["base_outline_iou"] for r in rows if _num(r.get("base_outline_iou"))), None)
+    base = base if utility == "outline_iou" else None
+    y_lo = min([u - e for u, e in use] + ([base] if base is not None else []), default=0.0)
+    y_hi = max([u + e for u, e in use] + ([base] if base is not None else []), default=1.0)
+    y_pad = 0.08 * ((y_hi - y_lo) or 1.0)
+    ylim = (y_lo - y_pad, y_hi + y_pad)
+
+    for ti, target in enumerate(targets):
+        x0 = left + sum(widths[:ti]) + ti * gap
+        scored, missing = split[target]
+        ax = fig.add_axes(rect(x0, below + key_h, main_w, panel_h))
+        pts = [(x, r[utility]) for r, x, _ in scored]
+        xlim = (min([0.0] + [x - (e or 0) for _, x, e in scored]) - 0.03,
+                max([1.0] + [x + (e or 0) for _, x, e in scored]) + 0.04)
+        segments = []
+        b = blind.get(target)
+        if _num(b):
+            ax.axvspan(xlim[0], b, color="0.93", zorder=0)
+            ax.axvline(b, color="tab:red", lw=1.0, ls=":", zorder=1)
+            lines_legend[f"blind {target}"] = (Line2D([], [], color="tab:red", lw=1.0, ls=":"),
+                                              f"blind guess of the {target}s, no transcript ({b:.2f})")
+            segments.append(((b, ylim[0]), (b, ylim[1])))
+        if base is not None:
+            ax.axhline(base, color="0.45", lw=0.9, ls=(0, (1, 2)), zorder=1)
+            lines_legend["base"] = (Line2D([], [], color="0.45", lw=0.9, ls=(0, (1, 2))),
+                                    f"base model, no control ({base:.2f})")
+            segments.append(((xlim[0], base), (xlim[1], base)))
+        front = pareto_front(pts)
+        if front:
+            # the boundary of what the front dominates: up from the bottom at the most private point,
+            # a step at each front point, on to the right edge (drawn even for a single point)
+            fx = [pts[front[0]][0]] + [pts[i][0] for i in front] + [xlim[1]]
+            fy = [ylim[0]] + [pts[i][1] for i in front] + [pts[front[-1]][1]]
+            ax.step(fx, fy, color="0.25", ls="--", lw=1.0, where="post", zorder=2)
+            segments += [((fx[k], fy[k]), (fx[k + 1], fy[k])) for k in range(len(fx) - 1)]
+            segments += [((fx[k + 1], fy[k]), (fx[k + 1], fy[k + 1])) for k in range(len(fx) - 1)]
+            lines_legend["front"] = (Line2D([], [], color="0.25", ls="--", lw=1.0),
+                                     "Pareto front (nothing is both more private and more useful)")
+        labels = []
+        for (r, x, xse), (_, y) in zip(scored, pts):
+            yse = r.get(f"{utility}_se") if _num(r.get(f"{utility}_se")) else None
+            sc = _scheme_of(r["scheme"])
+            if xse or yse:
+                ax.errorbar(x, y, xerr=xse, yerr=yse, fmt="none", ecolor=SCHEME_COLOURS.get(sc, "grey"),
+                            elinewidth=0.8, capsize=2, alpha=0.8, zorder=3)
+                if xse:
+                    segments.append(((x - xse, y), (x + xse, y)))
+                if yse:
+                    segments.append(((x, y - yse), (x, y + yse)))
+            ax.scatter(x, y, zorder=4, **_marker_style(sc))
+            labels.append((x, y, str(numbers[id(r)])))
+        ax.set_xlim(*xlim)
+        ax.set_ylim(*ylim)
+        what = {"attack": "best attack score (image or hint SSIM, as recorded)"}.get(
+            target, f"strongest attack's mean SSIM on the private {target}s")
+        ax.set_xlabel(f"leakage: {what}\n\u2190 more private", fontsize=8.5)
+        ax.set_ylabel(f"utility: {uname}" + (", mean \u00b1 SE" if any(e for _, e in use) else "")
+                      + "  (more useful \u2191)", fontsize=8.5)
+        ax.set_title({"attack": "leakage (image or hint)"}.get(target, f"{target}s"), fontsize=10)
+        ax.grid(alpha=0.3, zorder=0)
+        place_point_labels(fig, ax, labels, segments)
+        if not missing:
+            continue
+        # the rows without a score on this target, spread across the strip, same utility axis
+        strip = fig.add_axes(rect(x0 + main_w + 0.12, below + key_h, strip_w, panel_h), sharey=ax)
+        slabels = []
+        for k, (r, _, _) in enumerate(missing):
+            sx = (k + 0.5) / len(missing)
+            sc = _scheme_of(r["scheme"])
+            yse = r.get(f"{utility}_se") if _num(r.get(f"{utility}_se")) else None
+            if yse:
+                strip.errorbar(sx, r[utility], yerr=yse, fmt="none", ecolor=SCHEME_COLOURS.get(sc, "grey"),
+                               elinewidth=0.8, capsize=2, zorder=3)
+            strip.scatter(sx, r[utility], zorder=4, **_marker_style(sc))
+            slabels.append((sx, r[utility], str(numbers[id(r)])))
+        reasons = sorted({_no_score_reason(r, target) for r, _, _ in missing})
+        strip.set_xlim(0, 1)
+        strip.set_xticks([])
+        strip.tick_params(labelleft=False)
+        strip.set_facecolor("0.97")
+        strip.set_title(f"no {target} score", fontsize=8)
+        strip.set_xlabel("\n".join(reasons), fontsize=7)
+        strip.grid(axis="y", alpha=0.3)
+        place_point_labels(fig, strip, slabels)
+
+    # the key: every row's number, marker and name, and the lines
+    key = fig.add_axes(rect(0.1, 0.05, width - 0.2, key_h - 0.05))
+    key.axis("off")
+    handles, texts = [], []
+    for h, t in lines_legend.values():
+        handles.append(h)
+        texts.append(t)
+    handles.append(Patch(color="0.93"))
+    texts.append("shaded: at or below a blind guess")
+    if "blind image" not in lines_legend and "blind hint" not in lines_legend:
+        handles.pop()
+        texts.pop()
+    for r in rows:
+        sc = _scheme_of(str(r.get("scheme", "")))
+        st = _marker_style(sc)
+        handles.append(Line2D([], [], ls="none", marker=st["marker"], mfc=st["facecolors"][0], mec=st["edgecolors"][0],
+                              mew=st["linewidths"], ms=6))
+        texts.append(f"{numbers[id(r)]}  {_row_name(r)}" + ("" if _num(r.get(utility)) else f" (no {uname}: not drawn)"))
+    key.legend(handles, texts, loc="upper left", ncol=ncol, fontsize=7.5, frameon=False, handlelength=1.6,
+               columnspacing=1.2, borderaxespad=0.0, mode="expand" if ncol > 1 else None)
+    head = textwrap.fill((title + ": " if title else "") + f"privacy vs {uname}, one numbered point per "
+                         "variant and scheme (key below)", int(width / 0.085))
+    fig.suptitle(head + "\n\u2190 more private (lower attack SSIM)      more useful \u2191",
+                 fontsize=10, y=1 - 0.08 / height, va="top")
+    return fig
+
+
+def _save(plt, fig, out: Path, dpi: int) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
 
 
 def plot_privacy_utility(sweep_json: str | Path, out: str | Path | None = None,
-                         utility: str = "outline_iou", blind: float | None = None) -> Path:
-    """Privacy (best attack SSIM over the attacks that ran, lower is better) against utility, one
-    point per (variant, scheme) of a sweep, with the Pareto front; from sweep.json alone. ``blind``:
-    the same score of a guess made without any transcript (a vertical line)."""
-    plt = _plt()
+                         utility: str = "outline_iou", blind: dict | None = None) -> Path:
+    """:func:`privacy_figure` of a sweep.json (both targets where the rows have both), saved as
+    ``privacy_<utility>.png`` beside it (or ``out``). ``blind``: {"image": ssim, "hint": ssim} of a
+    guess made without any transcript (default: the rows' ``blind_image`` / ``blind_hint``)."""
     path = Path(sweep_json)
-    rows = jsonio.read(path)
-    pts, labels, schemes = [], [], []
-    for r in rows:
-        ssims = [v for k, v in r.items() if k.startswith("attack:") and isinstance(v, (int, float))
-                 and "prompt" not in k]
-        if not ssims or r.get(utility) is None:
-            continue
-        pts.append((max(ssims), r[utility]))
-        labels.append(r["variant"])
-        schemes.append(r["scheme"])
-    fig, ax = plt.subplots(figsize=(7, 5))
-    colours = {"nograd": "tab:green", "vanilla": "tab:orange", "fedavg": "tab:blue"}
-    for (x, y), sc in zip(pts, schemes):
-        ax.scatter(x, y, color=colours.get(sc, "grey"), s=40, zorder=3)
-    _spread_labels(ax, pts, labels)
-    front = pareto_front(pts)
-    if front:
-        ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", where="post", lw=1,
-                label="Pareto front", zorder=2)
-    base = next((r.get("base_outline_iou") for r in rows if r.get("base_outline_iou") is not None), None)
-    if base is not None and utility == "outline_iou":
-        ax.axhline(base, color="grey", lw=0.8, ls=":", label=f"base model, no control ({base:.2f})")
-    if blind is not None:
-        ax.axvline(blind, color="tab:red", lw=0.8, ls=":", label=f"blind guess, no transcript ({blind:.2f})")
-    for sc, c in colours.items():
-        if sc in schemes:
-            ax.scatter([], [], color=c, label=sc)
-    ax.set_xlabel("leakage: best attack SSIM on private images/hints (lower is better)")
-    ax.set_ylabel(f"utility: {utility} (higher is better)")
-    ax.set_title("Privacy vs utility per defense")
-    ax.legend(fontsize=8, loc="best")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out) if out else path.parent / f"privacy_{utility}.png"
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    if blind is not None and not isinstance(blind, dict):
+        raise TypeError(f"blind must map a target ('image', 'hint') to its SSIM, got {blind!r}")
+    fig = privacy_figure(jsonio.read(path), utility, blind=blind, title=path.parent.name)
+    return _save(_plt(), fig, Path(out) if out else path.parent / f"privacy_{utility}.png", fig.dpi)
 
 
-FAMILY_MARKERS = {"none": "o", "pp-reference": "s", "latent-dp": "^", "one-shot": "D"}
-
-
-def plot_frontier(sweep_json: str | Path, target: str = "image", out: str | Path | None = None) -> Path:
-    """The privacy/utility frontier for one target (``image`` or ``hint``): per (variant, scheme) the
-    strongest attack's mean SSIM on that target (x, lower = more private) against outline IoU (y,
-    higher = more useful), both with standard-error bars; the blind guess of that target (no
-    transcript) as a vertical line, the base model without control as a horizontal one, and the
-    Pareto front. Colour: scheme; marker: defense family (latent-dp, one-shot, ...)."""
-    plt = _plt()
+def plot_frontier(sweep_json: str | Path, target: str = "image", out: str | Path | None = None,
+                  blind: dict | None = None) -> Path:
+    """The privacy/utility frontier for one target (``image`` or ``hint``): :func:`privacy_figure`
+    of a sweep.json on that target against outline IoU, saved as ``frontier_<target>.png``."""
     path = Path(sweep_json)
-    rows = [r for r in jsonio.read(path)
-            if r.get(f"best_{target}") is not None and r.get("outline_iou") is not None]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    pts = [(r[f"best_{target}"], r["outline_iou"]) for r in rows]
-    front = pareto_front(pts)
-    if front:
-        ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], color="0.3", ls="--", where="post", lw=1,
-                label="Pareto front", zorder=1)
-    for r, (x, y) in zip(rows, pts):
-        family = next((f for f in FAMILY_MARKERS if f in " ".join(r.get("defenses") or ["none"])), "none")
-        ax.errorbar(x, y, xerr=r.get(f"best_{target}_se") or 0, yerr=r.get("outline_iou_se") or 0,
-                    fmt=FAMILY_MARKERS[family], color=SCHEME_COLOURS.get(r["scheme"], "grey"), ms=6, capsize=2,
-                    lw=0.8, zorder=3)
-    _spread_labels(ax, pts, [r["variant"] for r in rows])
-    blind = next((r[f"blind_{target}"] for r in rows if r.get(f"blind_{target}") is not None), None)
-    if blind is not None:
-        ax.axvline(blind, color="tab:red", lw=0.9, ls=":", label=f"blind guess of the {target}, no transcript "
-                                                                  f"({blind:.2f})")
-    base = next((r["base_outline_iou"] for r in rows if r.get("base_outline_iou") is not None), None)
-    if base is not None:
-        ax.axhline(base, color="grey", lw=0.9, ls=":", label=f"base model, no control ({base:.2f})")
-    for sc in sorted({r["scheme"] for r in rows}):
-        ax.plot([], [], "o", color=SCHEME_COLOURS.get(sc, "grey"), label=sc)
-    for fam in [f for f in FAMILY_MARKERS if any(f in " ".join(r.get("defenses") or ["none"]) for r in rows)]:
-        ax.plot([], [], FAMILY_MARKERS[fam], color="0.4", mfc="none", label=fam)
-    ax.set_xlabel(f"leakage: strongest attack's mean SSIM on the private {target}s (lower is better)")
-    ax.set_ylabel("utility: outline IoU, mean +- SE (higher is better)")
-    ax.set_title(f"Privacy/utility frontier ({target}s): each point its strongest attack")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out) if out else path.parent / f"frontier_{target}.png"
-    fig.savefig(out, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    fig = privacy_figure(jsonio.read(path), "outline_iou", targets=[target], blind=blind, title=path.parent.name)
+    return _save(_plt(), fig, Path(out) if out else path.parent / f"frontier_{target}.png", fig.dpi)
 
 
 def _scheme_colour(label: str) -> str:
@@ -355,11 +634,12 @@ def plot_sweep_curves(sweep_json: str | Path, x_label: str, blind: dict | None =
     xs = [r["x"] for r in rows]
     log_x = bool(xs) and min(xs) > 0 and max(xs) / min(xs) >= 8
     attacks = sorted({k[7:] for r in rows for k in r if k.startswith("attack:")})
-    panels = {"sweep_utility.png": [(("outline_iou",), "outline IoU (higher is better)"),
-                                    (("colour_acc",), "prompt-colour accuracy"),
-                                    (("fid_project",), "FID (project features, lower is better)")],
-              "sweep_leakage.png": [((f"image:{a}", f"hint:{a}", f"attack:{a}"), a + (" accuracy" if "prompt" in a else
-                                     " SSIM: image (solid), hint (dashed)")) for a in attacks]}
+    panels = {"sweep_utility.png": [(("outline_iou",), "outline IoU (higher is better \u2191)"),
+                                    (("colour_acc",), "prompt-colour accuracy (higher is better \u2191)"),
+                                    (("fid_project",), "FID (project features; lower is better \u2193)")],
+              "sweep_leakage.png": [((f"image:{a}", f"hint:{a}", f"attack:{a}"), a + (
+                  " accuracy (lower = more private \u2193)" if "prompt" in a else
+                  " SSIM (lower = more private \u2193)\nimage (solid), hint (dashed)")) for a in attacks]}
     def numeric(key: str) -> bool:  # some row has a number under key (not N/A, not missing)
         return any(isinstance(r.get(key), (int, float)) for r in rows)
 
@@ -373,18 +653,22 @@ def plot_sweep_curves(sweep_json: str | Path, x_label: str, blind: dict | None =
             parts = [k for k in ks[:2] if numeric(k)] or [ks[-1]]
             for line, rs in sorted(lines.items()):
                 for j, key in enumerate(parts):
-                    pts = sorted((r["x"], r[key]) for r in rs if isinstance(r.get(key), (int, float)))
+                    pts = sorted((r["x"], r[key], r.get(f"{key}_se") if _num(r.get(f"{key}_se")) else 0.0)
+                                 for r in rs if _num(r.get(key)))
                     if pts:
                         style = styles[(groups.index(rs[0].get("group", "")) + j) % len(styles)]
-                        ax.plot(*zip(*pts), style, color=_scheme_colour(line), ms=4,
-                                label=line if len(parts) == 1 else f"{line}: {key.split(':')[0]}")
+                        px_, py_, pe_ = zip(*pts)
+                        ax.errorbar(px_, py_, yerr=pe_ if any(pe_) else None, fmt=style, color=_scheme_colour(line),
+                                    ms=5.5 if j == 0 and len(parts) > 1 else 3.5, capsize=2, elinewidth=0.8,
+                                    label=line if len(parts) == 1 else f"{line}: {key.split(':')[0]}")
             if name == "sweep_leakage.png":
                 ax.set_ylim(-0.02, 1.02)
                 for key in parts:
                     target = key.split(":")[0]
                     if blind and target in blind:
-                        ax.axhline(blind[target], color="grey", lw=0.8, ls=":")
-                        ax.annotate(f"blind {target}", (min(xs), blind[target]), fontsize=6, color="grey",
+                        ax.axhline(blind[target], color="tab:red", lw=0.8, ls=":" if target == "image" else "-.")
+                        ax.annotate(f"blind guess, {target} ({blind[target]:.2f})", (0.99, blind[target]), ha="right",
+                                    xycoords=("axes fraction", "data"), fontsize=6.5, color="tab:red",
                                     xytext=(0, 2), textcoords="offset points")
             if ks[0] == "outline_iou" and rows and rows[0].get("base_outline_iou") is not None:
                 ax.axhline(rows[0]["base_outline_iou"], color="grey", lw=0.8, ls=":", label="base, no control")
@@ -392,7 +676,7 @@ def plot_sweep_curves(sweep_json: str | Path, x_label: str, blind: dict | None =
                 ax.set_xscale("log", base=2)
                 ax.set_xticks(sorted(set(xs)), [f"{x:g}" for x in sorted(set(xs))])
             ax.set_xlabel(x_label, fontsize=8)
-            ax.set_title(label, fontsize=9)
+            ax.set_title(label, fontsize=8.5)
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=7)
         fig.suptitle(("Utility" if "utility" in name else "Leakage") + f" against {x_label}", fontsize=10)

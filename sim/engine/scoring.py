@@ -115,7 +115,8 @@ def attack_view(view: ServerView, spec: str, cfg: ExperimentConfig, out: Path | 
     if out is not None and grid:
         path = out / f"attack_{view.scheme}_{attack.name}.png"
         save_rows_grid({k: to_uint8(v[:16].float()) for k, v in grid.items()}, path,
-                       title=f"{attack.name} on {view.scheme}: private | reconstructed")
+                       title=f"{attack.name} attack on {view.scheme}: private samples and the server's "
+                             "reconstructions (same column = same sample)")
         row["grid"] = path.name
     return row
 
