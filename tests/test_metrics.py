@@ -36,7 +36,7 @@ def _square_outline(top, left, side, size=32):
 
 def test_ground_truth_targets_score_perfectly(fill):
     acc = metrics.colour_accuracy(fill["target"], fill["fg"], fill["bg"])
-    assert acc == {"fg_colour_acc": 1.0, "bg_colour_acc": 1.0, "colour_acc": 1.0}
+    assert acc == {"fg_colour_acc": 1.0, "bg_colour_acc": 1.0, "colour_acc": 1.0, "colour_acc_se": 0.0}
     assert metrics.outline_iou(fill["target"], fill["condition"]) >= 0.95
 
 
@@ -72,7 +72,7 @@ def test_wrong_colours_are_counted_wrong(fill):
         is_fg = (swapped[i] == COLOURS[fg]).all(-1)
         swapped[i][is_fg], swapped[i][~is_fg] = COLOURS[bg], COLOURS[fg]
     acc = metrics.colour_accuracy(swapped, fill["fg"], fill["bg"])
-    assert acc == {"fg_colour_acc": 0.0, "bg_colour_acc": 0.0, "colour_acc": 0.0}
+    assert acc == {"fg_colour_acc": 0.0, "bg_colour_acc": 0.0, "colour_acc": 0.0, "colour_acc_se": 0.0}
     assert metrics.outline_iou(swapped, fill["condition"]) >= 0.95
 
 

@@ -69,6 +69,8 @@ class PublicConfig:
     ddim_steps: int = 50
     guidance: float = 7.5                    # classifier-free guidance at evaluation (SD's default)
     uncond_control: bool = False             # also apply the ControlNet in guidance's unconditional branch
+    control_guidance: float = 7.5            # guidance weight of the control (= guidance: the control rides on it)
+    control_from: int = 0                    # sampling applies the control only at timesteps t >= this
     seed: int = 0                            # public: ControlNet init, the clients' batch/t/noise streams, sampling
     threads: int = 1                         # torch threads per job (results are deterministic per value)
     jobs: int = 4                            # worker processes: the schemes and the no-control baseline in parallel
@@ -106,6 +108,10 @@ class PublicConfig:
             raise ValueError(f"prompt-dropout must be in [0, 1], got {self.prompt_dropout}")
         if self.high_noise_weight < 1:
             raise ValueError(f"high-noise-weight must be >= 1 (1 = plain epsilon loss), got {self.high_noise_weight}")
+        if self.control_guidance < 0:
+            raise ValueError(f"control-guidance must be >= 0 (0 = no control at sampling), got {self.control_guidance}")
+        if self.control_from < 0:
+            raise ValueError(f"control-from must be >= 0 (a timestep; 0 = every sampling step), got {self.control_from}")
         for key in ("lr", "dirichlet_alpha", "guidance"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{_kebab(key)} must be > 0, got {getattr(self, key)}")

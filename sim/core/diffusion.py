@@ -14,7 +14,7 @@ import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
-EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+GuidedEpsFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def alphas_cumprod(scheduler) -> torch.Tensor:
@@ -78,15 +78,15 @@ def bar_position() -> int:
 
 
 @torch.no_grad()
-def ddim_sample(eps_fn: EpsFn, scheduler, shape: tuple[int, ...], context: torch.Tensor,
-                null_context: torch.Tensor, steps: int = 25, guidance: float = 5.0,
+def ddim_sample(guided_eps: GuidedEpsFn, scheduler, shape: tuple[int, ...], steps: int = 25,
                 generator: torch.Generator | None = None, progress: bool = False,
                 desc: str = "sampling", spacing: str = "leading", position: int = 0) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) with classifier-free guidance.
+    """Deterministic DDIM (eta = 0) from Gaussian noise of ``shape``; returns latents.
 
-    ``eps_fn(x, t, context)`` predicts noise for a batch; with guidance != 1 it is called
-    once per step on the doubled batch ``[x, x]`` with ``[context, null_context]``, so a
-    closure that also needs a hint must tile it to ``x.shape[0]``. Returns latents.
+    ``guided_eps(x, t)`` is the final noise prediction for the batch ``x`` at the integer
+    timestep ``t`` (shared by the batch), classifier-free guidance included: the caller
+    decides which model runs in which branch (:func:`cfg_combine`, and
+    :func:`sim.engine.evaluate.generate` for the control).
     ``spacing`` is diffusers' ``timestep_spacing``. We keep its default "leading" (the
     first step is at T - T/steps): "trailing" starts at t = T-1 where the cosine
     schedule's abar is ~0, and an epsilon-predicting model's x0 estimate there divides
@@ -96,18 +96,14 @@ def ddim_sample(eps_fn: EpsFn, scheduler, shape: tuple[int, ...], context: torch
     sched = DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=True, timestep_spacing=spacing)
     sched.set_timesteps(steps)
     x = torch.randn(shape, generator=generator)
-    b = shape[0]
-    null = null_context.expand(b, *null_context.shape[1:]) if null_context.shape[0] == 1 else null_context
     for t in tqdm(sched.timesteps, desc=desc, disable=not progress, leave=False, position=position):
-        tt = torch.full((b,), int(t), dtype=torch.int64)
-        if guidance == 1.0:
-            eps = eps_fn(x, tt, context)
-        else:
-            both = eps_fn(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([context, null]))
-            cond, uncond = both.chunk(2)
-            eps = uncond + guidance * (cond - uncond)
-        x = sched.step(eps, t, x).prev_sample
+        x = sched.step(guided_eps(x, int(t)), t, x).prev_sample
     return x
+
+
+def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance: ``uncond + guidance * (cond - uncond)``."""
+    return uncond + guidance * (cond - uncond)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -28,6 +28,7 @@ import torch
 from scipy import ndimage
 
 from sim.core.data import COLOURS
+from sim.core.stats import standard_error
 
 PALETTE = np.array(list(COLOURS.values()), dtype=np.float64)  # (8, 3), rows in COLOURS order
 COLOUR_NAMES = list(COLOURS)
@@ -161,20 +162,28 @@ def colour_accuracy(images, fgs: Sequence[str], bgs: Sequence[str]) -> dict[str,
     -------
     dict
         ``fg_colour_acc`` (circle right), ``bg_colour_acc`` (background right)
-        and ``colour_acc`` (both right), each a float in [0, 1].
+        and ``colour_acc`` (both right), each a float in [0, 1], and ``colour_acc_se``
+        (the standard error of ``colour_acc`` over the images).
     """
+    fg_ok, bg_ok = colours_right(images, fgs, bgs)
+    both = fg_ok & bg_ok
+    return {
+        "fg_colour_acc": float(fg_ok.mean()),
+        "bg_colour_acc": float(bg_ok.mean()),
+        "colour_acc": float(both.mean()),
+        "colour_acc_se": standard_error(both),
+    }
+
+
+def colours_right(images, fgs: Sequence[str], bgs: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: (circle colour right, background colour right), two boolean arrays."""
     batch = _batch(images, "images")
     for arg, names in (("fgs", fgs), ("bgs", bgs)):
         if len(names) != len(batch):
             raise ValueError(f"{arg} must have one colour per image ({len(batch)}), got {len(names)}")
     measured = [measure_colours(img) for img in batch]
-    fg_ok = np.array([m[0] == fg for m, fg in zip(measured, fgs)])
-    bg_ok = np.array([m[1] == bg for m, bg in zip(measured, bgs)])
-    return {
-        "fg_colour_acc": float(fg_ok.mean()),
-        "bg_colour_acc": float(bg_ok.mean()),
-        "colour_acc": float((fg_ok & bg_ok).mean()),
-    }
+    return (np.array([m[0] == fg for m, fg in zip(measured, fgs)], dtype=bool),
+            np.array([m[1] == bg for m, bg in zip(measured, bgs)], dtype=bool))
 
 
 # ---------------------------------------------------------------------------

@@ -22,10 +22,12 @@ import torch
 
 from defenses import DefenseStack, HookContext
 from sim.core.condition_metrics import condition_fidelity, infer_condition_kind, target_similarity
+from sim.core.condition_metrics import condition_fidelity, infer_condition_kind, target_similarity
 from sim.core.config import ExperimentConfig
-from sim.core.diffusion import bar_position, ddim_sample, to_uint8
+from sim.core.diffusion import bar_position, cfg_combine, ddim_sample, to_uint8
 from sim.core.fidelity import clip_score, fid_project, standard_fid
-from sim.core.metrics import colour_accuracy, outline_iou_per_image
+from sim.core.metrics import colour_accuracy, colours_right, outline_iou_per_image
+from sim.core.stats import paired_comparison, standard_error
 from sim.core.models import ddpm_scheduler
 from strategies import get_strategy
 from strategies.base import client_secret, composed_eps
@@ -43,50 +45,65 @@ def inference_secret(cfg) -> int | None:
 def generate(base, prompts: list[str], scheme: str | None = None, controlnet=None,
              hints: torch.Tensor | None = None, steps: int = 20, guidance: float = 5.0, seed: int = 0,
              progress: bool = True, desc: str = "sampling", uncond_control: bool = False,
-             defenses: tuple[str, ...] = (), secret: int | None = None) -> torch.Tensor:
+             defenses: tuple[str, ...] = (), secret: int | None = None,
+             control_guidance: float | None = None, control_from: int = 0) -> torch.Tensor:
     """Images in [-1, 1] from the frozen base model, controlled by ``controlnet`` when given.
 
-    ``scheme`` decides how the ControlNet reads the hint (its strategy's ``cut_features``);
-    ``uncond_control`` whether guidance's unconditional branch gets the control too (module doc).
+    ``scheme`` decides how the ControlNet reads the hint (its strategy's ``cut_features``).
+    Guidance (module doc): ``control_guidance`` None = the control rides on the prompt's
+    guidance (two UNet passes per step); otherwise the prompt gets ``guidance`` and the
+    control ``control_guidance`` (three passes; equal values give the same prediction).
+    ``uncond_control`` puts the control in both branches instead (``control_guidance`` unused).
+    The ControlNet runs only in the branches whose output uses it, and acts only at sampling
+    steps t >= ``control_from``; below, the base model samples alone.
     ``defenses`` (the run's defense specs) apply the split client's pipeline at inference
     as in training (activation, wire quantisation, offsets, noise; the ControlNet gets the
     empty prompt when prompts stay home), from the generating client 0's side (``secret``: its
     secret, for fixed per-client values; its inference noise comes from the public ``seed``:
     what it samples is not private training data). Under a
     timestep policy (t_start > 0, or a latent defense that moves the sent timesteps) the
-    ControlNet acts only at sampling steps t >= the smallest timestep it was trained on
-    (``DefenseStack.trained_from``); below, the base model samples alone. (Measured on the
+    ControlNet acts only from the smallest timestep it was trained on
+    (``DefenseStack.trained_from``) if that is above ``control_from``. (Measured on the
     defense sweep: applied at every step, a ControlNet trained at t >= 993 pushed outline
     IoU from 0.27 without control to 0.11.)
     """
     p = base.preset
-    ctx = base.encode_prompts(prompts)
-    null = base.encode_prompts([""])
     n = len(prompts)
+    ctx = base.encode_prompts(prompts)
+    null = base.encode_prompts([""]).expand(n, -1, -1)
     strategy = get_strategy(scheme) if scheme is not None else None
     stack = DefenseStack(defenses, strategy, p.latent_channels * p.latent_size ** 2) \
         if defenses and strategy is not None else None
     defense_gen = torch.Generator().manual_seed(seed + 1)
     sched = ddpm_scheduler(p)
-    t_start = stack.trained_from(sched) if stack is not None else 0
+    first = max(control_from, stack.trained_from(sched) if stack is not None else 0)
 
-    def eps_fn(x, t, c):
-        h = None if hints is None else hints.repeat(x.shape[0] // hints.shape[0], 1, 1, 1)
-        scale = None
-        if controlnet is not None and not uncond_control and x.shape[0] == 2 * n:  # [cond, uncond] halves
-            scale = torch.cat([torch.ones(n), torch.zeros(n)])
-        if t_start > 0:  # the ControlNet acts only at the timesteps it was trained on
-            scale = (scale if scale is not None else torch.ones(x.shape[0])) * (t >= t_start).float()
+    def plain(x, t, c):  # the base model without control
+        return composed_eps(None, base, None, x, t, c, None)
+
+    def controlled(x, t, c):
         if stack is None:
-            return composed_eps(strategy, base, controlnet, x, t, c, h, scale)
+            return composed_eps(strategy, base, controlnet, x, t, c, hints)
         hook_ctx = HookContext(t, sched, 0, defense_gen, inference=True, secret=secret)
-        cn_ctx = None if stack.sends_prompt else null.expand(x.shape[0], *null.shape[1:])
-        return composed_eps(strategy, base, controlnet, x, t, c, h, scale, stack, hook_ctx, cn_ctx)
+        return composed_eps(strategy, base, controlnet, x, t, c, hints, None, stack, hook_ctx,
+                            None if stack.sends_prompt else null)
+
+    def guided(x, step: int):
+        t = torch.full((n,), step, dtype=torch.int64)
+        model = controlled if controlnet is not None and step >= first else plain
+        if guidance == 1.0:
+            return model(x, t, ctx)
+        if model is plain or uncond_control:
+            return cfg_combine(model(x, t, null), model(x, t, ctx), guidance)
+        uncond, cond = plain(x, t, null), controlled(x, t, ctx)
+        if control_guidance is None or control_guidance == guidance:  # the control rides on the prompt's guidance
+            return cfg_combine(uncond, cond, guidance)
+        prompt_only = plain(x, t, ctx)
+        return cfg_combine(uncond, prompt_only, guidance) + control_guidance * (cond - prompt_only)
 
     g = torch.Generator().manual_seed(seed)
-    shape = (len(prompts), p.latent_channels, p.latent_size, p.latent_size)
-    z = ddim_sample(eps_fn, sched, shape, ctx, null, steps=steps, guidance=guidance,
-                    generator=g, progress=progress, desc=desc,
+    shape = (n, p.latent_channels, p.latent_size, p.latent_size)
+    z = ddim_sample(guided, sched, shape, steps=steps, generator=g, progress=progress, desc=desc,
                     position=bar_position())
     return base.autoencoder.decode(z)
 
@@ -94,16 +111,6 @@ def generate(base, prompts: list[str], scheme: str | None = None, controlnet=Non
 def conditions_uint8(conditions: torch.Tensor) -> np.ndarray:
     """(N, 3, H, W) hints in [0, 1] -> (N, H, W, 3) uint8."""
     return (conditions * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def standard_error(values) -> float:
-    """Standard error of the mean of per-image scores (sample std / sqrt(n)); 0 for one image.
-
-    The eval set is a sample of conditions, so a mean score is an estimate: at the default
-    32 conditions the outline IoU of a trained ControlNet (per image ~0 or ~1, std ~0.4)
-    has a standard error of ~0.07, at 128 of ~0.035; differences below ~2 SE are noise."""
-    v = np.asarray(values, dtype=np.float64)
-    return float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
 
 
 def score(images_uint8, conditions_uint8, fgs=None, bgs=None, targets_uint8=None, prompts=None,
@@ -157,15 +164,49 @@ def score(images_uint8, conditions_uint8, fgs=None, bgs=None, targets_uint8=None
 
 def evaluate(base, eval_set: dict, scheme: str | None, controlnet, steps: int, guidance: float, seed: int,
              desc: str, uncond_control: bool = False, defenses: tuple[str, ...] = (),
-             inception_weights=None, clip_weights=None, secret: int | None = None) -> tuple[dict, np.ndarray]:
-    """Generate one image per eval condition and score it; returns (metrics, uint8 images).
+             inception_weights=None, clip_weights=None, secret: int | None = None,
+             control_guidance: float | None = None, control_from: int = 0) -> tuple[dict, np.ndarray]:
+    """Generate one image per eval condition (:func:`generate`) and score it; returns (metrics, uint8 images).
 
     ``inception_weights`` / ``clip_weights``: local weights for ``fid_inception`` and
     ``clip_score`` (see :func:`score`); None or "" leaves them out."""
     images = generate(base, eval_set["prompt"], scheme, controlnet, eval_set["condition"], steps=steps,
                       guidance=guidance, seed=seed, desc=desc, uncond_control=uncond_control, defenses=defenses,
-                      secret=secret)
+                      secret=secret, control_guidance=control_guidance, control_from=control_from)
     imgs = to_uint8(images)
     conds = conditions_uint8(eval_set["condition"])
     return score(imgs, conds, eval_set.get("fg"), eval_set.get("bg"), to_uint8(eval_set["target"]),
                  prompts=eval_set["prompt"], inception_weights=inception_weights, clip_weights=clip_weights), imgs
+
+
+def per_condition(images_uint8, eval_set: dict) -> dict[str, np.ndarray]:
+    """Per eval condition: ``outline_iou`` and, where prompts name colours, ``colour_acc`` (1 = both right)."""
+    out = {"outline_iou": outline_iou_per_image(images_uint8, conditions_uint8(eval_set["condition"]))}
+    if eval_set.get("fg") is not None:
+        fg_ok, bg_ok = colours_right(images_uint8, eval_set["fg"], eval_set["bg"])
+        out["colour_acc"] = (fg_ok & bg_ok).astype(np.float64)
+    return out
+
+
+def paired_comparisons(images: dict[str, np.ndarray], eval_set: dict) -> list[dict]:
+    """Every pair of sampled models (``images``: name -> uint8 images on the same conditions and
+    initial noise), compared condition by condition (:func:`sim.core.stats.paired_comparison`)
+    on each per-condition metric: one row per (a, b, metric) with a's and b's means."""
+    scores = {name: per_condition(imgs, eval_set) for name, imgs in images.items()}
+    names, rows = list(images), []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for metric in scores[a]:
+                rows.append({"a": a, "b": b, "metric": metric, "mean_a": float(scores[a][metric].mean()),
+                             "mean_b": float(scores[b][metric].mean()),
+                             **paired_comparison(scores[a][metric], scores[b][metric])})
+    return rows
+
+
+def comparisons_markdown(rows: list[dict]) -> str:
+    """The paired comparisons as a Markdown table (what summary.md shows under the summary)."""
+    lines = ["| a | b | metric | a | b | a - b ± SE | p | resolved |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['a']} | {r['b']} | {r['metric']} | {r['mean_a']:.3f} | {r['mean_b']:.3f} | "
+              f"{r['diff']:+.3f} ± {r['diff_se']:.3f} | {r['p']:.3g} | {'yes' if r['resolved'] else 'no'} |"
+              for r in rows]
+    return "\n".join(lines)

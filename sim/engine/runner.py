@@ -31,7 +31,8 @@ from sim.core.plots import save_rows_grid
 from sim.core.tables import markdown_table, print_table, table_columns
 from sim.engine.clientside import load_run_config, resolved, write_run_config
 from sim.engine.context import context_for
-from sim.engine.evaluate import conditions_uint8, evaluate, inference_secret
+from sim.engine.evaluate import (comparisons_markdown, conditions_uint8, evaluate, inference_secret,
+                                 paired_comparisons)
 from sim.engine.grid import discover, in_process_grid, quiet_flower_logs
 from sim.engine.privacy import guarantee_columns, run_guarantees
 from sim.engine.runfolder import (
@@ -112,6 +113,12 @@ def _external_weights(cfg: PublicConfig) -> dict:
     return {"inception_weights": cfg.inception_weights or None, "clip_weights": cfg.clip_weights or None}
 
 
+def _control_sampling(cfg: PublicConfig) -> dict:
+    """evaluate()'s keywords for where and how strongly the control acts under guidance."""
+    return {"uncond_control": cfg.uncond_control, "control_guidance": cfg.control_guidance,
+            "control_from": cfg.control_from}
+
+
 def run_job(cfg: PublicConfig, scheme: str | None, position: int = 0, out: Path | None = None,
             grid=None, node_ids=None) -> dict:
     """Train one scheme (or, for ``None``, only sample the base model without control) and score it.
@@ -134,8 +141,8 @@ def run_job(cfg: PublicConfig, scheme: str | None, position: int = 0, out: Path 
                            transcript=Transcript(keep=cfg.keep_messages, keep_last=cfg.keep_from == "end"))
         check_finite_losses(scheme, res.losses, cfg)
         metrics, imgs = evaluate(base, eval_set, scheme, res.controlnet, cfg.ddim_steps, cfg.guidance, cfg.seed,
-                                 f"sampling {scheme}", uncond_control=cfg.uncond_control, defenses=cfg.defenses,
-                                 secret=inference_secret(cfg), **_external_weights(cfg))
+                                 f"sampling {scheme}", defenses=cfg.defenses, secret=inference_secret(cfg),
+                                 **_control_sampling(cfg), **_external_weights(cfg))
         transcript = [dataclasses.asdict(s) for s in res.transcript.stats]
         row, losses = summary_row(res, metrics), res.losses
         row.update(guarantee_columns(run_guarantees(cfg, scheme, transcript)))
@@ -280,10 +287,13 @@ def _run_compare(cfg: PublicConfig, out: Path, grid, node_ids) -> dict:
         "frozen_base_unchanged": len(fingerprints) == 1,
         "base_params": results[0]["base_params"], "controlnet_params": results[0]["controlnet_params"],
         "total_wall_s": round(time.time() - t_start, 1),
+        "comparisons": paired_comparisons({r["row"]["scheme"].split()[0]: r["images"] for r in results}, eval_set),
     }
     (out / "summary.json").write_text(jsonio.dumps(summary, indent=2))
-    (out / "summary.md").write_text(markdown_table(rows, table_columns(rows)) + "\n")
+    (out / "summary.md").write_text(summary_markdown(summary))
     print_table(rows, table_columns(rows))
+    if summary["comparisons"]:
+        print(comparisons_markdown(summary["comparisons"]))
     if cfg.attacks:
         summary["attacks"] = {}
         for r in run_attacks(out, list(cfg.attacks)):
@@ -292,7 +302,18 @@ def _run_compare(cfg: PublicConfig, out: Path, grid, node_ids) -> dict:
     return summary
 
 
-EVAL_KEYS = ("guidance", "uncond-control", "ddim-steps", "eval-samples", "seed", "inception-weights",
+def summary_markdown(summary: dict) -> str:
+    """summary.md: the rows, then (with two or more sampled models) their paired comparisons."""
+    rows = summary["rows"]
+    text = markdown_table(rows, table_columns(rows)) + "\n"
+    if summary.get("comparisons"):
+        n = summary["comparisons"][0]["n"]
+        text += (f"\nPaired comparisons over the same {n} conditions and initial noise (paired t-test; "
+                 "resolved: p < 0.05):\n\n" + comparisons_markdown(summary["comparisons"]) + "\n")
+    return text
+
+
+EVAL_KEYS = ("guidance", "uncond-control", "control-guidance", "control-from", "ddim-steps", "eval-samples", "seed", "inception-weights",
              "clip-weights")
 
 
@@ -316,16 +337,16 @@ def reevaluate(run_dir: str | Path, overrides: list[str] = (), update: bool = Fa
     cfg = load_run_config(run, overrides)
     ctx = context_for(cfg)
     base, eval_set = ctx.base, ctx.eval_set
-    rows = []
+    rows, images = [], {}
     if cfg.baseline:
-        metrics, _ = evaluate(base, eval_set, None, None, cfg.ddim_steps, cfg.guidance, cfg.seed,
-                              "sampling base (no control)", **_external_weights(cfg))
+        metrics, images["base"] = evaluate(base, eval_set, None, None, cfg.ddim_steps, cfg.guidance, cfg.seed,
+                                           "sampling base (no control)", **_external_weights(cfg))
         rows.append({"scheme": "base (no control)", **metrics})
     saved = {s: load_controlnet(run / f"controlnet_{s}") for s in cfg.schemes}  # all readable before any sampling
     for scheme, controlnet in saved.items():
-        metrics, _ = evaluate(base, eval_set, scheme, controlnet, cfg.ddim_steps, cfg.guidance, cfg.seed,
-                              f"sampling {scheme}", uncond_control=cfg.uncond_control, defenses=cfg.defenses,
-                              secret=inference_secret(cfg), **_external_weights(cfg))
+        metrics, images[scheme] = evaluate(base, eval_set, scheme, controlnet, cfg.ddim_steps, cfg.guidance, cfg.seed,
+                              f"sampling {scheme}", defenses=cfg.defenses, secret=inference_secret(cfg),
+                              **_control_sampling(cfg), **_external_weights(cfg))
         rows.append({"scheme": scheme, **metrics})
     if update and (run / "summary.json").exists():
         summary = jsonio.read(run / "summary.json")
@@ -333,5 +354,7 @@ def reevaluate(run_dir: str | Path, overrides: list[str] = (), update: bool = Fa
         for r in summary["rows"]:
             r.update(new.get(r["scheme"], {}))
         summary["reevaluated"] = list(overrides) or True
+        summary["comparisons"] = paired_comparisons(images, eval_set)
         (run / "summary.json").write_text(jsonio.dumps(summary, indent=2))
+        (run / "summary.md").write_text(summary_markdown(summary))
     return rows

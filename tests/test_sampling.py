@@ -1,0 +1,106 @@
+"""Guided sampling with a ControlNet: where the control runs and how strongly it counts, and the
+paired comparison of models sampled on the same conditions."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import perturb_zero_convs
+
+PROMPTS = ["a red circle on a blue background", "a green circle on a white background"]
+
+
+@pytest.fixture(scope="module")
+def controlled(tiny_base):
+    from sim.core.models import build_controlnet
+
+    cn = perturb_zero_convs(build_controlnet(tiny_base.unet, tiny_base.preset), std=0.2)
+    return cn, torch.rand(len(PROMPTS), 3, 32, 32)
+
+
+def _gen(base, cn, hints, **kw):
+    from sim.engine.evaluate import generate
+
+    return generate(base, PROMPTS, "nograd" if cn is not None else None, cn, hints, steps=3, guidance=5.0,
+                    progress=False, **kw)
+
+
+def test_controlnet_runs_only_on_the_conditional_branch(tiny_base, controlled):
+    cn, hints = controlled
+    batches = []
+    handle = cn.controlnet_mid_block.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    try:
+        _gen(tiny_base, cn, hints)
+    finally:
+        handle.remove()
+    assert batches == [len(PROMPTS)] * 3  # one call per step, on the conditional half only
+
+
+def test_control_guidance_equal_to_guidance_is_the_guess_mode_prediction(tiny_base, controlled):
+    cn, hints = controlled
+    ride = _gen(tiny_base, cn, hints)
+    split = _gen(tiny_base, cn, hints, control_guidance=5.0 + 1e-9)  # takes the three-pass formula
+    assert torch.allclose(ride, split, atol=1e-4)
+    assert not torch.allclose(ride, _gen(tiny_base, None, None), atol=1e-3)  # the control does something
+
+
+def test_zero_control_guidance_or_a_late_window_samples_the_base_model(tiny_base, controlled):
+    cn, hints = controlled
+    base = _gen(tiny_base, None, None)
+    assert torch.allclose(_gen(tiny_base, cn, hints, control_guidance=0.0), base, atol=1e-5)
+    assert torch.equal(_gen(tiny_base, cn, hints, control_from=1000), base)
+
+
+def test_control_guidance_scales_the_control_linearly(tiny_base, controlled):
+    """One DDIM step is linear in the noise prediction, so a step's change from the base model grows
+    linearly with the control's weight."""
+    cn, hints = controlled
+    from sim.engine.evaluate import generate
+
+    def one(w):
+        return generate(tiny_base, PROMPTS, "nograd", cn, hints, steps=1, guidance=5.0, progress=False,
+                        control_guidance=w)
+
+    d1, d2 = one(1.0) - one(0.0), one(2.0) - one(0.0)
+    assert d1.abs().max() > 1e-4
+    assert torch.allclose(d2, 2 * d1, atol=1e-4)
+
+
+def test_paired_comparison_resolves_what_the_pairing_shows():
+    from sim.core.stats import paired_comparison
+
+    rng = np.random.default_rng(0)
+    hard = rng.uniform(0, 1, 128)  # the spread between conditions, shared by both models
+    a, b = hard + 0.05, hard + rng.normal(0, 0.01, 128)
+    r = paired_comparison(a, b)
+    assert r["resolved"] and r["p"] < 1e-6 and r["diff"] == pytest.approx(0.05, abs=0.005)
+    assert r["diff_se"] == pytest.approx(np.std(a - b, ddof=1) / np.sqrt(128))
+    same = paired_comparison(a, a)
+    assert same["diff"] == 0.0 and same["p"] == 1.0 and not same["resolved"]
+    noise = paired_comparison(hard + rng.normal(0, 0.2, 128), hard + rng.normal(0, 0.2, 128))
+    assert not noise["resolved"]
+    with pytest.raises(ValueError, match="same length"):
+        paired_comparison(a, b[:10])
+
+
+def test_paired_comparisons_cover_every_pair_and_metric():
+    from sim.core.data import COLOURS
+    from sim.engine.evaluate import paired_comparisons
+
+    n = 4
+    cond = torch.zeros(n, 3, 32, 32)
+    cond[:, :, 8:24, 8:24] = 1.0  # a white square per condition
+    right = np.zeros((n, 32, 32, 3), np.uint8)
+    right[:] = COLOURS["blue"]
+    right[:, 8:24, 8:24] = COLOURS["red"]
+    wrong = np.zeros_like(right)
+    wrong[:] = COLOURS["green"]
+    eval_set = {"condition": cond, "fg": ["red"] * n, "bg": ["blue"] * n}
+    rows = paired_comparisons({"base": wrong, "x": right, "y": right}, eval_set)
+    assert {(r["a"], r["b"], r["metric"]) for r in rows} == {
+        (a, b, m) for a, b in (("base", "x"), ("base", "y"), ("x", "y")) for m in ("outline_iou", "colour_acc")}
+    xy = {r["metric"]: r for r in rows if (r["a"], r["b"]) == ("x", "y")}
+    assert xy["colour_acc"]["diff"] == 0.0 and not xy["colour_acc"]["resolved"]
+    bx = {r["metric"]: r for r in rows if (r["a"], r["b"]) == ("base", "x")}
+    assert bx["colour_acc"]["mean_a"] == 0.0 and bx["colour_acc"]["mean_b"] == 1.0 and bx["colour_acc"]["diff"] == -1.0
