@@ -84,7 +84,7 @@ def test_score_adds_fid_inception_only_with_weights(inception_path):
     assert "fid_inception" not in score(targets, conds, targets_uint8=targets)
     out = score(targets[::-1], conds, targets_uint8=targets, inception_weights=str(inception_path))
     assert out["fid_inception"] == pytest.approx(0.0, abs=1e-6)  # the same set, reordered
-    assert {"fid_project", "outline_iou", "edge_ssim"} <= set(out) and "clip_score" not in out
+    assert {"fid_project", "edge_ssim", "psnr"} <= set(out) and "clip_score" not in out  # no fgs: no circle metrics
 
 
 # --- CLIP score -------------------------------------------------------------------
