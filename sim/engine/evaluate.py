@@ -22,7 +22,6 @@ import torch
 
 from defenses import DefenseStack, HookContext
 from sim.core.condition_metrics import condition_fidelity, infer_condition_kind, target_similarity
-from sim.core.condition_metrics import condition_fidelity, infer_condition_kind, target_similarity
 from sim.core.config import ExperimentConfig
 from sim.core.diffusion import bar_position, cfg_combine, ddim_sample, to_uint8
 from sim.core.fidelity import clip_score, fid_project, standard_fid
