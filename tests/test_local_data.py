@@ -265,3 +265,12 @@ def test_original_fill50k_index_via_column_keys(tmp_path):
     want = local_data.load_rows(imagefolder_dataset(tmp_path / "again", n=6), [1, 4], 32)
     assert np.array_equal(got["target"], want["target"]) and np.array_equal(got["condition"], want["condition"])
     assert got["prompt"] == want["prompt"]
+
+
+def test_target_similarity_per_image_means_to_the_summary():
+    from sim.core.condition_metrics import target_similarity_per_image
+
+    fill = make_fill50k(5, seed=2)
+    per = target_similarity_per_image(fill["target"], fill["target"][::-1])
+    assert per["psnr"].shape == (5,) and per["psnr"][2] == 100.0  # the middle image is its own target
+    assert target_similarity(fill["target"], fill["target"][::-1]) == {k: float(v.mean()) for k, v in per.items()}

@@ -76,8 +76,8 @@ def condition_fidelity(images_uint8: np.ndarray, conditions_uint8: np.ndarray, k
             "edge_f1": float(edge_f1(images_uint8, cond, tolerance=EDGE_TOLERANCE[kind]))}
 
 
-def target_similarity(images_uint8: np.ndarray, targets_uint8: np.ndarray) -> dict[str, float]:
-    """Mean ``psnr`` (dB, capped at :data:`PSNR_CAP`) and ``ssim`` of each image against its target.
+def target_similarity_per_image(images_uint8: np.ndarray, targets_uint8: np.ndarray) -> dict[str, np.ndarray]:
+    """Per image: ``psnr`` (dB, capped at :data:`PSNR_CAP`) and ``ssim`` against its target, float64 (N,) each.
 
     Both uint8 (N, H, W, 3) of equal shape; SSIM over the RGB channels with 7x7 windows (the
     largest odd size that fits for images below 7 px)."""
@@ -93,4 +93,9 @@ def target_similarity(images_uint8: np.ndarray, targets_uint8: np.ndarray) -> di
         else:
             psnr.append(min(PSNR_CAP, float(peak_signal_noise_ratio(tgt, img, data_range=255))))
         ssim.append(float(structural_similarity(tgt, img, data_range=255, channel_axis=-1, win_size=win)))
-    return {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim))}
+    return {"psnr": np.array(psnr), "ssim": np.array(ssim)}
+
+
+def target_similarity(images_uint8: np.ndarray, targets_uint8: np.ndarray) -> dict[str, float]:
+    """Mean ``psnr`` and ``ssim`` of each image against its target (:func:`target_similarity_per_image`)."""
+    return {k: float(v.mean()) for k, v in target_similarity_per_image(images_uint8, targets_uint8).items()}
