@@ -85,6 +85,7 @@ from sim.core.diffusion import (
     sample_timesteps,
     weighted_mse,
 )
+from sim.core.encodings import RecordEncodings
 from sim.core.splits import ClientData
 from sim.core.wire import ClientFailure, Expect, WireError, decode, encode
 
@@ -122,6 +123,7 @@ class Batch:
     hint: torch.Tensor
     idx: torch.Tensor | None = None  # which of the client's samples (for scoring attacks; never sent)
     prompts: list[str] | None = None  # the prompts after dropout (never sent as text)
+    hint_latent: torch.Tensor | None = None  # E(2 hint - 1), for clients that send it (nograd); cached per record
 
 
 def client_generator(seed: int, cid: int) -> torch.Generator:
@@ -146,21 +148,28 @@ def private_generator(client_seed: int, cid: int) -> torch.Generator:
 
 
 def sample_batch(base, scheduler, data: ClientData, batch_size: int, gen: torch.Generator,
-                 prompt_dropout: float = 0.0, t_start: int = 0) -> Batch:
+                 prompt_dropout: float = 0.0, t_start: int = 0, encodings: RecordEncodings | None = None,
+                 hints: bool = False) -> Batch:
     """Draw a batch, t ~ U{t_start..T-1} and noise from the client's generator; encode with the frozen parts.
 
     With ``prompt_dropout`` > 0 that fraction of prompts (drawn from the same generator)
     is replaced by the empty prompt, as ControlNet training does, so the ControlNet also
-    works in classifier-free guidance's unconditional branch.
+    works in classifier-free guidance's unconditional branch. ``encodings``: the client's
+    per-record cache of its latents (:class:`sim.core.encodings.RecordEncodings`; without
+    one, a fresh one, so nothing outlives the call); ``hints``: also the hint latents.
+    Prompts are encoded through the text encoder's per-prompt cache.
     """
+    encodings = encodings if encodings is not None else RecordEncodings(base.autoencoder, data)
     p = base.preset
     idx, drop, noise, t = draw_batch(gen, len(data), batch_size, (p.latent_channels, p.latent_size, p.latent_size),
                                      scheduler.config.num_train_timesteps, prompt_dropout, t_start)
     prompts = ["" if d else data.prompts[i] for i, d in zip(idx.tolist(), drop.tolist())]
     with torch.no_grad():
-        z0 = base.autoencoder.encode(data.target[idx])
+        z0 = encodings.target(idx)
         context = base.encode_prompts(prompts)
-    return Batch(z0, noise, t, noisy_latents(scheduler, z0, noise, t), context, data.condition[idx], idx, prompts)
+        hint_latent = encodings.hint(idx) if hints else None
+    return Batch(z0, noise, t, noisy_latents(scheduler, z0, noise, t), context, data.condition[idx], idx, prompts,
+                 hint_latent)
 
 
 def draw_batch(gen: torch.Generator, records: int, batch_size: int, latent_shape: tuple[int, ...],
@@ -237,6 +246,13 @@ class ClientEnv:
     seed: int  # public: the batch stream
     controlnet_template: nn.Module | None = None  # the public ControlNet architecture (weights arrive by message)
     client_seed: int = -1  # client-side: the seed of this client's private randomness (-1: none, e.g. a public client)
+    # the client's per-record cache of its latents (a memo of the frozen encoder on its own data, never
+    # sent); None: a fresh one for this env. Pass one to keep it across envs built per message.
+    encodings: RecordEncodings | None = None
+
+    def __post_init__(self):
+        if self.encodings is None and self.data is not None:
+            self.encodings = RecordEncodings(self.base.autoencoder, self.data)
 
 
 def prefixed(d: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -273,6 +289,7 @@ class SchemeClient:
 
     request_type: type = object
     scheme: str = ""
+    sends_hint_latent: bool = False  # batches carry E(2 hint - 1) (from the per-record cache)
 
     def __init__(self, cid: int, env: ClientEnv):
         self.cid = cid
@@ -290,7 +307,8 @@ class SchemeClient:
 
     def next_batch(self) -> Batch:
         return sample_batch(self.base, self.scheduler, self.data, self.settings.batch_size, self.gen,
-                            self.settings.prompt_dropout, self.defenses.t_start(self.scheduler))
+                            self.settings.prompt_dropout, self.defenses.t_start(self.scheduler),
+                            self.env.encodings, self.sends_hint_latent)
 
     def releases(self, batches: int) -> torch.Tensor:
         """How often each of this client's records is sent in its first ``batches`` batches (the batch
@@ -406,13 +424,13 @@ class Channel:
 @dataclass
 class ClientTrace:
     """One client step traced on meta tensors (``Scheme.trace_client``, for ``splitcontrol cost``):
-    the tensors it sends up and receives down at batch 1, the backward FLOPs it computes, and the
-    FLOPs of deterministic encodings beyond the target's and the prompt's (cacheable per image)."""
+    the tensors it sends up and receives down at batch 1 and the backward FLOPs it computes. The
+    batch it is given holds the cached encodings (latents, context; ``hint_latent`` for a client
+    class with ``sends_hint_latent``): their one-time cost is metered apart."""
 
     up: dict
     down: dict
     backward_flops: int = 0
-    extra_cacheable_flops: int = 0
 
 
 class Scheme:

@@ -295,7 +295,7 @@ class FedAvgStrategy(Scheme):
                     opt.load_state_dict(opt_states[cid])
                 for _ in range(k):
                     b = sample_batch(base, envs[cid].scheduler, envs[cid].data, settings.batch_size, gens[cid],
-                                     settings.prompt_dropout)
+                                     settings.prompt_dropout, encodings=envs[cid].encodings)
                     loss = diffusion_loss(FedAvgStrategy.eps(local, base, b), b.noise, b.t, envs[cid].scheduler,
                                           settings)
                     opt.zero_grad(set_to_none=True)
@@ -317,7 +317,7 @@ class FedAvgStrategy(Scheme):
         loss = F.mse_loss(eps_hat, batch["noise"])
         fwd = meter()
         loss.backward()
-        return ClientTrace({}, {}, meter() - fwd, 0)
+        return ClientTrace({}, {}, meter() - fwd)
 
     @staticmethod
     def batches_in(message: dict) -> int:

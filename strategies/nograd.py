@@ -3,7 +3,8 @@
 Client: holds only frozen, public, pretrained parts (autoencoder encoder, text encoder,
 UNet ``conv_in``); it has 0 trainable parameters and no optimizer. Per batch it sends
 ``control_input = E(hint) + x_t``, ``unet_features = unet.conv_in(x_t)``, t, the noise
-target and the text context. Server: trains the whole ControlNet from its ``conv_in`` on
+target and the text context (z0 and E(hint) are encoded once per record and cached,
+:mod:`sim.core.encodings`; so per step the client runs only ``conv_in``). Server: trains the whole ControlNet from its ``conv_in`` on
 (the hint block is unused) on top of the frozen UNet. Nothing flows back, so a client
 can stream a whole turn of ``local-steps`` batches in one message (K batches per
 message: 10x fewer messages than one per step at the default K = 10).
@@ -86,6 +87,7 @@ class NoGradClient(SchemeClient):
 
     request_type = FeaturesRequest
     scheme = "nograd"
+    sends_hint_latent = True  # E(2 hint - 1) from the per-record cache: the VAE runs once per record
 
     @torch.no_grad()
     def serve(self, request: FeaturesRequest) -> Features:
@@ -94,7 +96,7 @@ class NoGradClient(SchemeClient):
         for _ in range(request.k):
             b = self.next_batch()
             r = client_release(
-                self.defenses, lambda x: nograd_control_input(self.base.autoencoder, x, b.hint), self.base.unet,
+                self.defenses, lambda x: b.hint_latent + x, self.base.unet,  # nograd_control_input, E(hint) cached
                 b.x_t, self.hook_context(b.t, b.z0, b.idx, b.noise))
             parts.append(dict(control_input=r.control.to(dtype), unet_features=r.unet_features.to(dtype), t=r.t,
                               noise=r.target, context=b.context if self.defenses.sends_prompt else None))
@@ -146,22 +148,20 @@ class NoGradStrategy(SplitServer):
         for cid, k in turns:
             for _ in range(k):
                 b = sample_batch(base, envs[cid].scheduler, envs[cid].data, settings.batch_size, gens[cid],
-                                 settings.prompt_dropout)
+                                 settings.prompt_dropout, encodings=envs[cid].encodings, hints=True)
                 with torch.no_grad():
-                    ci = nograd_control_input(base.autoencoder, b.x_t, b.hint)
+                    ci = b.hint_latent + b.x_t  # nograd_control_input with the cached E(hint)
                     uf = unet_first_conv(base.unet, b.x_t)
                 losses.append(server.server_step(server.controlnet.conv_in(ci), uf, b.t, b.noise, b.context))
         return losses
 
     @classmethod
     def trace_client(cls, models, batch: dict, meter) -> ClientTrace:
-        before = meter()
-        with torch.no_grad():
-            control = nograd_control_input(models.autoencoder, batch["x_t"], batch["hint"])
-            encode_hint = meter() - before  # E(hint): deterministic, cacheable per image
-            up = dict(control_input=control, unet_features=unet_first_conv(models.unet, batch["x_t"]),
+        with torch.no_grad():  # E(hint) comes from the per-record cache, as in NoGradClient.serve
+            up = dict(control_input=batch["hint_latent"] + batch["x_t"],
+                      unet_features=unet_first_conv(models.unet, batch["x_t"]),
                       t=batch["t"], noise=batch["noise"], context=batch["context"])
-        return ClientTrace(up, {}, 0, encode_hint)
+        return ClientTrace(up, {})
 
     @staticmethod
     def batches_in(message: dict) -> int:

@@ -151,7 +151,7 @@ class SplitFedStrategy(HeadSplitServer):
                 opts[cid] = torch.optim.AdamW(heads[cid].parameters(), lr=settings.lr)
             for cid in interleaved(round_turns):
                 b = sample_batch(base, envs[cid].scheduler, envs[cid].data, settings.batch_size, gens[cid],
-                                 settings.prompt_dropout)
+                                 settings.prompt_dropout, encodings=envs[cid].encodings)
                 act = heads[cid](b.x_t, b.hint)
                 with torch.no_grad():
                     uf = unet_first_conv(base.unet, b.x_t)

@@ -261,7 +261,7 @@ class HeadSplitServer(SplitServer):
         act_fwd = meter() - fwd
         activation.backward(grad)
         backward = meter() - fwd - act_fwd
-        return ClientTrace(up, dict(control_features_grad=grad), backward, 0)
+        return ClientTrace(up, dict(control_features_grad=grad), backward)
 
     @classmethod
     def turn_state(cls, controlnet) -> dict:
@@ -326,7 +326,7 @@ class VanillaStrategy(HeadSplitServer):
             opt = torch.optim.AdamW(head.parameters(), lr=settings.lr)  # as the client: fresh per turn
             for _ in range(k):
                 b = sample_batch(base, envs[cid].scheduler, envs[cid].data, settings.batch_size, gens[cid],
-                                 settings.prompt_dropout)
+                                 settings.prompt_dropout, encodings=envs[cid].encodings)
                 act = head(b.x_t, b.hint)
                 with torch.no_grad():
                     uf = unet_first_conv(base.unet, b.x_t)

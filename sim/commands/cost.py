@@ -53,15 +53,19 @@ Bytes on the wire
     one message of batch 1 (and K = 1 for no-gradient-return): payload + each array's
     ``.npy`` header + 8 bytes per config/metric number.
 
-What is assumed: ``client_flops`` counts every encoder a step needs for a sample seen
-the first time: the VAE on the target (and, for no-gradient-return, on the hint) and the
-text encoder on the prompt (``client_flops_text``). The code re-runs the VAE every step
-(``strategies.base.sample_batch``) but caches text encodings per prompt (:mod:`sim.core.text`).
-All these encodings are deterministic (VAE posterior mean), so a client could compute
-them once per image; ``client_flops_cacheable`` is their share and
-``client_flops_cached`` what remains per step. At SD1.5 scale the VAE encoder is
-the client's biggest cost in both split schemes (~1.1 TFLOP per 512 px image), so as the
-code runs, the nograd client (two encodings per step) computes more than the vanilla one.
+Encodings, as the code runs them: a client encodes each of its records once and caches
+the result (:mod:`sim.core.encodings`: the VAE on the target and, for no-gradient-return,
+on the hint; the text encoders cache per prompt, :mod:`sim.core.text`); these encodings are
+deterministic (VAE posterior mean), so the cache is exact. So ``client_flops`` is what a
+client computes per step once its records are encoded, and the one-time cost is reported
+apart, not amortised: ``client_flops_once_per_record`` (VAE on target [+ hint] + text
+encoder on the prompt, of which ``client_flops_text``; paid the first time a record is
+drawn, and again only by a process that starts without the cache, e.g. a fresh process per
+message). ``client_flops_uncached`` = the sum of both: a client that re-encodes every step
+(the code before caching) or a step on a record seen the first time. At SD1.5 scale the VAE
+encoder (~1.1 TFLOP per 512 px image) dominates that one-time cost.
+``client_peak_activation_bytes`` is the larger of the step's and the one-time encoding's
+peak (``client_peak_activation_bytes_step``: the step alone, from the cached inputs).
 The schemes are traced without defenses (the defenses' transforms are element-wise;
 keeping prompts on the client removes ``context`` from the up bytes: 77x768x4 B =
 231 KiB per sample at SD1.5).
@@ -84,6 +88,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModel
 
+from sim.core.autoencoder import encode_hint
 from sim.core.cuts import resolve
 from sim.core.models import (
     ModelPreset,
@@ -335,11 +340,12 @@ class StepTrace:
     """What :func:`trace_step` measures for one step at batch 1 (FLOPs, bytes of live activations)
     and the tensors (meta) it sends each way, by wire field name."""
 
-    client_flops: int = 0
+    client_flops: int = 0  # per step, encodings cached
     client_flops_backward: int = 0
-    client_flops_cacheable: int = 0
+    client_flops_once_per_record: int = 0  # the cached encodings (VAE on target [+ hint], text encoder)
     client_flops_text: int = 0
-    client_peak_activation_bytes: int = 0
+    client_peak_activation_bytes: int = 0  # max of the step's and the one-time encoding's
+    client_peak_activation_bytes_step: int = 0
     server_flops: int = 0
     server_flops_backward: int = 0
     server_peak_activation_bytes: int = 0
@@ -350,8 +356,9 @@ class StepTrace:
 def trace_step(scheme: str, models: MetaModels, server: bool = True) -> StepTrace:
     """Run one training step of ``scheme`` at batch 1 on meta tensors, metering client and server apart.
 
-    The client part mirrors the strategy's client: draw a batch (VAE-encode the target,
-    encode the prompt, noise it), then the scheme's cut (``fedavg``: the whole forward,
+    The client part mirrors the strategy's client: once per record, VAE-encode the target
+    (and the hint, for a client class with ``sends_hint_latent``) and encode the prompt
+    (metered apart: the client caches them); per step, noise the cached latent, then the scheme's cut (``fedavg``: the whole forward,
     loss and backward; ``vanilla``: the head's forward to send, and later its forward
     again plus backward with the returned gradient, as ``VanillaClient`` recomputes the
     activation; ``nograd``: ``E(hint) + x_t`` and ``unet.conv_in(x_t)``). The server part
@@ -375,30 +382,35 @@ def _trace_step(scheme: str, models: MetaModels, server: bool) -> StepTrace:
     lat = (1, p.latent_channels, p.latent_size, p.latent_size)
     tr = StepTrace()
 
-    # ------------------------------------------------------------------ client
+    # ------------------------------------------------------------------ client: once per record (cached)
+    hints = strategy.client_class.sends_hint_latent
+    with _PeakLive(ignore) as mem_once, torch.no_grad(), FlopCounterMode(display=False) as f_once:
+        z0 = ae.encode(torch.empty(1, 3, s, s, device="meta"))
+        hint_latent = encode_hint(ae, torch.empty(1, 3, s, s, device="meta")) if hints else None
+        with FlopCounterMode(display=False) as f_text:
+            context = _encode_text(models)
+    tr.client_flops_once_per_record = _flops(f_once)
+    tr.client_flops_text = _flops(f_text)
+    context_shape = context.shape
+    del z0, hint_latent, context
+    # ------------------------------------------------------------------ client: the step, from the cache
     with _PeakLive(ignore) as mem:
-        target = torch.empty(1, 3, s, s, device="meta")
-        hint = torch.empty(1, 3, s, s, device="meta")
-        with torch.no_grad():
-            with FlopCounterMode(display=False) as f_vae:
-                z0 = ae.encode(target)
-            with FlopCounterMode(display=False) as f_text:
-                context = _encode_text(models)
-        vae_flops = _flops(f_vae)
-        del target  # sample_batch encodes a temporary copy of the images; the batch keeps z0
+        z0 = torch.empty(lat, device="meta")  # the cached latent (and hint latent), the prompt's context
+        hint_latent = torch.empty(lat, device="meta") if hints else None
+        context = torch.empty(context_shape, device="meta")
+        hint = torch.empty(1, 3, s, s, device="meta")  # the hint's pixels (the heads of fedavg and vanilla read them)
         noise = torch.empty(lat, device="meta")
         t = torch.zeros(1, dtype=torch.int64, device="meta")
         x_t = z0 * 0.5 + noise * 0.5  # the noising is element-wise: no counted FLOPs
-        batch = dict(x_t=x_t, t=t, context=context, hint=hint, noise=noise)
+        batch = dict(x_t=x_t, t=t, context=context, hint=hint, noise=noise, hint_latent=hint_latent)
         with FlopCounterMode(display=False) as f_step:
             step = strategy.trace_client(models, batch, lambda: _flops(f_step))
         tr.up, tr.down = step.up, step.down
-        tr.client_flops = vae_flops + _flops(f_text) + _flops(f_step)
-        tr.client_flops_cacheable = vae_flops + _flops(f_text) + step.extra_cacheable_flops
-        tr.client_flops_text = _flops(f_text)
+        tr.client_flops = _flops(f_step)
         tr.client_flops_backward = step.backward_flops
         del batch, step
-    tr.client_peak_activation_bytes = mem.peak
+    tr.client_peak_activation_bytes_step = mem.peak
+    tr.client_peak_activation_bytes = max(mem.peak, mem_once.peak)
 
     # ------------------------------------------------------------------ server
     if not server or not cut.up:
@@ -519,11 +531,12 @@ NOTES = [
     "the loss and the AdamW step are not counted. Backward counts what autograd computes: weight gradients "
     "of trained modules only; the frozen UNet contributes input gradients only, and only from its mid/up "
     "blocks (ControlNet residuals join at the skips).",
-    "client_flops includes every encoder a step needs for a new sample: the VAE on the target (and on the "
-    "hint, for nograd) and the text encoder (client_flops_text). The code re-runs the VAE every step and "
-    "caches text encodings per prompt. All these encodings are deterministic, so client_flops_cacheable "
-    "could be paid once per image; client_flops_cached is the rest. The vanilla client runs its head "
-    "forward twice (to send, and again to backpropagate the returned gradient).",
+    "client_flops is what a client computes per step as the code runs: each client encodes each record once "
+    "and caches it (sim/core/encodings.py: the VAE on the target, and on the hint for nograd; the text "
+    "encoder caches per prompt), so no encoder runs in a step. That one-time cost is reported apart, not "
+    "amortised: client_flops_once_per_record (of which client_flops_text); client_flops_uncached = the sum "
+    "(a step on a record seen the first time, or a client that re-encodes every step). The vanilla client "
+    "runs its head forward twice (to send, and again to backpropagate the returned gradient).",
     "Peak activation memory: live-set peak of the tensor storages the step creates (dispatch-mode tracing on "
     "meta tensors), batch 1; parameters, buffers, gradients and optimizer state excluded (they are "
     "client_model_state_bytes: fp32 params and buffers + 3 copies per trainable parameter). Attention is "
@@ -578,10 +591,11 @@ def cost_table(preset: str = "sd15", image_size: int | None = None, attention: s
             row = dict(scheme=scheme, **counts)
             row["client_model_state_bytes"] = _model_state_bytes(_resolve_all(cut.client, models), trainable)
             row.update(
-                client_flops=tr.client_flops, client_flops_cacheable=tr.client_flops_cacheable,
-                client_flops_cached=tr.client_flops - tr.client_flops_cacheable,
+                client_flops=tr.client_flops, client_flops_once_per_record=tr.client_flops_once_per_record,
+                client_flops_uncached=tr.client_flops + tr.client_flops_once_per_record,
                 client_flops_text=tr.client_flops_text, client_flops_backward=tr.client_flops_backward,
                 client_peak_activation_bytes=tr.client_peak_activation_bytes,
+                client_peak_activation_bytes_step=tr.client_peak_activation_bytes_step,
                 server_flops=tr.server_flops, server_flops_backward=tr.server_flops_backward,
                 server_peak_activation_bytes=tr.server_peak_activation_bytes,
             )
@@ -622,7 +636,7 @@ def markdown(table: dict) -> str:
         "(meta device, no weights).",
         "",
         "| scheme | client params (trainable) | server params (trainable) | client GFLOP/step "
-        "(encodings cached) | server GFLOP/step | client peak activations MiB | server peak activations MiB "
+        "(+ once per record) | server GFLOP/step | client peak activations MiB | server peak activations MiB "
         "| client model state MiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -631,7 +645,7 @@ def markdown(table: dict) -> str:
         lines.append(
             f"| {r['scheme']} | {_m(r['client_params'])} ({_m(r['client_trainable_params'])}) "
             f"| {_m(r['server_params'])} ({_m(r['server_trainable_params'])}) "
-            f"| {_g(r['client_flops'])} ({_g(r['client_flops_cached'])}) | {_g(r['server_flops'])} "
+            f"| {_g(r['client_flops'])} (+ {_g(r['client_flops_once_per_record'])}) | {_g(r['server_flops'])} "
             f"| {_mib(r['client_peak_activation_bytes'])} | {server_act} | {_mib(r['client_model_state_bytes'])} |")
     lines += [
         "",
@@ -661,10 +675,11 @@ def markdown(table: dict) -> str:
     lines += [
         "",
         "FLOPs: `torch.utils.flop_counter`, 2 per multiply-accumulate, matmuls/convolutions/attention only, "
-        "forward + backward (the frozen UNet: input gradients only). Client FLOPs include the encoders a new "
-        "sample needs: the VAE on the target (nograd: and on the hint; the code re-runs it every step) and "
-        "the text encoder (the code caches it per prompt); these encodings are deterministic, so a client "
-        "could compute them once per image (the figure in brackets). Peak "
+        "forward + backward (the frozen UNet: input gradients only). Client FLOPs per step as the code runs "
+        "them: each client encodes each record once and caches it, so no encoder runs in a step; the bracket "
+        "is that one-time cost per record (the VAE on the target, nograd: and on the hint; the text encoder on "
+        "the prompt), paid the first time a record is drawn. Client peak activations: the larger of the step's "
+        "and the one-time encoding's. Peak "
         f"activations: live tensor storages traced on meta tensors, batch 1, {table.get('attention', 'fused')} "
         "attention; model state (fp32 params and buffers + gradient + 2 AdamW moments per trainable one) "
         "excluded and shown apart. Bytes: tensor fields of the strategies' messages; fp16 wire = the fields "

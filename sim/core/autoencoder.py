@@ -21,6 +21,7 @@ class IdentityAutoencoder(nn.Module):
 
     scaling_factor = 1.0
     downsample = 1
+    deterministic = True  # encode is a function of the image: clients may cache it (sim.core.encodings)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return images
@@ -33,6 +34,7 @@ class KLAutoencoder(nn.Module):
     """Wraps diffusers' ``AutoencoderKL``; encode returns the scaled posterior mean."""
 
     downsample = 8
+    deterministic = True  # the posterior mean, never a sample: clients may cache it (sim.core.encodings)
 
     def __init__(self, vae):
         super().__init__()
@@ -44,3 +46,9 @@ class KLAutoencoder(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents / self.scaling_factor).sample
+
+
+def encode_hint(autoencoder: nn.Module, hint: torch.Tensor) -> torch.Tensor:
+    """The latent of a hint in [0, 1]: ``E(2 hint - 1)`` (the no-gradient-return client's control input
+    is this plus x_t)."""
+    return autoencoder.encode(hint * 2 - 1)

@@ -24,6 +24,7 @@ import torch
 from attacks import make_attack
 from defenses import DefenseStack
 from sim.core.config import ExperimentConfig, PublicConfig, load_config
+from sim.core.encodings import RecordEncodings
 from sim.core.models import (
     build_controlnet,
     configure_torch,
@@ -86,6 +87,7 @@ class RunContext:
         self.controlnet = build_controlnet(self.base.unet, self.base.preset)  # the public initial ControlNet
         self.frozen_fingerprint = self.frozen_now()
         self._clients: dict[int, list[ClientData]] = {}
+        self._encodings: dict[tuple[int, int], RecordEncodings] = {}
 
     def frozen_now(self) -> str:
         """The fingerprint of the frozen base (UNet, autoencoder, text encoder) as it is now."""
@@ -114,8 +116,11 @@ class RunContext:
         clients = self.client_data(cfg)
         if not 0 <= cid < len(clients):
             raise ValueError(f"partition-id={cid} but the run has num-clients={len(clients)}")
+        key = (cfg.data_seed, cid)  # the client's per-record latents, kept across the envs of its messages
+        if key not in self._encodings:
+            self._encodings[key] = RecordEncodings(self.base.autoencoder, clients[cid])
         return ClientEnv(self.base, self.scheduler, self.settings, clients[cid], self.cfg.seed, self.controlnet,
-                         cfg.client_seed)
+                         cfg.client_seed, encodings=self._encodings[key])
 
     def public_client(self, scheme: str):
         """A client of ``scheme`` with no data and no secret: what the scheme makes a client hold and train."""
