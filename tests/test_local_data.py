@@ -167,6 +167,10 @@ def test_errors_name_the_bad_input(tmp_path):
         _cfg(folder, "num-samples=30")
     with pytest.raises(ValueError, match="resolution=64 is not supported by model='tiny'"):
         _cfg(folder, "resolution=64")
+    other = imagefolder_dataset(tmp_path / "other")
+    (other / "images" / "7.png").unlink()
+    with pytest.raises(ValueError, match=r"row 7, column 'image': no image file '.*images/7.png'"):
+        _cfg(other)  # a missing file is found at config time, before any work
     (folder / "conditioning" / "5.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match=r"row 5, column 'conditioning_image', file '.*conditioning/5.png': "
                                          r"cannot read the image"):

@@ -156,12 +156,29 @@ def check_local_config(cfg) -> str:
                          f"columns found: {ds.column_names}")
     if cfg.partition_by:
         check_columns(path, ds, partition_by=cfg.partition_by)
+    _check_files(str(path), _stamp(path), cfg.image_column, cfg.conditioning_image_column)
     need = cfg.eval_samples + cfg.num_samples + (1 if cfg.attacks else 0)
     if need > len(ds):
         aux = " + 1 auxiliary row for the attacks" if cfg.attacks else ""
         raise _err(path, f"has {len(ds)} rows, split disjointly: eval-samples={cfg.eval_samples} + "
                          f"num-samples={cfg.num_samples}{aux} must be <= {len(ds)}")
     return str(path)
+
+
+@functools.lru_cache(maxsize=8)
+def _check_files(path: str, stamp: tuple, *columns: str) -> None:
+    """Every image path the named columns give exists inside the folder (a stat each, no decoding:
+    an unreadable file is named when its row is loaded)."""
+    ds, folder = _open(path, stamp), Path(path)
+    for column in columns:
+        if not isinstance(ds.features[column], datasets.Value) or ds.features[column].dtype not in ("string", "large_string"):
+            continue  # decoded images or arrays: stored in the folder itself
+        for row, value in enumerate(ds[column]):
+            file = (folder / value).resolve()
+            if folder not in file.parents:
+                raise _err(path, f"row {row}, column {column!r}: the path {value!r} leaves the dataset folder")
+            if not file.is_file():
+                raise _err(path, f"row {row}, column {column!r}: no image file {str(file)!r}")
 
 
 # ---------------------------------------------------------------------------
