@@ -61,3 +61,89 @@ def test_controlnet_encoder_computes_the_unets_encoder_function(preset):
     assert torch.equal(hu, hc)
     # the zero convs really start at zero
     assert all((q == 0).all() for q in cn.controlnet_mid_block.parameters())
+
+
+# ----------------------------------------------------------------------------- base-model folders
+def test_a_missing_base_model_folder_fails_naming_it_without_any_hub_lookup(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def no_hub(*a, **k):
+        raise AssertionError("a model hub was asked")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    for folder in (tmp_path / "nowhere", "runwayml/stable-diffusion-v1-5"):  # a path, and what looks like a hub id
+        with pytest.raises(FileNotFoundError, match="no such local folder") as e:
+            load_base("sd15", folder=folder)
+        assert str(folder) in str(e.value)
+
+
+def test_cli_exits_2_on_a_missing_base_model(tmp_path, capsys):
+    from sim.commands.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--preset", "smoke", "--set", "model=sd15", "--set", f"base-model={tmp_path / 'nowhere'}",
+              "--out", str(tmp_path / "run")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    from sd_folder import make_sd_folder
+
+    return make_sd_folder(tmp_path_factory.mktemp("sd"))
+
+
+def test_preset_and_folder_must_agree_checked_from_configs_alone(sd_folder):
+    from sim.core.models import check_base_folder, committed_tiny_base
+    from sim.engine.context import load_experiment
+
+    with pytest.raises(ValueError, match="model='tiny'") as e:  # an SD folder without model=sd15
+        check_base_folder("tiny", sd_folder)
+    assert str(sd_folder) in str(e.value) and "model=sd15" in str(e.value)
+    with pytest.raises(ValueError, match="model='sd15'") as e:  # the pixel-space tiny folder with model=sd15
+        check_base_folder("sd15", committed_tiny_base())
+    assert "tiny-base" in str(e.value)
+    with pytest.raises(ValueError, match="model='tiny'"):  # the same, at config time (before any work)
+        load_experiment("smoke", [f"base-model={sd_folder}"])
+    assert check_base_folder("sd15", sd_folder).name == "sd15"
+    assert load_experiment("smoke", ["model=sd15", f"base-model={sd_folder}"]).base_model == str(sd_folder)
+
+
+def test_folder_with_mismatched_channels_is_refused_naming_both(sd_folder, tmp_path):
+    import json
+    import shutil
+
+    from sim.core.models import check_base_folder
+
+    bad = shutil.copytree(sd_folder, tmp_path / "bad")
+    cfg = json.loads((bad / "vae" / "config.json").read_text())
+    (bad / "vae" / "config.json").write_text(json.dumps({**cfg, "latent_channels": 8}))
+    with pytest.raises(ValueError, match="latent_channels=8") as e:
+        check_base_folder("sd15", bad)
+    assert str(bad) in str(e.value) and "sd15" in str(e.value)
+
+
+def test_the_folders_scheduler_sets_the_noise_schedule(sd_folder, tmp_path):
+    import json
+    import shutil
+
+    from diffusers import DDPMScheduler
+
+    from sim.core.models import check_base_folder, ddpm_scheduler
+
+    folder = shutil.copytree(sd_folder, tmp_path / "sched")
+    path = folder / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(path.read_text())
+    path.write_text(json.dumps({**cfg, "beta_schedule": "linear", "beta_start": 0.0002, "beta_end": 0.03,
+                                "num_train_timesteps": 500}))
+    base = load_base("sd15", folder=folder)
+    assert (base.preset.beta_schedule, base.preset.num_train_timesteps) == ("linear", 500)
+    ours = ddpm_scheduler(base.preset).alphas_cumprod
+    theirs = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True).alphas_cumprod
+    assert torch.equal(ours, theirs)
+    path.write_text(json.dumps({**cfg, "prediction_type": "v_prediction"}))
+    with pytest.raises(ValueError, match="prediction_type='v_prediction'"):
+        check_base_folder("sd15", folder)

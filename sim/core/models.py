@@ -22,6 +22,7 @@ UNet encoder as in the ControlNet paper), DDPM/DDIM schedulers and an autoencode
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,6 +271,81 @@ def ddpm_scheduler(p: ModelPreset):
     return DDPMScheduler(**scheduler_config(p))
 
 
+SCHEDULER_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")  # what a folder's schedule sets
+SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read it ({type(e).__name__}: {e})") from None
+
+
+def check_base_folder(preset: str | ModelPreset, folder: str | Path) -> ModelPreset:
+    """Check that ``folder`` is a local diffusers folder that ``preset`` can use, reading its configs only
+    (before any work); returns the preset with the folder's noise schedule (``scheduler/``, when present).
+
+    Fails naming the folder and the preset: a missing folder (FileNotFoundError: it is never looked up
+    on a model hub), no ``unet/config.json``, a latent-space folder (``vae/``) for a pixel-space preset or
+    the reverse, latent channels or a cross-attention width that differ from what the preset's
+    autoencoder and text encoder produce, or a schedule the project cannot train (not epsilon
+    prediction, explicit betas, an unknown beta schedule).
+    """
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    path = Path(folder)
+    where = f"base-model={str(folder)!r}"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{where}: no such local folder (base models are never downloaded; give the path "
+                                f"of a diffusers folder with unet/{', vae/, text_encoder/, tokenizer/' if p.autoencoder == 'kl' else ''})")
+    if not (path / "unet" / "config.json").is_file():
+        make = f"; make one with `splitcontrol pretrain-base --out {path}`" if p.name == "tiny" else ""
+        raise FileNotFoundError(f"{where}: no unet/config.json in it: not a diffusers model folder{make}")
+    unet = _json(path / "unet" / "config.json")
+    has_vae = (path / "vae" / "config.json").is_file()
+    if p.autoencoder == "kl" and not has_vae:
+        raise ValueError(f"{where} has no vae/ (a pixel-space model?) but model={p.name!r} is a latent-diffusion "
+                         "preset that needs one; for a pixel-space folder use model=tiny")
+    if p.autoencoder == "identity" and has_vae:
+        raise ValueError(f"{where} is a latent-diffusion folder (it has vae/) but model={p.name!r} is a pixel-space "
+                         "preset; set model=sd15")
+    channels = unet.get("in_channels")
+    if channels != p.latent_channels or unet.get("out_channels", channels) != channels:
+        raise ValueError(f"{where}: its UNet takes in_channels={channels} (out_channels={unet.get('out_channels')}) "
+                         f"but model={p.name!r} has {p.latent_channels} latent channels; pick the model preset of "
+                         f"this folder (tiny: 3 pixel channels, sd15: 4 latent channels)")
+    if has_vae:
+        vae = _json(path / "vae" / "config.json")
+        if vae.get("latent_channels") != channels:
+            raise ValueError(f"{where}: vae/ has latent_channels={vae.get('latent_channels')} but unet/ takes "
+                             f"{channels} (model={p.name!r})")
+    width = unet.get("cross_attention_dim")
+    if p.text_encoder == "clip":
+        if not (path / "text_encoder" / "config.json").is_file() or not (path / "tokenizer").is_dir():
+            raise FileNotFoundError(f"{where}: model={p.name!r} needs the folder's text_encoder/ and tokenizer/")
+        hidden = _json(path / "text_encoder" / "config.json").get("hidden_size")
+        if hidden != width:
+            raise ValueError(f"{where}: text_encoder/ has hidden_size={hidden} but the UNet's cross_attention_dim is "
+                             f"{width} (model={p.name!r})")
+    elif p.text_encoder == "minilm" and width != p.cross_attention_dim:
+        raise ValueError(f"{where}: its UNet's cross_attention_dim={width} but model={p.name!r} feeds "
+                         f"{p.cross_attention_dim}-d MiniLM states; for an SD folder set model=sd15")
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    if not sched_file.is_file():
+        return p
+    sched = _json(sched_file)
+    problems = []
+    if sched.get("prediction_type", "epsilon") != "epsilon":
+        problems.append(f"prediction_type={sched['prediction_type']!r} (the project trains epsilon prediction)")
+    if sched.get("trained_betas") is not None:
+        problems.append("explicit trained_betas")
+    if sched.get("beta_schedule", p.beta_schedule) not in SCHEDULES:
+        problems.append(f"beta_schedule={sched['beta_schedule']!r} (supported: {', '.join(SCHEDULES)})")
+    if problems:
+        raise ValueError(f"{where}: scheduler/scheduler_config.json has {'; '.join(problems)}")
+    return p.replace(**{k: sched[k] for k in SCHEDULER_KEYS if k in sched})
+
+
 @dataclass
 class BaseModel:
     """The frozen, public, pretrained parts every scheme starts from."""
@@ -298,16 +374,20 @@ def load_base(preset: str = "tiny", folder: str | Path | None = None, device: st
     missing checkpoint is an error telling how to make it). ``sd15`` loads a local
     diffusers folder (subfolders unet/, vae/, text_encoder/, tokenizer/) when given,
     otherwise builds random weights (``device="meta"`` for accounting without memory).
+    A given folder is checked against the preset first (:func:`check_base_folder`), and its
+    ``scheduler/`` config, when present, sets the noise schedule (the returned preset's).
     Nothing is ever downloaded.
     """
 
     p = get_preset(preset)
+    if folder is not None:
+        p = check_base_folder(p, folder)
     if p.name == "tiny":
         path = Path(folder) if folder is not None else committed_tiny_base()
         if not (path / "unet" / "config.json").exists():
             raise FileNotFoundError(
                 f"no tiny base model at {path}; make one with `splitcontrol pretrain-base --out {path}`")
-        unet = UNet2DConditionModel.from_pretrained(path / "unet").to(device)
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True).to(device)
         check_supported(unet)
         return BaseModel(p, unet, build_autoencoder(p), build_text_encoder(p)).freeze()
     if folder is not None:

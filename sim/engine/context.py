@@ -27,6 +27,7 @@ from sim.core.config import ExperimentConfig, PublicConfig, load_config
 from sim.core.encodings import RecordEncodings
 from sim.core.models import (
     build_controlnet,
+    check_base_folder,
     configure_torch,
     ddpm_scheduler,
     get_preset,
@@ -43,7 +44,9 @@ def check_components(cfg: PublicConfig) -> PublicConfig:
     bad = [s for s in cfg.schemes if s not in SCHEMES]
     if bad:
         raise ValueError(f"schemes={list(cfg.schemes)} is not allowed: unknown {bad}; choose from {list(SCHEMES)}")
-    timesteps = get_preset(cfg.model).num_train_timesteps
+    # a base-model folder is checked against the model preset here, before any work (its configs only)
+    preset = check_base_folder(cfg.model, cfg.base_model) if cfg.base_model else get_preset(cfg.model)
+    timesteps = preset.num_train_timesteps
     if cfg.ddim_steps > timesteps:  # found before training, not after it
         raise ValueError(f"ddim-steps={cfg.ddim_steps} exceeds model={cfg.model!r}'s {timesteps} training timesteps")
     for scheme in cfg.schemes:  # fails naming the defense and why it cannot serve the scheme
