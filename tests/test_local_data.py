@@ -171,6 +171,11 @@ def test_errors_name_the_bad_input(tmp_path):
     (other / "images" / "7.png").unlink()
     with pytest.raises(ValueError, match=r"row 7, column 'image': no image file '.*images/7.png'"):
         _cfg(other)  # a missing file is found at config time, before any work
+    broken = imagefolder_dataset(tmp_path / "broken")
+    first_eval = int(local_split(_cfg(folder))["eval"][0])
+    (broken / "conditioning" / f"{first_eval}.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=rf"row {first_eval}, column 'conditioning_image'.*cannot read the image"):
+        _cfg(broken)  # an eval row is read only after training: its images are decoded at config time
     (folder / "conditioning" / "5.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match=r"row 5, column 'conditioning_image', file '.*conditioning/5.png': "
                                          r"cannot read the image"):

@@ -157,6 +157,8 @@ def check_local_config(cfg) -> str:
     if cfg.partition_by:
         check_columns(path, ds, partition_by=cfg.partition_by)
     _check_files(str(path), _stamp(path), cfg.image_column, cfg.conditioning_image_column)
+    _check_decodes(str(path), _stamp(path), tuple(public_order(len(ds), cfg.eval_seed)[:cfg.eval_samples].tolist()),
+                   cfg.image_column, cfg.conditioning_image_column)
     need = cfg.eval_samples + cfg.num_samples + (1 if cfg.attacks else 0)
     if need > len(ds):
         aux = " + 1 auxiliary row for the attacks" if cfg.attacks else ""
@@ -179,6 +181,20 @@ def _check_files(path: str, stamp: tuple, *columns: str) -> None:
                 raise _err(path, f"row {row}, column {column!r}: the path {value!r} leaves the dataset folder")
             if not file.is_file():
                 raise _err(path, f"row {row}, column {column!r}: no image file {str(file)!r}")
+
+
+@functools.lru_cache(maxsize=8)
+def _check_decodes(path: str, stamp: tuple, rows: tuple[int, ...], *columns: str) -> None:
+    """The eval rows' images decode (they are read only after training: fail before it instead)."""
+    ds, folder = _open(path, stamp).select(list(rows)), Path(path)
+    for column in columns:
+        for row, value in zip(rows, ds[column]):
+            _to_pil(value, folder, row, column).load()
+
+
+def public_order(num: int, eval_seed: int) -> np.ndarray:
+    """The public permutation of a folder's rows by ``eval-seed`` (:func:`sim.core.splits.local_split`)."""
+    return np.random.default_rng(eval_seed).permutation(num)
 
 
 # ---------------------------------------------------------------------------

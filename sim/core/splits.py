@@ -76,7 +76,7 @@ def _faces_order(cfg) -> np.ndarray:
 
 def local_split(cfg) -> dict[str, np.ndarray]:
     """The public split of a local dataset's rows: ``eval``, ``pool`` (the clients') and ``aux`` index arrays."""
-    order = np.random.default_rng(cfg.eval_seed).permutation(local_data.num_rows(cfg.dataset))
+    order = local_data.public_order(local_data.num_rows(cfg.dataset), cfg.eval_seed)
     e, n = cfg.eval_samples, cfg.num_samples
     return {"eval": order[:e], "pool": order[e:e + n], "aux": order[e + n:]}
 
