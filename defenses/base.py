@@ -188,7 +188,10 @@ class Defense(Component):
                "params": self.p, "at_inference": self.at_inference, "accounted": self.accounted,
                "threat_model": self.threat_model, "summary": doc[0] if doc else ""}
         if scheduler is not None and self.accounted:
-            out["accounting"] = self.accounting(scheduler, releases)
+            try:
+                out["accounting"] = self.accounting(scheduler, releases)
+            except ValueError as e:  # a target this schedule cannot reach (e.g. timestep-target at SD1.5's)
+                out["accounting"] = {"unreachable": str(e)}
         return out
 
 

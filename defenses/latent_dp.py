@@ -28,6 +28,19 @@ The target's variance is k^2 that of eps, so the server weights each sample's lo
 ``ratio`` sets t_start: the smallest t at which sigma_t <= ratio * sqrt(1 - abar_t) (how far
 t' may move above t); ratio=0 keeps the uniform policy; ``t-start`` >= 0 sets it directly. At sampling the ControlNet acts at
 the timesteps it was trained on, t >= t'(t_start) (:meth:`trained_from`).
+A schedule may have no such t: sigma_t / sqrt(1 - abar_t) = s Delta / sqrt(SNR_t) with SNR_t =
+abar_t / (1 - abar_t), so the ratio is met only where the schedule's noise reaches s Delta / ratio
+x the signal. The tiny preset's cosine schedule ends at SNR ~2e-9 (noise 20,000x the signal),
+SD1.5's scaled-linear one at SNR 0.0047 (14.6x), while s Delta is ~154 for SD1.5's 4x64x64
+latent at epsilon = 8. Then t_start is T-1 (where the diffusion noise is largest), x' carries
+less signal than the schedule's last step (it is sent as T-1) and the accounting says so
+(``ratio_met`` false, ``private_over_diffusion_noise``): the guarantee is unchanged, the
+control learnt from such steps is close to none.
+
+``bound``: z0's entries are clipped to [-bound, bound] before the noise (x_t moves by
+sqrt(abar_t) (clip(z0) - z0)), so the default sensitivity 2 bound sqrt(dim) holds for any
+autoencoder: the tiny preset's pixels already lie in [-1, 1] (nothing changes); SD latents
+do not (roughly unit variance), and clipping changes the data trained on.
 
 What is accounted: z0 (the private target image's latent), per step and over a run
 (``accounting(..., releases)``: a record sent r times composes to multiplier s / sqrt(r),
@@ -53,7 +66,7 @@ class LatentDP(Defense):
     name = "latent-dp"
     hooks = ("latent", "timestep")
     why_not = "FedAvg sends no per-step features (use dp-sgd for FedAvg)"
-    params = {"epsilon": 8.0, "delta": 1e-5, "sensitivity": 0.0, "ratio": 1.0, "t-start": -1}
+    params = {"epsilon": 8.0, "delta": 1e-5, "sensitivity": 0.0, "ratio": 1.0, "t-start": -1, "bound": 1.0}
     at_inference = False
     accounted = True
     threat_model = ("honest-but-curious server that knows eps, t, the public weights and this defense; "
@@ -62,14 +75,14 @@ class LatentDP(Defense):
     def validate(self) -> None:
         p = self.p
         if p["epsilon"] <= 0 or not 0 < p["delta"] < 1 or p["sensitivity"] < 0 or p["ratio"] < 0 \
-                or not -1 <= p["t-start"]:
+                or not -1 <= p["t-start"] or p["bound"] <= 0:
             raise ValueError(f"defense 'latent-dp': need epsilon > 0, 0 < delta < 1, sensitivity >= 0, "
-                             f"ratio >= 0, t-start >= 0 (-1: from ratio); got {p}")
+                             f"ratio >= 0, t-start >= 0 (-1: from ratio), bound > 0; got {p}")
         self.multiplier = accounting.multiplier_for(p["epsilon"], p["delta"])
         self._tables: dict = {}
 
     def bind(self, latent_dim: int) -> None:
-        self.sensitivity = self.p["sensitivity"] or accounting.replace_one_sensitivity(latent_dim)
+        self.sensitivity = self.p["sensitivity"] or accounting.replace_one_sensitivity(latent_dim, 2 * self.p["bound"])
         self._tables = {}
 
     def sigma_min(self, scheduler, t: torch.Tensor) -> torch.Tensor:
@@ -98,12 +111,13 @@ class LatentDP(Defense):
             return self.p["t-start"]
         if self.p["ratio"] == 0:
             return 0
+        ok = (self.noise_ratio(scheduler) <= self.p["ratio"]).nonzero()
+        return int(ok[0]) if len(ok) else len(scheduler.alphas_cumprod) - 1  # not met: the noisiest step (doc)
+
+    def noise_ratio(self, scheduler) -> torch.Tensor:
+        """sigma_t / sqrt(1 - abar_t) per timestep: the private noise over the diffusion noise."""
         abar = scheduler.alphas_cumprod.double()
-        ok = (self.sigma_min(scheduler, torch.arange(len(abar))) <= self.p["ratio"] * (1 - abar).sqrt()).nonzero()
-        if len(ok) == 0:
-            raise ValueError(f"latent-dp: no timestep has private noise <= ratio={self.p['ratio']} x the diffusion "
-                             f"noise at epsilon={self.p['epsilon']}; raise epsilon or ratio, or set ratio=0")
-        return int(ok[0])
+        return self.sigma_min(scheduler, torch.arange(len(abar))) / (1 - abar).sqrt()
 
     def trained_from(self, scheduler) -> int:
         return int(self.table(scheduler)["t_out"][self.t_start(scheduler)])
@@ -114,6 +128,10 @@ class LatentDP(Defense):
         tab = self.table(ctx.scheduler)
         t = ctx.t.cpu()
         view = (-1, *([1] * (x_t.ndim - 1)))
+        if ctx.z0 is not None:  # clip z0 to [-bound, bound] (the sensitivity's premise); a no-op inside it
+            shift = ctx.z0.clamp(-self.p["bound"], self.p["bound"]) - ctx.z0
+            if shift.any():
+                x_t = x_t + ctx.scheduler.alphas_cumprod[t].sqrt().to(x_t).view(view) * shift
         sigma, c = tab["sigma"][t].float().view(view), tab["scale"][t].float().view(view)
         x = c * (x_t + sigma * torch.randn(x_t.shape, generator=ctx.gen))
         target = None if ctx.noise is None else ctx.noise * tab["target_scale"][t].float().view(view)
@@ -151,12 +169,15 @@ class LatentDP(Defense):
     def accounting(self, scheduler, releases: float = 1.0) -> dict:
         t0 = self.t_start(scheduler)
         run = accounting.composed_epsilon(self.multiplier, releases, self.p["delta"])
+        over = float(self.noise_ratio(scheduler)[t0])
         return {"mechanism": "client-private Gaussian noise on x_t, eps known to the server (analytic GM; exact "
                              "GDP composition over a record's releases)",
                 "t_start": t0, "trained_from": self.trained_from(scheduler), "epsilon_per_step": self.p["epsilon"],
                 "delta": self.p["delta"], "steps_per_record": releases, "epsilon_per_run": run,
                 "noise_multiplier": self.multiplier, "sensitivity": self.sensitivity,
                 "sigma_at_t_start": float(self.table(scheduler)["sigma"][t0]),
+                "private_over_diffusion_noise": over, "ratio_met": self.p["t-start"] >= 0 or over <= self.p["ratio"],
+                "bound": self.p["bound"],
                 "covers": "z0 (the target image's latent) of each record, over every step that sends it",
-                "assumes": "replace-one sensitivity of z0 (latents in [-1, 1] unless set); every release of a "
-                           "record linked; the hint not protected"}
+                "assumes": "replace-one sensitivity of z0 (entries clipped to [-bound, bound] unless the sensitivity "
+                           "is set); every release of a record linked; the hint not protected"}
