@@ -147,3 +147,33 @@ def test_the_folders_scheduler_sets_the_noise_schedule(sd_folder, tmp_path):
     path.write_text(json.dumps({**cfg, "prediction_type": "v_prediction"}))
     with pytest.raises(ValueError, match="prediction_type='v_prediction'"):
         check_base_folder("sd15", folder)
+
+
+def test_the_sd15_base_samples_at_the_chosen_resolution(sd_folder):
+    from sim.core.models import get_preset
+
+    base = load_base("sd15", folder=sd_folder, image_size=128)  # the folder's UNet says 64 px (8 latent)
+    assert (base.preset.image_size, base.preset.latent_size) == (128, 16)
+    assert base.unet.config.sample_size == 16 and base.unet.sample_size == 16  # the wire check's size, in step
+    assert load_base("sd15", folder=sd_folder).unet.config.sample_size == 64  # no resolution: the preset's 512 px
+    assert load_base("sd15", device="meta").preset.image_size == 512  # and the preset's own (cost, GPU check)
+    assert get_preset("sd15").image_size == 512 and get_preset("sd15").at_resolution(0) is get_preset("sd15")
+    assert get_preset("sd15").at_resolution(256).latent_size == 32
+    with pytest.raises(ValueError, match="resolution=60 must be a positive multiple of 8"):
+        get_preset("sd15").at_resolution(60)
+    with pytest.raises(ValueError, match="model='tiny'"):
+        get_preset("tiny").at_resolution(64)
+
+
+def test_a_folder_whose_vae_downsamples_otherwise_is_refused(sd_folder, tmp_path):
+    import json
+    import shutil
+
+    from sim.core.models import check_base_folder
+
+    bad = shutil.copytree(sd_folder, tmp_path / "bad")
+    cfg = json.loads((bad / "vae" / "config.json").read_text())
+    (bad / "vae" / "config.json").write_text(json.dumps({**cfg, "block_out_channels": cfg["block_out_channels"][:3]}))
+    with pytest.raises(ValueError, match="downsamples by 4") as e:
+        check_base_folder("sd15", bad)
+    assert str(bad) in str(e.value)

@@ -110,8 +110,27 @@ class ModelPreset:
     extra_unet_kwargs: dict = field(default_factory=dict)
 
     @property
+    def vae_factor(self) -> int:
+        """Image pixels per latent pixel along a side (the autoencoder's downsampling factor)."""
+        return 8 if self.autoencoder == "kl" else 1
+
+    @property
     def latent_size(self) -> int:
-        return self.image_size // (8 if self.autoencoder == "kl" else 1)
+        return self.image_size // self.vae_factor
+
+    def at_resolution(self, image_size: int | None) -> "ModelPreset":
+        """This preset sampling ``image_size`` px images (latent side ``image_size / vae_factor``); None or 0
+        keeps its own size. A latent preset takes any multiple of its VAE's factor; a pixel-space preset
+        (its UNet trained at one size) only its own size. Errors name the preset and the size."""
+        if not image_size or image_size == self.image_size:
+            return self
+        if self.autoencoder == "identity":
+            raise ValueError(f"resolution={image_size} is not supported by model={self.name!r}: it was trained at "
+                             f"{self.image_size} px only; use resolution={self.image_size} (or 0)")
+        if image_size < self.vae_factor or image_size % self.vae_factor:
+            raise ValueError(f"resolution={image_size} must be a positive multiple of {self.vae_factor} "
+                             f"(model={self.name!r}'s VAE downsampling factor)")
+        return self.replace(image_size=int(image_size))
 
     def replace(self, **changes) -> "ModelPreset":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -319,6 +338,10 @@ def check_base_folder(preset: str | ModelPreset, folder: str | Path) -> ModelPre
         if vae.get("latent_channels") != channels:
             raise ValueError(f"{where}: vae/ has latent_channels={vae.get('latent_channels')} but unet/ takes "
                              f"{channels} (model={p.name!r})")
+        blocks = vae.get("block_out_channels")
+        if isinstance(blocks, list) and 2 ** (len(blocks) - 1) != p.vae_factor:
+            raise ValueError(f"{where}: vae/ downsamples by {2 ** (len(blocks) - 1)} ({len(blocks)} blocks) but "
+                             f"model={p.name!r} assumes {p.vae_factor}")
     width = unet.get("cross_attention_dim")
     if p.text_encoder == "clip":
         if not (path / "text_encoder" / "config.json").is_file() or not (path / "tokenizer").is_dir():
@@ -367,7 +390,7 @@ class BaseModel:
 
 
 def load_base(preset: str = "tiny", folder: str | Path | None = None, device: str = "cpu",
-              seed: int = 0) -> BaseModel:
+              seed: int = 0, image_size: int | None = None) -> BaseModel:
     """Load the frozen base model of a preset.
 
     ``tiny`` loads the committed checkpoint (``folder`` overrides its location; a
@@ -376,10 +399,13 @@ def load_base(preset: str = "tiny", folder: str | Path | None = None, device: st
     otherwise builds random weights (``device="meta"`` for accounting without memory).
     A given folder is checked against the preset first (:func:`check_base_folder`), and its
     ``scheduler/`` config, when present, sets the noise schedule (the returned preset's).
-    Nothing is ever downloaded.
+    ``image_size`` (a config's ``resolution``; None = the preset's own) sets the size the base
+    samples and trains at (:meth:`ModelPreset.at_resolution`): the returned preset's
+    ``image_size`` / ``latent_size`` and the UNet's ``config.sample_size`` (the latent side the
+    server's wire check expects) agree with it. Nothing is ever downloaded.
     """
 
-    p = get_preset(preset)
+    p = get_preset(preset).at_resolution(image_size)
     if folder is not None:
         p = check_base_folder(p, folder)
     if p.name == "tiny":
@@ -392,6 +418,8 @@ def load_base(preset: str = "tiny", folder: str | Path | None = None, device: st
         return BaseModel(p, unet, build_autoencoder(p), build_text_encoder(p)).freeze()
     if folder is not None:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True).to(device)
+        unet.register_to_config(sample_size=p.latent_size)  # the folder's default size gives way to resolution
+        unet.sample_size = p.latent_size
     else:
         unet = build_unet(p, seed=seed, device=device)
     check_supported(unet)

@@ -45,7 +45,8 @@ def check_components(cfg: PublicConfig) -> PublicConfig:
     if bad:
         raise ValueError(f"schemes={list(cfg.schemes)} is not allowed: unknown {bad}; choose from {list(SCHEMES)}")
     # a base-model folder is checked against the model preset here, before any work (its configs only)
-    preset = check_base_folder(cfg.model, cfg.base_model) if cfg.base_model else get_preset(cfg.model)
+    preset = get_preset(cfg.model).at_resolution(cfg.resolution)
+    preset = check_base_folder(preset, cfg.base_model) if cfg.base_model else preset
     timesteps = preset.num_train_timesteps
     if cfg.ddim_steps > timesteps:  # found before training, not after it
         raise ValueError(f"ddim-steps={cfg.ddim_steps} exceeds model={cfg.model!r}'s {timesteps} training timesteps")
@@ -83,7 +84,7 @@ class RunContext:
             cfg = cfg.public()
         self.cfg = cfg
         configure_torch(cfg.threads)
-        self.base = load_base(cfg.model, folder=cfg.base_model or None)
+        self.base = load_base(cfg.model, folder=cfg.base_model or None, image_size=cfg.resolution or None)
         self.scheduler = ddpm_scheduler(self.base.preset)
         self.settings = TrainSettings.from_config(cfg)
         torch.manual_seed(cfg.seed)
