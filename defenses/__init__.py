@@ -181,13 +181,14 @@ def split_client_features(stack: DefenseStack, control_fn: Callable[[torch.Tenso
     return r.control, r.unet_features
 
 
-def list_defenses(scheduler=None, schemes: Sequence = ()) -> list[dict]:
-    """Every registered defense with its declarations (defaults); with ``schemes`` (strategy
-    classes) also which of them it serves and why not the others."""
+def list_defenses(scheduler=None, schemes: Sequence = (), latent_dim: int = 3 * 32 * 32) -> list[dict]:
+    """Every registered defense with its declarations (defaults), bound at ``latent_dim`` (C*H*W of one
+    latent of the model in question: the default DP sensitivities scale with it); with ``schemes``
+    (strategy classes) also which of them it serves and why not the others."""
     rows = []
     for cls in REGISTRY.values():
         d = cls()
-        d.bind(3 * 32 * 32)
+        d.bind(latent_dim)
         row = d.describe(scheduler)
         reasons = {s.name: d.not_applicable(s) for s in schemes}
         row["schemes"] = [n for n, r in reasons.items() if r is None]

@@ -106,7 +106,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_defenses(a: argparse.Namespace) -> int:
-    preset = get_preset(a.model)
+    preset = get_preset(a.model).at_resolution(a.resolution)
     sched = ddpm_scheduler(preset)
     dim = preset.latent_channels * preset.latent_size ** 2
     sens = 2.0 * dim ** 0.5
@@ -119,7 +119,8 @@ def cmd_defenses(a: argparse.Namespace) -> int:
                           "epsilon_at_t_start": epsilon_at(float(sched.alphas_cumprod[t0]), sens, a.delta)})
         except ValueError:
             table.append({"epsilon": eps, "delta": a.delta, "t_start": None})
-    res = {"defenses": list_defenses(sched, SCHEMES.values()), "bundles": {k: list(v) for k, v in BUNDLES.items()},
+    res = {"defenses": list_defenses(sched, SCHEMES.values(), dim), "bundles": {k: list(v) for k, v in BUNDLES.items()},
+           "latent_shape": [preset.latent_channels, preset.latent_size, preset.latent_size],
            "timestep_table": {"model": a.model, "sensitivity": sens, "assumes": "eps secret; latents in [-1, 1]",
                               "rows": table}}
     releases = a.releases
@@ -138,7 +139,7 @@ def cmd_defenses(a: argparse.Namespace) -> int:
               f"params={d['params']}\n{'':16} {d['summary']}")
     for k, v in res["bundles"].items():
         print(f"bundle {k}: {v}")
-    print(f"\nt_start from a privacy target (model {a.model}, forward noise as the mechanism, eps secret, "
+    print(f"\nt_start from a privacy target (model {a.model} at {preset.image_size} px, forward noise as the mechanism, eps secret, "
           f"delta={a.delta}, sensitivity {sens:.1f}):")
     print("  epsilon  t_start  abar_t_start")
     for r in table:

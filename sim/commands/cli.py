@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func="bench")
 
     d = sub.add_parser("defenses", help="list the defenses and the t_start-vs-epsilon table")
-    d.add_argument("--model", default="tiny", help="model preset whose noise schedule the table uses")
+    d.add_argument("--model", default="tiny", help="model preset whose noise schedule and latent size the listing uses")
+    d.add_argument("--resolution", type=int, default=0,
+                   help="image side in px the latent size is taken at (0 = the model's own: tiny 32, sd15 512)")
     d.add_argument("--delta", type=float, default=1e-5)
     d.add_argument("--preset", help="also print each accounted defense's per-run epsilon for this preset's run "
                                     "(its most-sent record, counted by replaying the batch streams)")
