@@ -18,6 +18,7 @@ from defenses.timestep_target import epsilon_at, t_start_for
 from sim.commands import timeline as tl
 from sim.commands.bench import bench
 from sim.commands.cost import cost_table, markdown
+from sim.commands.feature_net import run as run_feature_net
 from sim.commands.pretrain import PretrainConfig, eval_base, pretrain_base
 from sim.commands.sweep import load_sweep, run_sweep
 from sim.core.models import ddpm_scheduler, get_preset
@@ -42,6 +43,10 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
                          seed=a.seed, threads=a.threads, num_samples=a.num_samples)
     print(json.dumps(pretrain_base(cfg)))
     return 0
+
+
+def cmd_feature_net(a: argparse.Namespace) -> int:
+    return run_feature_net(a)
 
 
 def cmd_eval_base(a: argparse.Namespace) -> int:

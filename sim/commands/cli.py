@@ -11,6 +11,7 @@ evaluate       sample and score a finished run's ControlNets again (other guidan
 bench          Flower engine overhead: the apps on the in-process grid vs a bare PyTorch loop
 pretrain-base  train the tiny frozen base model (text -> image) on Fill50K-style data
 eval-base      generate images with the base model and measure prompt-colour accuracy
+feature-net    train the feature network of FID (project features), also on a local dataset
 defenses       list the defenses (hook points, schemes, parameters, accounting)
 attacks        list the attacks (threat model: what each needs, where it applies)
 attack         run attacks on a finished run's kept round trips and score them
@@ -152,6 +153,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func="pretrain")
+
+    fn = sub.add_parser("feature-net", help="train the feature network of FID (project features), on the project's "
+                                            "circles and faces or on a local dataset (--set dataset=PATH)")
+    fn.add_argument("--out", default=None, help="output folder (a run reads it with --set feature-net=OUT); "
+                                                "default, for the built-in data only: the committed weights' folder")
+    fn.add_argument("--preset", default="default", help="experiment preset whose data keys are read (.toml or name)")
+    fn.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="data keys as in a run: dataset=PATH, resolution, image-column, eval-samples, num-samples, ...")
+    fn.add_argument("--rows", default="aux", choices=("aux", "all-but-eval"),
+                    help="local data: the public auxiliary rows (default) or the clients' pool too; never the eval rows")
+    fn.add_argument("--max-images", type=int, default=20000, help="local data: at most this many rows")
+    fn.add_argument("--steps", type=int, default=2000)
+    fn.add_argument("--seed", type=int, default=5000)
+    fn.add_argument("--batch-size", type=int, default=64)
+    fn.add_argument("--lr", type=float, default=2e-3)
+    fn.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    fn.add_argument("--report", action="store_true",
+                    help="train nothing: FID (project features) of the weights in --out against real and altered "
+                         "images (built-in data: the model card's circle table; local data: eval rows vs other rows "
+                         "and vs blurred, noisy and colour-shifted copies)")
+    fn.add_argument("--n", type=int, default=64, help="--report: images per set (default 64)")
+    fn.add_argument("--json", action="store_true", help="print one JSON object (no training log)")
+    fn.set_defaults(func="feature_net")
 
     e = sub.add_parser("eval-base", help="measure the base model's prompt-colour accuracy")
     e.add_argument("--model", default=None, help="base model folder (default: the committed one)")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from sim.core.components import parse_bool
 from sim.core.data import DATASET_NAMES, NUM_LFW_FACES
+from sim.core.feature_net import WEIGHTS_FILE
 from sim.core.local_data import CONDITION_KINDS, check_local_config
 from sim.core.models import get_preset
 
@@ -84,6 +85,7 @@ class PublicConfig:
     attacks: tuple[str, ...] = ()            # attacks run on the saved round trips after training (keep-messages >= 4 then)
     inception_weights: str = ""              # local TorchScript Inception file -> fid_inception ("" = off)
     clip_weights: str = ""                   # local Hugging Face CLIP folder -> clip_score ("" = off)
+    feature_net: str = ""                    # FID (project features) weights from `splitcontrol feature-net` ("" = committed)
 
     # ---------------------------------------------------------------- validation
     def __post_init__(self) -> None:
@@ -143,6 +145,12 @@ class PublicConfig:
             if path and not ok(Path(path)):
                 what = "is not a" if Path(path).exists() else "does not exist; expected a"
                 raise ValueError(f"{_kebab(key)}={path!r} {what} {kind} (local weights only; nothing is downloaded)")
+        if self.feature_net:  # resolved now, so a Flower app in another folder reads the same file
+            path = Path(self.feature_net).expanduser()
+            if not (path.is_file() or (path / WEIGHTS_FILE).is_file()):
+                raise ValueError(f"feature-net={self.feature_net!r}: no {WEIGHTS_FILE} there; train one with "
+                                 "`splitcontrol feature-net --set dataset=PATH --out FOLDER` (\"\" = the committed weights)")
+            object.__setattr__(self, "feature_net", str(path.resolve()))
         if not 0 < self.min_reply_fraction <= 1:
             raise ValueError(f"min-reply-fraction must be in (0, 1], got {self.min_reply_fraction}")
         if self.message_timeout < 0:

@@ -43,6 +43,14 @@ Train (and write ``feature_net.safetensors``, ``train_log.json``)::
     .venv/bin/python -m sim.commands.feature_net --out sim/assets/feature-net --steps 2000 --seed 5000
 
 Load the committed weights with :func:`load_feature_net`.
+
+On the user's own data (:func:`train_feature_net_on_images`; ``splitcontrol feature-net --set
+dataset=PATH``) there are no labels, so the content heads give way to a self-supervised one:
+``view`` (a :data:`VIEW_DIM`-d projection) is trained contrastively (NT-Xent, SimCLR's loss) so
+that two augmented, independently degraded views of one image match each other among the
+batch's, and the ``deg`` head names each view's degradation as above. The features are the
+same network's penultimate layer, standardised on the clean training images; FID on them is
+still "FID (project features)", of features that have seen only those images (at 32x32).
 """
 from __future__ import annotations
 
@@ -82,6 +90,9 @@ HEADS = {"fg": len(COLOURS), "bg": len(COLOURS), "cx": POS_BINS, "cy": POS_BINS,
 POOLED_CHANNELS = 32 + 64 + 64
 NUM_STAT_IMAGES = 4000  # clean training circles + train faces that fix the feature standardisation
 IGNORE = -100  # label of a head that does not apply (faces have no colours or circle)
+VIEW_DIM = 64  # the contrastive projection of a net trained on the user's data
+TEMPERATURE = 0.2  # NT-Xent temperature (SimCLR's range)
+USER_HEADS = {"view": VIEW_DIM, "deg": len(DEGRADATIONS)}  # heads of a net trained on unlabelled images
 
 
 class FeatureNet(nn.Module):
@@ -98,10 +109,12 @@ class FeatureNet(nn.Module):
     unit of a feature is one training standard deviation. :meth:`forward`
     returns a dict of logits, one entry per head of :data:`HEADS`, computed
     from ``relu(embedding)``. A sample's outputs never depend on the rest of its batch.
+    ``heads`` (name -> outputs; default :data:`HEADS`) replaces the heads, e.g. :data:`USER_HEADS`.
     """
 
-    def __init__(self, feature_dim: int = FEATURE_DIM):
+    def __init__(self, feature_dim: int = FEATURE_DIM, heads: dict[str, int] | None = None):
         super().__init__()
+        self.head_sizes = dict(HEADS if heads is None else heads)
 
         def block(c_in, c_out, stride):
             return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.GroupNorm(8, c_out), nn.ReLU()]
@@ -116,7 +129,7 @@ class FeatureNet(nn.Module):
         # the embedding sees the last map (where things are) and the spatial means of the first three
         # (texture: sharpness, noise, exact colours), so degradations stay visible in the features
         self.embed = nn.Linear(64 * 4 * 4 + POOLED_CHANNELS, feature_dim)
-        self.heads = nn.ModuleDict({name: nn.Linear(feature_dim, k) for name, k in HEADS.items()})
+        self.heads = nn.ModuleDict({name: nn.Linear(feature_dim, k) for name, k in self.head_sizes.items()})
         self.register_buffer("feat_mean", torch.zeros(feature_dim))
         self.register_buffer("feat_std", torch.ones(feature_dim))
         self.feature_dim = feature_dim
@@ -280,7 +293,7 @@ def _predict(net: FeatureNet, x: torch.Tensor, batch_size: int = 500) -> dict[st
     net.eval()
     parts = [net(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     net.train(was_training)
-    return {k: torch.cat([p[k] for p in parts]) for k in HEADS}
+    return {k: torch.cat([p[k] for p in parts]) for k in net.heads}
 
 
 def train_feature_net(out_dir: str | Path | None = None, steps: int = 2000, seed: int = TRAIN_SEED,
@@ -370,6 +383,126 @@ def train_feature_net(out_dir: str | Path | None = None, steps: int = 2000, seed
     return net, record
 
 
+def to_net_input(images_uint8) -> torch.Tensor:
+    """uint8 (N, H, W, 3) images at any size -> float (N, 3, 32, 32) in [-1, 1], resized as
+    :meth:`FeatureNet.embedding` resizes them (bilinear, antialiased)."""
+    x = uint8_to_input(images_uint8)
+    if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+        x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
+    """SimCLR's NT-Xent loss: row i of ``a`` and of ``b`` are two views of one image, every other row
+    of both is a negative."""
+    z = F.normalize(torch.cat([a, b]), dim=1)
+    logits = z @ z.T / temperature
+    n = a.shape[0]
+    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    return F.cross_entropy(logits, target)
+
+
+def _views(x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """An augmented (flip, shift, contrast), randomly degraded view of each image, and its degradation."""
+    kind = _draw_degradations(len(x), g)
+    return degrade(_augment_faces(x, g), kind, g), kind
+
+
+@torch.no_grad()
+def view_accuracy(net: FeatureNet, x: torch.Tensor, seed: int) -> dict[str, float]:
+    """On images ``x`` (net input): ``deg_acc`` (degradation named, the 4 kinds in turn, random strengths
+    seeded by ``seed``) and ``view_match_acc`` (a view's nearest other view in the standardised
+    features, cosine, is the other view of the same image; chance 1/(2N-1))."""
+    g = torch.Generator().manual_seed(seed)
+    kind = torch.arange(len(x)) % len(DEGRADATIONS)
+    pred = _predict(net, degrade(x, kind, g))["deg"].argmax(1)
+    (a, _), (b, _) = _views(x, g), _views(x, g)
+    f = F.normalize(torch.cat([net.features(a), net.features(b)]), dim=1)
+    sim = (f @ f.T).fill_diagonal_(float("-inf"))
+    n = len(x)
+    match = sim.argmax(1) == torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    return {"deg_acc": round(float((pred == kind).float().mean()), 4),
+            "view_match_acc": round(float(match.float().mean()), 4), "images": n}
+
+
+def train_feature_net_on_images(images_uint8, out_dir: str | Path | None = None, steps: int = 2000,
+                                seed: int = TRAIN_SEED, batch_size: int = 64, lr: float = 2e-3,
+                                heldout_fraction: float = 0.1, source: dict | None = None, log_every: int = 100,
+                                verbose: bool = True) -> tuple[FeatureNet, dict]:
+    """Train the feature network from scratch on unlabelled images (the user's data), and save it
+    when ``out_dir`` is given (as :func:`train_feature_net`; ``train_log.json`` records ``source``).
+
+    The heads are :data:`USER_HEADS` (see the module doc): NT-Xent between two augmented,
+    independently degraded views of each image of a batch plus :data:`DEG_WEIGHT` x the
+    degradation head's cross-entropy. A seeded ``heldout_fraction`` of the images (none when
+    fewer than 10) is kept out of training for the record's :func:`view_accuracy`; the feature
+    standardisation is fitted on (up to :data:`NUM_STAT_IMAGES` of) the clean training images.
+
+    Parameters
+    ----------
+    images_uint8 : uint8 (N, H, W, 3), any size (resized to 32x32 as evaluation resizes them), N >= 2.
+    """
+    t0 = time.time()
+    x_all = to_net_input(images_uint8)
+    if len(x_all) < 2:
+        raise ValueError(f"the feature network needs at least 2 images to train on, got {len(x_all)}")
+    if not 0 <= heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x_all), generator=g)
+    n_held = int(len(x_all) * heldout_fraction) if len(x_all) >= 10 else 0
+    x_held, x = x_all[order[:n_held]], x_all[order[n_held:]]
+    b = min(batch_size, len(x))
+
+    net = FeatureNet(heads=USER_HEADS)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)))
+    log, running = [], None
+    net.train()
+    for step in range(1, steps + 1):
+        batch = x[torch.randperm(len(x), generator=g)[:b]]  # no repeats: a repeat would be a false negative
+        (v1, k1), (v2, k2) = _views(batch, g), _views(batch, g)
+        out = net(torch.cat([v1, v2]))
+        losses = {"view": nt_xent(out["view"][:b], out["view"][b:]),
+                  "deg": DEG_WEIGHT * F.cross_entropy(out["deg"], torch.cat([k1, k2]))}
+        loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        now = {"loss": loss.item(), **{f"loss_{k}": v.item() for k, v in losses.items()}}
+        running = now if running is None else {k: 0.95 * running[k] + 0.05 * v for k, v in now.items()}
+        if step % log_every == 0 or step == steps:
+            log.append({"step": step, **{k: round(v, 4) for k, v in running.items()},
+                        "elapsed_s": round(time.time() - t0, 1)})
+            if verbose:
+                print(json.dumps(log[-1]), flush=True)
+    net.eval()
+    set_feature_stats(net, x[:NUM_STAT_IMAGES])
+    train_s = time.time() - t0
+    acc = view_accuracy(net, x_held if n_held >= 2 else x, seed + 1)
+    record = {
+        "config": {"kind": "self-supervised on unlabelled images: contrastive views (NT-Xent) + degradation head",
+                   "steps": steps, "seed": seed, "batch_size": b, "lr": lr, "feature_dim": net.feature_dim,
+                   "heads": net.head_sizes, "temperature": TEMPERATURE, "clean_fraction": CLEAN_FRACTION,
+                   "deg_weight": DEG_WEIGHT, "degradations": list(DEGRADATIONS), "num_train_images": len(x),
+                   "num_heldout_images": n_held, "image_size_in": list(np.asarray(images_uint8).shape[1:3]),
+                   "torch_threads": torch.get_num_threads()},
+        "source": source or {},
+        ("heldout_accuracy" if n_held >= 2 else "train_accuracy"): acc,
+        "train_wall_s": round(train_s, 1),
+        "params": sum(p.numel() for p in net.parameters()),
+        "log": log,
+    }
+    if verbose:
+        print(json.dumps({"accuracy": acc, "train_wall_s": record["train_wall_s"]}), flush=True)
+    if out_dir is not None:
+        save_feature_net(net, out_dir, record)
+    return net, record
+
+
 @torch.no_grad()
 def set_feature_stats(net: FeatureNet, x: torch.Tensor, batch_size: int = 500) -> None:
     """Set ``feat_mean`` / ``feat_std`` to the embedding's per-dimension mean and std on images ``x``."""
@@ -382,7 +515,8 @@ def save_feature_net(net: FeatureNet, out_dir: str | Path, record: dict | None =
     """Write ``feature_net.safetensors`` (and ``train_log.json`` when ``record`` is given)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"feature_dim": str(net.feature_dim), "format": "sim.core.feature_net.FeatureNet"}
+    meta = {"feature_dim": str(net.feature_dim), "format": "sim.core.feature_net.FeatureNet",
+            "heads": json.dumps(net.head_sizes)}
     path = out / WEIGHTS_FILE
     save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(path), metadata=meta)
     if record is not None:
@@ -396,11 +530,12 @@ def load_feature_net(path: str | Path | None = None) -> FeatureNet:
     Parameters
     ----------
     path : path or None
-        A ``feature_net.safetensors`` file or a folder holding one; None means the
+        A ``feature_net.safetensors`` file or a folder holding one (e.g. one that
+        ``splitcontrol feature-net`` trained on the user's data); None or "" means the
         committed weights in ``sim/assets/feature-net/``. Loaded once per path and
         cached: do not modify the returned module.
     """
-    if path is None:  # under `flwr run` the FAB holds no weights: find the installed package's
+    if not path:  # under `flwr run` the FAB holds no weights: find the installed package's
 
         path = committed_asset(Path("feature-net"), Path(WEIGHTS_FILE))
     p = Path(path)
@@ -417,6 +552,7 @@ def _load_cached(path: str) -> FeatureNet:
             f"`python -m sim.commands.feature_net --out {Path(path).parent} --steps 2000 --seed {TRAIN_SEED}`")
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
-    net = FeatureNet(feature_dim=int(meta.get("feature_dim", FEATURE_DIM)))
+    heads = json.loads(meta["heads"]) if "heads" in meta else None  # files from before heads were recorded: HEADS
+    net = FeatureNet(feature_dim=int(meta.get("feature_dim", FEATURE_DIM)), heads=heads)
     net.load_state_dict(load_file(path))
     return net.eval().requires_grad_(False)
