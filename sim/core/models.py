@@ -12,8 +12,9 @@ UNet encoder as in the ControlNet paper), DDPM/DDIM schedulers and an autoencode
     "text"``), cosine noise schedule. Pretrained weights are committed under
     ``sim/assets/tiny-base`` (see its MODEL_CARD.md).
 ``sd15``
-    The SD1.5 configuration (latent 4x64x64 for 512 px, channels 320/640/1280/1280, CLIP
-    text 77x768, scaled-linear schedule). Loads a local diffusers folder when the user
+    The SD1.5 configuration (latent 4x64x64 for 512 px, 4x(r/8)x(r/8) at another resolution r,
+    see :meth:`ModelPreset.at_resolution`; channels 320/640/1280/1280, CLIP text 77x768,
+    scaled-linear schedule). Loads a local diffusers folder when the user
     has one; otherwise random weights, or meta-device weights for cost accounting.
 ``sd15-mini``
     The SD1.5 block structure at CPU size (same block types, 4 latent channels, 8x
