@@ -37,6 +37,11 @@ def test_compare_smoke_writes_a_row_per_scheme(tmp_path, capsys):
     assert rows["vanilla"]["bytes_down_per_step"] > 0 and rows["vanilla"]["client_trainable_params"] > 0
     assert rows["fedavg"]["client_trainable_params"] == summary["controlnet_params"]
     assert summary["frozen_base_unchanged"] is True
+    per = json.loads((out / "per_condition.json").read_text())  # paired comparisons of every pair of models
+    assert set(per) == {"base", "fedavg", "vanilla", "nograd"} and len(per["nograd"]["outline_iou"]) == 4
+    pairs = {(c["a"], c["b"], c["metric"]) for c in summary["comparisons"]}
+    assert ("base", "nograd", "outline_iou") in pairs and ("fedavg", "vanilla", "colour_acc") in pairs
+    assert "Paired comparisons over the same 4 conditions" in (out / "summary.md").read_text()
     public = (out / "config.toml").read_text()
     assert "fedavg" in public and "data-seed" not in public and "client-seed" not in public
     clients = (out / "clients.toml").read_text()  # the client-side keys, the fresh client seed drawn

@@ -86,7 +86,7 @@ def test_paired_comparison_resolves_what_the_pairing_shows():
 
 def test_paired_comparisons_cover_every_pair_and_metric():
     from sim.core.data import COLOURS
-    from sim.engine.evaluate import paired_comparisons
+    from sim.engine.evaluate import paired_comparisons, per_condition
 
     n = 4
     cond = torch.zeros(n, 3, 32, 32)
@@ -97,10 +97,37 @@ def test_paired_comparisons_cover_every_pair_and_metric():
     wrong = np.zeros_like(right)
     wrong[:] = COLOURS["green"]
     eval_set = {"condition": cond, "fg": ["red"] * n, "bg": ["blue"] * n}
-    rows = paired_comparisons({"base": wrong, "x": right, "y": right}, eval_set)
+    rows = paired_comparisons({k: per_condition(v, eval_set) for k, v in {"base": wrong, "x": right, "y": right}.items()})
     assert {(r["a"], r["b"], r["metric"]) for r in rows} == {
         (a, b, m) for a, b in (("base", "x"), ("base", "y"), ("x", "y")) for m in ("outline_iou", "colour_acc")}
     xy = {r["metric"]: r for r in rows if (r["a"], r["b"]) == ("x", "y")}
     assert xy["colour_acc"]["diff"] == 0.0 and not xy["colour_acc"]["resolved"]
     bx = {r["metric"]: r for r in rows if (r["a"], r["b"]) == ("base", "x")}
     assert bx["colour_acc"]["mean_a"] == 0.0 and bx["colour_acc"]["mean_b"] == 1.0 and bx["colour_acc"]["diff"] == -1.0
+    assert bx["outline_iou"]["mean_b"] == pytest.approx(1.0) and bx["outline_iou"]["resolved"]
+    assert [r["metric"] for r in paired_comparisons({"a": {"outline_iou": [0.1, 0.2]}, "b": {}})] == []
+
+
+def test_sweep_rows_are_compared_with_their_schemes_reference_variant(tmp_path):
+    from sim.commands.sweep import markdown, paired_with_reference
+    from sim.core import jsonio
+
+    rng = np.random.default_rng(1)
+    hard = rng.uniform(0, 1, 64)
+    per = {"none": {"nograd": hard, "fedavg": hard}, "strong": {"nograd": hard - 0.2, "fedavg": hard},
+           "weak": {"nograd": hard + rng.normal(0, 0.3, 64)}}
+    for variant, schemes in per.items():
+        (tmp_path / variant).mkdir()
+        (tmp_path / variant / "per_condition.json").write_text(jsonio.dumps(
+            {s: {"outline_iou": v.tolist()} for s, v in schemes.items()}))
+    rows = [{"variant": v, "scheme": s} for v in per for s in per[v]] + [{"variant": "old", "scheme": "nograd"}]
+    paired_with_reference(tmp_path, rows)
+    by = {(r["variant"], r["scheme"]): r for r in rows}
+    assert "outline_iou_vs_ref" not in by["none", "nograd"]  # the reference itself
+    strong = by["strong", "nograd"]
+    assert strong["ref_variant"] == "none" and strong["outline_iou_vs_ref"] == pytest.approx(-0.2)
+    assert strong["outline_iou_vs_ref_resolved"]
+    assert by["strong", "fedavg"]["outline_iou_vs_ref"] == 0.0 and not by["strong", "fedavg"]["outline_iou_vs_ref_resolved"]
+    assert not by["weak", "nograd"]["outline_iou_vs_ref_resolved"]
+    assert "outline_iou_vs_ref" not in by["old", "nograd"]  # a run without per_condition.json
+    assert "-0.200 ± 0.000 vs none" in markdown([{**r, "outline_iou": 0.5} for r in rows])

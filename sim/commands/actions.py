@@ -99,7 +99,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         print(json.dumps(rows))
     else:
         print_table(rows, ["scheme", "outline_iou", "outline_iou_se", "edge_ssim", "fg_colour_acc", "bg_colour_acc", "colour_acc",
-                           "fid_project"])
+                           "colour_acc_se", "fid_project"])
     return 0
 
 

@@ -1,7 +1,7 @@
 """The summary table: a row per scheme as Markdown (what the README shows) or aligned text."""
 from __future__ import annotations
 
-TABLE_COLUMNS = ["scheme", "outline_iou", "outline_iou_se", "colour_acc", "final_loss", "client_trainable_params",
+TABLE_COLUMNS = ["scheme", "outline_iou", "outline_iou_se", "colour_acc", "colour_acc_se", "final_loss", "client_trainable_params",
                  "bytes_up_per_step", "bytes_down_per_step", "messages_per_step", "wall_s"]
 
 
@@ -13,7 +13,7 @@ def table_columns(rows: list[dict]) -> list[str]:
     replaced by :data:`ANY_DATA_COLUMNS`), plus the run-level (epsilon, delta) where a row has one."""
     columns = TABLE_COLUMNS
     if rows and not any("outline_iou" in r for r in rows):
-        columns = ["scheme", *ANY_DATA_COLUMNS, *TABLE_COLUMNS[4:]]
+        columns = ["scheme", *ANY_DATA_COLUMNS, *TABLE_COLUMNS[5:]]
     return columns + (["epsilon", "delta"] if any("epsilon" in r for r in rows) else [])
 
 

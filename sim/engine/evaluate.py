@@ -21,9 +21,11 @@ import numpy as np
 import torch
 
 from defenses import DefenseStack, HookContext
-from sim.core.condition_metrics import condition_fidelity, infer_condition_kind, target_similarity
+from sim.core.condition_metrics import (condition_fidelity, infer_condition_kind, target_similarity,
+                                        target_similarity_per_image)
 from sim.core.config import ExperimentConfig
 from sim.core.diffusion import bar_position, cfg_combine, ddim_sample, to_uint8
+from sim.core.feature_net import load_feature_net
 from sim.core.fidelity import clip_score, fid_project, standard_fid
 from sim.core.metrics import colour_accuracy, colours_right, outline_iou_per_image
 from sim.core.stats import paired_comparison, standard_error
@@ -45,7 +47,8 @@ def generate(base, prompts: list[str], scheme: str | None = None, controlnet=Non
              hints: torch.Tensor | None = None, steps: int = 20, guidance: float = 5.0, seed: int = 0,
              progress: bool = True, desc: str = "sampling", uncond_control: bool = False,
              defenses: tuple[str, ...] = (), secret: int | None = None,
-             control_guidance: float | None = None, control_from: int = 0) -> torch.Tensor:
+             control_guidance: float | None = None, control_from: int = 0,
+             control_first: bool = False, compose: bool = False) -> torch.Tensor:
     """Images in [-1, 1] from the frozen base model, controlled by ``controlnet`` when given.
 
     ``scheme`` decides how the ControlNet reads the hint (its strategy's ``cut_features``).
@@ -94,9 +97,15 @@ def generate(base, prompts: list[str], scheme: str | None = None, controlnet=Non
             return model(x, t, ctx)
         if model is plain or uncond_control:
             return cfg_combine(model(x, t, null), model(x, t, ctx), guidance)
+        if compose:
+            uncond = plain(x, t, null)
+            return cfg_combine(uncond, plain(x, t, ctx), guidance) + control_guidance * (controlled(x, t, null) - uncond)
         uncond, cond = plain(x, t, null), controlled(x, t, ctx)
         if control_guidance is None or control_guidance == guidance:  # the control rides on the prompt's guidance
             return cfg_combine(uncond, cond, guidance)
+        if control_first:
+            hint_only = controlled(x, t, null)
+            return cfg_combine(uncond, hint_only, control_guidance) + guidance * (cond - hint_only)
         prompt_only = plain(x, t, ctx)
         return cfg_combine(uncond, prompt_only, guidance) + control_guidance * (cond - prompt_only)
 
@@ -114,7 +123,7 @@ def conditions_uint8(conditions: torch.Tensor) -> np.ndarray:
 
 def score(images_uint8, conditions_uint8, fgs=None, bgs=None, targets_uint8=None, prompts=None,
           inception_weights=None, clip_weights=None, condition_kind: str | None = None,
-          circles: bool | None = None) -> dict:
+          circles: bool | None = None, feature_net: str | None = None) -> dict:
     """Task metrics of generated images against their conditions, their targets and (circles) their prompts.
 
     Condition fidelity by the condition's kind (:mod:`sim.core.condition_metrics`):
@@ -151,7 +160,7 @@ def score(images_uint8, conditions_uint8, fgs=None, bgs=None, targets_uint8=None
     if targets_uint8 is not None:
         out.update(target_similarity(images_uint8, targets_uint8))
     if targets_uint8 is not None and len(targets_uint8) >= 2:
-        out["fid_project"] = float(fid_project(targets_uint8, images_uint8))
+        out["fid_project"] = float(fid_project(targets_uint8, images_uint8, net=load_feature_net(feature_net)))
         if inception_weights:
             out["fid_inception"] = float(standard_fid(targets_uint8, images_uint8, inception_weights))
     if clip_weights:
@@ -164,7 +173,8 @@ def score(images_uint8, conditions_uint8, fgs=None, bgs=None, targets_uint8=None
 def evaluate(base, eval_set: dict, scheme: str | None, controlnet, steps: int, guidance: float, seed: int,
              desc: str, uncond_control: bool = False, defenses: tuple[str, ...] = (),
              inception_weights=None, clip_weights=None, secret: int | None = None,
-             control_guidance: float | None = None, control_from: int = 0) -> tuple[dict, np.ndarray]:
+             control_guidance: float | None = None, control_from: int = 0,
+             feature_net: str | None = None) -> tuple[dict, np.ndarray]:
     """Generate one image per eval condition (:func:`generate`) and score it; returns (metrics, uint8 images).
 
     ``inception_weights`` / ``clip_weights``: local weights for ``fid_inception`` and
@@ -175,29 +185,31 @@ def evaluate(base, eval_set: dict, scheme: str | None, controlnet, steps: int, g
     imgs = to_uint8(images)
     conds = conditions_uint8(eval_set["condition"])
     return score(imgs, conds, eval_set.get("fg"), eval_set.get("bg"), to_uint8(eval_set["target"]),
-                 prompts=eval_set["prompt"], inception_weights=inception_weights, clip_weights=clip_weights), imgs
+                 prompts=eval_set["prompt"], inception_weights=inception_weights, clip_weights=clip_weights,
+                 feature_net=feature_net,
+                 condition_kind=eval_set.get("condition_kind")), imgs
 
 
 def per_condition(images_uint8, eval_set: dict) -> dict[str, np.ndarray]:
-    """Per eval condition: ``outline_iou`` and, where prompts name colours, ``colour_acc`` (1 = both right)."""
-    out = {"outline_iou": outline_iou_per_image(images_uint8, conditions_uint8(eval_set["condition"]))}
-    if eval_set.get("fg") is not None:
-        fg_ok, bg_ok = colours_right(images_uint8, eval_set["fg"], eval_set["bg"])
-        out["colour_acc"] = (fg_ok & bg_ok).astype(np.float64)
-    return out
+    """Per eval condition: on circle data (prompts naming colours) ``outline_iou`` and ``colour_acc``
+    (1 = both colours right); on any other data ``psnr`` and ``ssim`` against the target."""
+    if eval_set.get("fg") is None:
+        return target_similarity_per_image(images_uint8, to_uint8(eval_set["target"]))
+    fg_ok, bg_ok = colours_right(images_uint8, eval_set["fg"], eval_set["bg"])
+    return {"outline_iou": outline_iou_per_image(images_uint8, conditions_uint8(eval_set["condition"])),
+            "colour_acc": (fg_ok & bg_ok).astype(np.float64)}
 
 
-def paired_comparisons(images: dict[str, np.ndarray], eval_set: dict) -> list[dict]:
-    """Every pair of sampled models (``images``: name -> uint8 images on the same conditions and
-    initial noise), compared condition by condition (:func:`sim.core.stats.paired_comparison`)
-    on each per-condition metric: one row per (a, b, metric) with a's and b's means."""
-    scores = {name: per_condition(imgs, eval_set) for name, imgs in images.items()}
-    names, rows = list(images), []
+def paired_comparisons(scores: dict[str, dict]) -> list[dict]:
+    """Every pair of sampled models (``scores``: name -> :func:`per_condition` scores on the same
+    conditions and initial noise), compared condition by condition
+    (:func:`sim.core.stats.paired_comparison`) on each metric both have: one row per (a, b, metric)."""
+    names, rows = list(scores), []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            for metric in scores[a]:
-                rows.append({"a": a, "b": b, "metric": metric, "mean_a": float(scores[a][metric].mean()),
-                             "mean_b": float(scores[b][metric].mean()),
+            for metric in [m for m in scores[a] if m in scores[b]]:
+                rows.append({"a": a, "b": b, "metric": metric, "mean_a": float(np.mean(scores[a][metric])),
+                             "mean_b": float(np.mean(scores[b][metric])),
                              **paired_comparison(scores[a][metric], scores[b][metric])})
     return rows
 

@@ -32,7 +32,7 @@ from sim.core.tables import markdown_table, print_table, table_columns
 from sim.engine.clientside import load_run_config, resolved, write_run_config
 from sim.engine.context import context_for
 from sim.engine.evaluate import (comparisons_markdown, conditions_uint8, evaluate, inference_secret,
-                                 paired_comparisons)
+                                 paired_comparisons, per_condition)
 from sim.engine.grid import discover, in_process_grid, quiet_flower_logs
 from sim.engine.privacy import guarantee_columns, run_guarantees
 from sim.engine.runfolder import (
@@ -110,7 +110,8 @@ def check_finite_losses(scheme: str, losses: list[float], cfg: PublicConfig) -> 
 
 def _external_weights(cfg: PublicConfig) -> dict:
     """evaluate()'s keywords for the metrics that need user-supplied weights (None when not given)."""
-    return {"inception_weights": cfg.inception_weights or None, "clip_weights": cfg.clip_weights or None}
+    return {"inception_weights": cfg.inception_weights or None, "clip_weights": cfg.clip_weights or None,
+            "feature_net": cfg.feature_net or None}
 
 
 def _control_sampling(cfg: PublicConfig) -> dict:
@@ -287,8 +288,10 @@ def _run_compare(cfg: PublicConfig, out: Path, grid, node_ids) -> dict:
         "frozen_base_unchanged": len(fingerprints) == 1,
         "base_params": results[0]["base_params"], "controlnet_params": results[0]["controlnet_params"],
         "total_wall_s": round(time.time() - t_start, 1),
-        "comparisons": paired_comparisons({r["row"]["scheme"].split()[0]: r["images"] for r in results}, eval_set),
     }
+    per = {r["row"]["scheme"].split()[0]: per_condition(r["images"], eval_set) for r in results}
+    write_per_condition(out, per)
+    summary["comparisons"] = paired_comparisons(per)
     (out / "summary.json").write_text(jsonio.dumps(summary, indent=2))
     (out / "summary.md").write_text(summary_markdown(summary))
     print_table(rows, table_columns(rows))
@@ -300,6 +303,13 @@ def _run_compare(cfg: PublicConfig, out: Path, grid, node_ids) -> dict:
             summary["attacks"].setdefault(r["scheme"], []).append(r)
     print(f"frozen base unchanged: {summary['frozen_base_unchanged']}; wrote {out} in {summary['total_wall_s']} s")
     return summary
+
+
+def write_per_condition(out: Path, per: dict[str, dict]) -> None:
+    """per_condition.json: each sampled model's score per eval condition (for paired comparisons,
+    also across the runs of a sweep, whose eval conditions and sampling noise are the same)."""
+    (out / "per_condition.json").write_text(jsonio.dumps(
+        {name: {m: [float(v) for v in vals] for m, vals in scores.items()} for name, scores in per.items()}))
 
 
 def summary_markdown(summary: dict) -> str:
@@ -314,7 +324,7 @@ def summary_markdown(summary: dict) -> str:
 
 
 EVAL_KEYS = ("guidance", "uncond-control", "control-guidance", "control-from", "ddim-steps", "eval-samples", "seed", "inception-weights",
-             "clip-weights")
+             "clip-weights", "feature-net")
 
 
 def reevaluate(run_dir: str | Path, overrides: list[str] = (), update: bool = False) -> list[dict]:
@@ -354,7 +364,9 @@ def reevaluate(run_dir: str | Path, overrides: list[str] = (), update: bool = Fa
         for r in summary["rows"]:
             r.update(new.get(r["scheme"], {}))
         summary["reevaluated"] = list(overrides) or True
-        summary["comparisons"] = paired_comparisons(images, eval_set)
+        per = {name: per_condition(imgs, eval_set) for name, imgs in images.items()}
+        write_per_condition(run, per)
+        summary["comparisons"] = paired_comparisons(per)
         (run / "summary.json").write_text(jsonio.dumps(summary, indent=2))
         (run / "summary.md").write_text(summary_markdown(summary))
     return rows
