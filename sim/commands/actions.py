@@ -16,7 +16,7 @@ from attacks import list_attacks
 from defenses import BUNDLES, list_defenses, make_defense
 from defenses.timestep_target import epsilon_at, t_start_for
 from sim.commands import timeline as tl
-from sim.commands.bench import bench
+from sim.commands.bench import bench, sampling_bench
 from sim.commands.cost import cost_table, markdown
 from sim.commands.feature_net import run as run_feature_net
 from sim.commands.pretrain import PretrainConfig, eval_base, pretrain_base
@@ -104,6 +104,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    if a.sampling:
+        res = sampling_bench(load_experiment(a.preset, a.set or []), steps=a.steps, repeats=a.repeats)
+        print(json.dumps(res, indent=None if a.json else 2))
+        return 0
     overrides = [f"steps={a.steps}"] + (a.set or [])
     res = bench(load_experiment(a.preset, overrides), repeats=a.repeats, progress=not a.json)
     print(json.dumps(res, indent=None if a.json else 2))

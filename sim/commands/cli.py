@@ -76,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="Flower apps on the in-process grid vs a bare PyTorch loop, per scheme")
     b.add_argument("--preset", default="default")
     b.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    b.add_argument("--steps", type=int, default=40, help="training steps per scheme and path")
+    b.add_argument("--steps", type=int, default=40, help="training steps per scheme and path (--sampling: DDIM steps)")
     b.add_argument("--repeats", type=int, default=3, help="alternating runs per path; the best is kept")
     b.add_argument("--json", action="store_true", help="print only the JSON result")
+    b.add_argument("--sampling", action="store_true",
+                   help="instead: sampling time of the eval conditions per guidance layout (--steps DDIM steps)")
     b.set_defaults(func="bench")
 
     d = sub.add_parser("defenses", help="list the defenses and the t_start-vs-epsilon table")

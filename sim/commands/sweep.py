@@ -236,7 +236,7 @@ def collect(out: Path, names: list[str], spec: dict | None = None) -> list[dict]
             continue
         summary = jsonio.read(path)
         cfg = load_run_config(out / name)
-        data_key = (cfg.dataset, cfg.model, cfg.num_samples, cfg.eval_samples, cfg.data_seed, cfg.max_radius)
+        data_key = _data_key(cfg)
         wanted = attack_ids(cfg)
         base_iou = next((r.get("outline_iou") for r in summary["rows"] if r["scheme"].startswith("base")), None)
         for r in summary["rows"]:
@@ -297,6 +297,12 @@ def paired_with_reference(out: Path, rows: list[dict]) -> None:
                         f"{metric}_vs_ref_p": c["p"], f"{metric}_vs_ref_resolved": c["resolved"]})
 
 
+def _data_key(cfg) -> tuple:
+    """What decides the data a blind guess is scored on: variants sharing it share the blind scores."""
+    return (cfg.dataset, cfg.model, cfg.resolution, cfg.num_samples, cfg.eval_samples, cfg.eval_seed, cfg.data_seed,
+            cfg.max_radius, cfg.image_column, cfg.conditioning_image_column, cfg.caption_column)
+
+
 def markdown(rows: list[dict]) -> str:
     attack_cols = sorted({k for r in rows for k in r if k.startswith("attack:")})
     paired = any("outline_iou_vs_ref" in r for r in rows)
@@ -330,7 +336,7 @@ def matrix_markdown(out: Path, names: list[str]) -> str:
             continue
         cfg = load_run_config(out / name)
         wanted = attack_ids(cfg)
-        data_key = (cfg.dataset, cfg.model, cfg.num_samples, cfg.eval_samples, cfg.data_seed, cfg.max_radius)
+        data_key = _data_key(cfg)
         if data_key not in blind:
             blind[data_key] = _ssim_cell(blind_scores(cfg))
         by_scheme: dict[str, dict] = {}

@@ -66,11 +66,11 @@ class PublicConfig:
     high_noise_weight: float = 100.0         # loss weight clamp(1/SNR_t, 1, this) at high noise; 1 = plain MSE
     local_steps: int = 10                    # fedavg: local steps per round; split: steps per client turn
     fedavg_keep_optimizer: bool = True       # fedavg: each client keeps its AdamW moments between rounds (false: fresh per round)
-    eval_samples: int = 32
-    ddim_steps: int = 50
-    guidance: float = 7.5                    # classifier-free guidance at evaluation (SD's default)
+    eval_samples: int = 128                  # held-out conditions sampled per model (paired across models)
+    ddim_steps: int = 25
+    guidance: float = 20.0                   # classifier-free guidance of the prompt at evaluation
     uncond_control: bool = False             # also apply the ControlNet in guidance's unconditional branch
-    control_guidance: float = 7.5            # guidance weight of the control (= guidance: the control rides on it)
+    control_guidance: float = 7.5            # guidance of the control (= guidance: it rides on the prompt's)
     control_from: int = 0                    # sampling applies the control only at timesteps t >= this
     seed: int = 0                            # public: ControlNet init, the clients' batch/t/noise streams, sampling
     threads: int = 1                         # torch threads per job (results are deterministic per value)
@@ -111,7 +111,7 @@ class PublicConfig:
         if self.high_noise_weight < 1:
             raise ValueError(f"high-noise-weight must be >= 1 (1 = plain epsilon loss), got {self.high_noise_weight}")
         if self.control_guidance < 0:
-            raise ValueError(f"control-guidance must be >= 0 (0 = no control at sampling), got {self.control_guidance}")
+            raise ValueError(f"control-guidance must be >= 0, got {self.control_guidance}")
         if self.control_from < 0:
             raise ValueError(f"control-from must be >= 0 (a timestep; 0 = every sampling step), got {self.control_from}")
         for key in ("lr", "dirichlet_alpha", "guidance"):

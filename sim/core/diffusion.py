@@ -1,8 +1,8 @@
 """Diffusion maths shared by pretraining, every scheme and evaluation.
 
 Forward noising ``x_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps`` (the scheduler's own
-``add_noise``), min-SNR loss weights, and a DDIM sampler with classifier-free guidance
-that takes any epsilon-predicting callable (base UNet alone, or UNet + ControlNet).
+``add_noise``), min-SNR loss weights, a DDIM sampler that takes the guided noise prediction
+as a callable, and classifier-free guidance's combination (:func:`cfg_combine`).
 """
 from __future__ import annotations
 

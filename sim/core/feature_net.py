@@ -296,6 +296,23 @@ def _predict(net: FeatureNet, x: torch.Tensor, batch_size: int = 500) -> dict[st
     return {k: torch.cat([p[k] for p in parts]) for k in net.heads}
 
 
+def _optimise(opt, sched, losses: dict, running: dict | None) -> dict:
+    """One optimiser and schedule step on the sum of ``losses``; returns the running (EMA 0.95) losses."""
+    loss = sum(losses.values())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    now = {"loss": loss.item(), **{f"loss_{k}": v.item() for k, v in losses.items()}}
+    return now if running is None else {k: 0.95 * running[k] + 0.05 * v for k, v in now.items()}
+
+
+def _log(log: list, step: int, running: dict, t0: float, verbose: bool) -> None:
+    log.append({"step": step, **{k: round(v, 4) for k, v in running.items()}, "elapsed_s": round(time.time() - t0, 1)})
+    if verbose:
+        print(json.dumps(log[-1]), flush=True)
+
+
 def train_feature_net(out_dir: str | Path | None = None, steps: int = 2000, seed: int = TRAIN_SEED,
                       batch_size: int = 64, lr: float = 2e-3, log_every: int = 100,
                       verbose: bool = True) -> tuple[FeatureNet, dict]:
@@ -348,18 +365,9 @@ def train_feature_net(out_dir: str | Path | None = None, steps: int = 2000, seed
             face_label = torch.ones(n_faces, dtype=torch.int64) if k == "domain" else torch.full((n_faces,), IGNORE)
             y = torch.cat([y_circles[k][ci], face_label])
             losses[k] = F.cross_entropy(out[k], y, ignore_index=IGNORE)
-        loss = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        now = {"loss": loss.item(), **{f"loss_{k}": v.item() for k, v in losses.items()}}
-        running = now if running is None else {k: 0.95 * running[k] + 0.05 * v for k, v in now.items()}
+        running = _optimise(opt, sched, losses, running)
         if step % log_every == 0 or step == steps:
-            log.append({"step": step, **{k: round(v, 4) for k, v in running.items()},
-                        "elapsed_s": round(time.time() - t0, 1)})
-            if verbose:
-                print(json.dumps(log[-1]), flush=True)
+            _log(log, step, running, t0, verbose)
     net.eval()
     set_feature_stats(net, torch.cat([x_circles[:NUM_STAT_IMAGES - len(x_faces)], x_faces]))
     train_s = time.time() - t0
@@ -467,18 +475,9 @@ def train_feature_net_on_images(images_uint8, out_dir: str | Path | None = None,
         out = net(torch.cat([v1, v2]))
         losses = {"view": nt_xent(out["view"][:b], out["view"][b:]),
                   "deg": DEG_WEIGHT * F.cross_entropy(out["deg"], torch.cat([k1, k2]))}
-        loss = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        now = {"loss": loss.item(), **{f"loss_{k}": v.item() for k, v in losses.items()}}
-        running = now if running is None else {k: 0.95 * running[k] + 0.05 * v for k, v in now.items()}
+        running = _optimise(opt, sched, losses, running)
         if step % log_every == 0 or step == steps:
-            log.append({"step": step, **{k: round(v, 4) for k, v in running.items()},
-                        "elapsed_s": round(time.time() - t0, 1)})
-            if verbose:
-                print(json.dumps(log[-1]), flush=True)
+            _log(log, step, running, t0, verbose)
     net.eval()
     set_feature_stats(net, x[:NUM_STAT_IMAGES])
     train_s = time.time() - t0

@@ -1,19 +1,29 @@
 """Generate images with (or without) a trained ControlNet and score them.
 
-Scores (see :mod:`sim.core.metrics`): ``outline_iou`` (IoU of the generated circle with the
-condition's disc), prompt-colour accuracy (``fg_colour_acc``, ``bg_colour_acc`` and
-``colour_acc`` = both right). Sampling is DDIM with classifier-free guidance.
+Scores (see :func:`score`): on circles ``outline_iou`` (IoU of the generated circle with the
+condition's disc) and prompt-colour accuracy (``fg_colour_acc``, ``bg_colour_acc`` and
+``colour_acc`` = both right), on any data condition fidelity and similarity to the target.
+Sampling is DDIM with classifier-free guidance; every model of a run is sampled on the same
+conditions from the same initial noise, so :func:`paired_comparisons` compares two of them
+condition by condition.
 
 Where the control goes under guidance
 -------------------------------------
-By default the ControlNet's residuals are added in the conditional branch only and the
-unconditional branch is the base model alone (what diffusers' ControlNet pipeline does
-in ``guess_mode``), so guidance ``w`` amplifies the control together with the prompt:
-``eps = eps_base(x, "") + w * (eps_control(x, prompt) - eps_base(x, ""))``. With
-``uncond_control=True`` both branches get the control and guidance amplifies only the
-prompt. Measured on the ControlNets of an earlier default run (1,200 steps, DDIM-50,
-guidance 5, 32 conditions): outline IoU 0.49 -> 0.64 (nograd), 0.47 -> 0.64 (vanilla),
-0.43 -> 0.58 (fedavg) when moving from both branches to the conditional one only.
+With ``u = eps(x, "")`` the base model without prompt, ``h = eps_control(x, "", hint)`` the
+controlled model without prompt and ``c = eps_control(x, prompt, hint)``, the default is the
+two-condition guidance of InstructPix2Pix (Brooks et al., CVPR 2023), the hint first::
+
+    eps = u + control_guidance * (h - u) + guidance * (c - h)
+
+The control's direction ``h - u`` carries no prompt, and the prompt's ``c - h`` is taken with
+the control in place, so each gets its own weight. With ``control_guidance == guidance`` this is
+``u + guidance * (c - u)``: the ControlNet only in the conditional branch (diffusers'
+``guess_mode``), computed in two passes; then the control is amplified with the prompt, and so is
+whatever colour error the ControlNet's residuals carry (README, "Control without
+compromise"). ``uncond_control=True`` puts the control in both branches
+(``eps = h + guidance * (c - h)``): guidance then amplifies only the prompt. The ControlNet
+runs only in the branches that use it, each branch as its own batch (faster here than one
+doubled batch).
 """
 from __future__ import annotations
 
@@ -47,17 +57,15 @@ def generate(base, prompts: list[str], scheme: str | None = None, controlnet=Non
              hints: torch.Tensor | None = None, steps: int = 20, guidance: float = 5.0, seed: int = 0,
              progress: bool = True, desc: str = "sampling", uncond_control: bool = False,
              defenses: tuple[str, ...] = (), secret: int | None = None,
-             control_guidance: float | None = None, control_from: int = 0,
-             control_first: bool = False, compose: bool = False) -> torch.Tensor:
+             control_guidance: float | None = None, control_from: int = 0) -> torch.Tensor:
     """Images in [-1, 1] from the frozen base model, controlled by ``controlnet`` when given.
 
     ``scheme`` decides how the ControlNet reads the hint (its strategy's ``cut_features``).
-    Guidance (module doc): ``control_guidance`` None = the control rides on the prompt's
-    guidance (two UNet passes per step); otherwise the prompt gets ``guidance`` and the
-    control ``control_guidance`` (three passes; equal values give the same prediction).
-    ``uncond_control`` puts the control in both branches instead (``control_guidance`` unused).
-    The ControlNet runs only in the branches whose output uses it, and acts only at sampling
-    steps t >= ``control_from``; below, the base model samples alone.
+    Guidance (module doc): ``guidance`` weighs the prompt, ``control_guidance`` the control
+    (None: the same weight, the control riding on the prompt's guidance: two passes per step;
+    otherwise three). ``uncond_control`` puts the control in both branches instead
+    (``control_guidance`` unused). The ControlNet runs only in the branches whose output uses
+    it, and acts only at sampling steps t >= ``control_from``; below, the base model samples alone.
     ``defenses`` (the run's defense specs) apply the split client's pipeline at inference
     as in training (activation, wire quantisation, offsets, noise; the ControlNet gets the
     empty prompt when prompts stay home), from the generating client 0's side (``secret``: its
@@ -97,17 +105,11 @@ def generate(base, prompts: list[str], scheme: str | None = None, controlnet=Non
             return model(x, t, ctx)
         if model is plain or uncond_control:
             return cfg_combine(model(x, t, null), model(x, t, ctx), guidance)
-        if compose:
-            uncond = plain(x, t, null)
-            return cfg_combine(uncond, plain(x, t, ctx), guidance) + control_guidance * (controlled(x, t, null) - uncond)
         uncond, cond = plain(x, t, null), controlled(x, t, ctx)
         if control_guidance is None or control_guidance == guidance:  # the control rides on the prompt's guidance
             return cfg_combine(uncond, cond, guidance)
-        if control_first:
-            hint_only = controlled(x, t, null)
-            return cfg_combine(uncond, hint_only, control_guidance) + guidance * (cond - hint_only)
-        prompt_only = plain(x, t, ctx)
-        return cfg_combine(uncond, prompt_only, guidance) + control_guidance * (cond - prompt_only)
+        hint_only = controlled(x, t, null)  # the control's direction, then the prompt's on top of it
+        return cfg_combine(uncond, hint_only, control_guidance) + guidance * (cond - hint_only)
 
     g = torch.Generator().manual_seed(seed)
     shape = (n, p.latent_channels, p.latent_size, p.latent_size)
