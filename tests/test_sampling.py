@@ -115,6 +115,7 @@ def test_paired_comparisons_cover_every_pair_and_metric():
     assert bx["colour_acc"]["mean_a"] == 0.0 and bx["colour_acc"]["mean_b"] == 1.0 and bx["colour_acc"]["diff"] == -1.0
     assert bx["outline_iou"]["mean_b"] == pytest.approx(1.0) and bx["outline_iou"]["resolved"]
     assert [r["metric"] for r in paired_comparisons({"a": {"outline_iou": [0.1, 0.2]}, "b": {}})] == []
+    assert paired_comparisons({"a": {"outline_iou": [0.1]}, "b": {"outline_iou": [0.2]}}) == []  # one condition
 
 
 def test_sweep_rows_are_compared_with_their_schemes_reference_variant(tmp_path):

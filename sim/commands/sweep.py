@@ -65,7 +65,7 @@ from sim.engine.runfolder import INCOMPLETE, config_differences, is_complete
 from sim.engine.runner import run_compare
 from sim.engine.scoring import blind_scores, run_attacks
 
-ROW_KEYS = ("outline_iou", "outline_iou_se", "edge_ssim", "colour_acc", "colour_acc_se", "fid_project", "fid_inception", "clip_score", "final_loss",
+ROW_KEYS = ("outline_iou", "outline_iou_se", "edge_ssim", "edge_f1", "psnr", "ssim", "colour_acc", "colour_acc_se", "fid_project", "fid_inception", "clip_score", "final_loss",
             "bytes_up_per_step", "bytes_down_per_step", "wall_s", "epsilon", "delta")
 
 
@@ -289,7 +289,7 @@ def paired_with_reference(out: Path, rows: list[dict]) -> None:
         if ref == row["variant"]:
             continue
         for metric, values in mine.items():
-            if len(theirs.get(metric, ())) != len(values):
+            if len(theirs.get(metric, ())) != len(values) or len(values) < 2:
                 continue
             c = paired_comparison(values, theirs[metric])
             row["ref_variant"] = ref

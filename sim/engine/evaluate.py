@@ -38,8 +38,8 @@ from sim.core.diffusion import bar_position, cfg_combine, ddim_sample, to_uint8
 from sim.core.feature_net import load_feature_net
 from sim.core.fidelity import clip_score, fid_project, standard_fid
 from sim.core.metrics import colour_accuracy, colours_right, outline_iou_per_image
-from sim.core.stats import paired_comparison, standard_error
 from sim.core.models import ddpm_scheduler
+from sim.core.stats import paired_comparison, standard_error
 from strategies import get_strategy
 from strategies.base import client_secret, composed_eps
 
@@ -205,11 +205,12 @@ def per_condition(images_uint8, eval_set: dict) -> dict[str, np.ndarray]:
 def paired_comparisons(scores: dict[str, dict]) -> list[dict]:
     """Every pair of sampled models (``scores``: name -> :func:`per_condition` scores on the same
     conditions and initial noise), compared condition by condition
-    (:func:`sim.core.stats.paired_comparison`) on each metric both have: one row per (a, b, metric)."""
+    (:func:`sim.core.stats.paired_comparison`) on each metric both have: one row per (a, b, metric);
+    none with fewer than two conditions."""
     names, rows = list(scores), []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            for metric in [m for m in scores[a] if m in scores[b]]:
+            for metric in [m for m in scores[a] if m in scores[b] and len(scores[a][m]) >= 2]:
                 rows.append({"a": a, "b": b, "metric": metric, "mean_a": float(np.mean(scores[a][metric])),
                              "mean_b": float(np.mean(scores[b][metric])),
                              **paired_comparison(scores[a][metric], scores[b][metric])})
