@@ -296,6 +296,15 @@ def _predict(net: FeatureNet, x: torch.Tensor, batch_size: int = 500) -> dict[st
     return {k: torch.cat([p[k] for p in parts]) for k in net.heads}
 
 
+def _finish(net: FeatureNet, record: dict, out_dir, verbose: bool, shown: dict) -> tuple[FeatureNet, dict]:
+    """Print ``shown`` and the training time (``verbose``), save to ``out_dir`` when given; (net, record)."""
+    if verbose:
+        print(json.dumps({**shown, "train_wall_s": record["train_wall_s"]}), flush=True)
+    if out_dir is not None:
+        save_feature_net(net, out_dir, record)
+    return net, record
+
+
 def _optimise(opt, sched, losses: dict, running: dict | None) -> dict:
     """One optimiser and schedule step on the sum of ``losses``; returns the running (EMA 0.95) losses."""
     loss = sum(losses.values())
@@ -384,11 +393,7 @@ def train_feature_net(out_dir: str | Path | None = None, steps: int = 2000, seed
         "params": sum(p.numel() for p in net.parameters()),
         "log": log,
     }
-    if verbose:
-        print(json.dumps({"heldout_accuracy": acc, "train_wall_s": record["train_wall_s"]}), flush=True)
-    if out_dir is not None:
-        save_feature_net(net, out_dir, record)
-    return net, record
+    return _finish(net, record, out_dir, verbose, {"heldout_accuracy": acc})
 
 
 def to_net_input(images_uint8) -> torch.Tensor:
@@ -495,11 +500,7 @@ def train_feature_net_on_images(images_uint8, out_dir: str | Path | None = None,
         "params": sum(p.numel() for p in net.parameters()),
         "log": log,
     }
-    if verbose:
-        print(json.dumps({"accuracy": acc, "train_wall_s": record["train_wall_s"]}), flush=True)
-    if out_dir is not None:
-        save_feature_net(net, out_dir, record)
-    return net, record
+    return _finish(net, record, out_dir, verbose, {"accuracy": acc})
 
 
 @torch.no_grad()
