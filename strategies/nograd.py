@@ -25,6 +25,7 @@ from sim.core.cuts import (
     CONTROLNET_REST,
     UNET_REST,
     Cut,
+    nograd_control,
     nograd_control_input,
     unet_first_conv,
 )
@@ -96,7 +97,7 @@ class NoGradClient(SchemeClient):
         for _ in range(request.k):
             b = self.next_batch()
             r = client_release(
-                self.defenses, lambda x: b.hint_latent + x, self.base.unet,  # nograd_control_input, E(hint) cached
+                self.defenses, lambda x: nograd_control(b.hint_latent, x), self.base.unet,  # E(hint) cached
                 b.x_t, self.hook_context(b.t, b.z0, b.idx, b.noise))
             parts.append(dict(control_input=r.control.to(dtype), unet_features=r.unet_features.to(dtype), t=r.t,
                               noise=r.target, context=b.context if self.defenses.sends_prompt else None))
@@ -150,7 +151,7 @@ class NoGradStrategy(SplitServer):
                 b = sample_batch(base, envs[cid].scheduler, envs[cid].data, settings.batch_size, gens[cid],
                                  settings.prompt_dropout, encodings=envs[cid].encodings, hints=True)
                 with torch.no_grad():
-                    ci = b.hint_latent + b.x_t  # nograd_control_input with the cached E(hint)
+                    ci = nograd_control(b.hint_latent, b.x_t)
                     uf = unet_first_conv(base.unet, b.x_t)
                 losses.append(server.server_step(server.controlnet.conv_in(ci), uf, b.t, b.noise, b.context))
         return losses

@@ -31,14 +31,15 @@ EDGE_TOLERANCE = {"outline": 1, "canny": 0}
 PSNR_CAP = 100.0  # dB, for an image identical to its target (PSNR is infinite there)
 
 
-def _grey(images: np.ndarray) -> np.ndarray:
-    return np.asarray(images, dtype=np.float64).mean(axis=-1)
+def _grey_and_peak(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Grey levels (N, H, W) and each image's brightest level, shaped (N, 1, 1) to broadcast."""
+    grey = np.asarray(images, dtype=np.float64).mean(axis=-1)
+    return grey, grey.reshape(len(grey), -1).max(axis=1)[:, None, None]
 
 
 def binarize_conditions(conditions_uint8: np.ndarray) -> np.ndarray:
     """White-on-black uint8 (N, H, W, 3): a pixel is lit where its grey level exceeds half the image's brightest."""
-    grey = _grey(conditions_uint8)
-    peak = grey.reshape(len(grey), -1).max(axis=1)[:, None, None]
+    grey, peak = _grey_and_peak(conditions_uint8)
     lit = (grey > peak / 2) & (peak > 0)
     return np.repeat((lit * 255).astype(np.uint8)[..., None], 3, axis=-1)
 
@@ -55,8 +56,7 @@ def infer_condition_kind(conditions_uint8: np.ndarray | None) -> str:
     c = np.asarray(conditions_uint8, dtype=np.float64)
     if np.abs(c - c.mean(axis=-1, keepdims=True)).max() > 8:
         return "none"
-    grey = c.mean(axis=-1)
-    peak = grey.reshape(len(grey), -1).max(axis=1)[:, None, None]
+    grey, peak = _grey_and_peak(c)
     if (peak <= 0).all():
         return "none"
     dark = grey <= 0.1 * peak

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sim.core.autoencoder import encode_hint
+
 
 @dataclass(frozen=True)
 class Cut:
@@ -152,9 +154,14 @@ def control_head(controlnet: nn.Module, x_t: torch.Tensor, hint: torch.Tensor) -
     return controlnet.conv_in(x_t) + controlnet.controlnet_cond_embedding(hint)
 
 
+def nograd_control(hint_latent: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """No-gradient-return client's control input from the hint's latent: ``h = E(hint) + x_t``."""
+    return hint_latent + x_t
+
+
 def nograd_control_input(autoencoder: nn.Module, x_t: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
     """No-gradient-return client: ``h = E(hint) + x_t`` with the frozen encoder (hint in [0, 1])."""
-    return autoencoder.encode(hint * 2 - 1) + x_t
+    return nograd_control(encode_hint(autoencoder, hint), x_t)
 
 
 def control_rest(controlnet: nn.Module, features: torch.Tensor, t, context: torch.Tensor
