@@ -119,13 +119,7 @@ class PublicConfig:
                 raise ValueError(f"{_kebab(key)} must be > 0, got {getattr(self, key)}")
         if self.resolution < 0:
             raise ValueError(f"resolution must be >= 0 (0 = the model's own image size), got {self.resolution}")
-        preset = get_preset(self.model)
-        if self.resolution and preset.autoencoder == "identity" and self.resolution != preset.image_size:
-            raise ValueError(f"resolution={self.resolution} is not supported by model={self.model!r}: it was trained "
-                             f"at {preset.image_size} px only; use resolution={preset.image_size} (or 0)")
-        if self.resolution % 8 and preset.autoencoder == "kl":
-            raise ValueError(f"resolution={self.resolution} must be a multiple of 8 (model={self.model!r}'s VAE "
-                             "downsampling factor)")
+        get_preset(self.model).at_resolution(self.resolution)  # a size the model samples at, or an error naming both
         if self.dataset not in DATASET_NAMES:  # a local folder: resolved, its layout and columns checked now
             object.__setattr__(self, "dataset", check_local_config(self))
         elif self.partition_by and (self.dataset == "faces" or self.partition_by not in ("fg", "bg")):
