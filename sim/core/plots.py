@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 import textwrap
 from pathlib import Path
@@ -70,10 +71,13 @@ SCHEME_COLOURS = {"fedavg": "#1f77b4", "vanilla": "#ff7f0e", "nograd": "#2ca02c"
 
 
 def _plt():
-    """pyplot on the headless backend, chosen only when a figure is drawn (a notebook keeps its own)."""
+    """pyplot on the headless backend, chosen only when a figure is drawn; a session that already
+    imported pyplot (a notebook, an interactive shell) keeps its own backend (every figure drawn
+    here is saved and closed, so none shows up there)."""
     import matplotlib  # lazy: importing this module must not switch an interactive session's backend
 
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # lazy: after the backend is chosen
 
     return plt
