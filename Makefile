@@ -8,7 +8,7 @@ OUT    ?= results/demo
 #   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo test test-fast lab venv clean
 venv: $(VENV)/.installed
 
 # torch first, pinned, so pip never resolves a multi-GB CUDA build; then the package.
@@ -21,6 +21,11 @@ $(VENV)/.installed: pyproject.toml
 
 demo: venv
 	$(BIN)/splitcontrol compare --out $(OUT)
+
+# the teaching lab: JupyterLab on lab/ (the notebooks also run in VS Code or plain Jupyter with .venv's kernel)
+lab: venv
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[lab]"
+	$(BIN)/jupyter lab lab/
 
 test: venv
 	$(BIN)/python -m pytest -q
