@@ -76,7 +76,6 @@ def test_solution_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
     from nbclient import NotebookClient
 
     monkeypatch.setenv("LAB_OUT", str(tmp_path / "runs"))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(LAB / "solutions" / f"{name}.ipynb", as_version=4)
     t0 = time.perf_counter()
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(LAB)}}).execute()
