@@ -70,3 +70,19 @@ def test_malformed_toml_and_unknown_variants_are_named(tmp_path, capsys):
     _fails(["compare", "--preset", str(bad), "--out", str(tmp_path / "o")], capsys, "bad.toml: not valid TOML")
     _fails(["sweep", str(REPO / "baselines" / "clients-scaling.toml"), "--only", "nosuch", "--out",
             str(tmp_path / "sw")], capsys, "no variant(s) ['nosuch']", "nograd-2-iid")
+
+
+@pytest.mark.slow
+def test_an_unguarded_script_with_worker_processes_fails_instead_of_hanging(tmp_path):
+    """A script that calls run_compare with jobs > 1 at module level is re-imported by every spawned
+    worker; the run ends with an error that says what to do (it used to respawn workers forever)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text("from sim.engine.context import load_experiment\n"
+                      "from sim.engine.runner import run_compare\n"
+                      f"run_compare(load_experiment('smoke', ['jobs=2', 'baseline=false']), {str(tmp_path / 'out')!r})\n")
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert 'if __name__ == "__main__":' in done.stderr

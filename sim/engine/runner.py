@@ -19,6 +19,8 @@ import multiprocessing
 import os
 import signal
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -258,10 +260,18 @@ def _run_compare(cfg: PublicConfig, out: Path, grid, node_ids) -> dict:
         for i in todo:
             done(i, run_job(*jobs[i]))
     elif todo:
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(min(cfg.jobs, len(todo)), initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
-            for i, result in pool.imap_unordered(_run_job_indexed, [(i, jobs[i]) for i in todo]):
-                done(i, result)
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(cfg.jobs, len(todo)), mp_context=spawn, initializer=die_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
+            futures = [pool.submit(_run_job_indexed, (i, jobs[i])) for i in todo]
+            try:
+                for future in as_completed(futures):
+                    done(*future.result())
+            except BrokenProcessPool:
+                raise RuntimeError(
+                    "a worker process died before finishing its scheme. A script that calls run_compare with "
+                    "jobs > 1 must do so under `if __name__ == \"__main__\":` (every worker imports the script "
+                    "again); otherwise it was killed (out of memory?). jobs=1 runs in this process.") from None
 
     trained = results[1:] if cfg.baseline else results
     eval_set = context_for(cfg).eval_set
