@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from attacks import ServerView, best_ssim, make_attack
+from attacks import ServerView, make_attack
 from attacks.scoring import image_scores, prompt_scores
 from sim.core import jsonio
 from sim.core.config import ExperimentConfig, load_public_config
@@ -131,9 +131,9 @@ def run_attacks(run_dir: str | Path, specs: list[str], schemes: list[str] | None
         view = server_view(run, scheme)
         for spec in specs:
             row = attack_view(view, spec, cfg, run)
-            ssim = best_ssim(row)
+            scores = "  ".join(f"{k} ssim {row[k]['ssim']:.3f}" for k in ("image", "hint") if k in row)
             print(f"{scheme:>8} {row['attack']:<24} " + (row["reason"] if row["status"] == "N/A" else
-                  f"ssim {ssim if ssim is not None else '-'}  " +
+                  scores + "  " +
                   (f"prompt acc {row['prompt']['accuracy']:.2f} (chance {row['prompt']['chance']:.3f})"
                    if "prompt" in row else "")))
             rows.append(row)
