@@ -24,6 +24,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
+
+# the presets shipped in sim/presets/ (globbed, not imported: the CLI starts without torch)
+PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "presets").glob("*.toml"))
+PRESET_HELP = f"experiment preset ({', '.join(PRESETS)}) or a .toml path"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (("compare", "train under every scheme of the config side by side"),
                         ("run", "run a preset's experiment with overrides")):
         c = sub.add_parser(name, help=help_)
-        c.add_argument("--preset", default="default", help="experiment preset (default, smoke) or a .toml path")
+        c.add_argument("--preset", default="default", help=PRESET_HELP)
         c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
         c.add_argument("--out", default=None, help="output directory (default: results/<experiment>/<date-time>)")
         c.add_argument("--json", action="store_true", help="print summary.json to stdout")
@@ -48,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fs = sub.add_parser("flower-sim", help="the same comparison under Flower's Ray simulation engine: one virtual "
                                            "SuperNode per client, nothing to configure")
-    fs.add_argument("--preset", default="default", help="experiment preset (default, smoke) or a .toml path")
+    fs.add_argument("--preset", default="default", help=PRESET_HELP)
     fs.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     fs.add_argument("--out", default=None, help="output directory (default: results/<experiment>/flower-<date-time>)")
     fs.add_argument("--cpus-per-client", type=int, default=1, help="CPUs Ray reserves per virtual client")
