@@ -193,6 +193,15 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Shut ``pool`` down now: a scheme that failed ends the run at once, the others' workers killed (as
+    multiprocessing.Pool's terminate did; concurrent.futures, which reports a worker that died, has no
+    public terminate). After a normal finish there is nothing left to kill."""
+    for proc in list((pool._processes or {}).values()):
+        proc.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _run_job_indexed(item) -> tuple[int, dict]:
     i, args = item
     return i, run_job(*args)
@@ -260,18 +269,19 @@ def _run_compare(cfg: PublicConfig, out: Path, grid, node_ids) -> dict:
         for i in todo:
             done(i, run_job(*jobs[i]))
     elif todo:
-        spawn = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(cfg.jobs, len(todo)), mp_context=spawn, initializer=die_with_parent,
-                                 initargs=(os.getpid(),)) as pool:
+        pool = ProcessPoolExecutor(min(cfg.jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=die_with_parent, initargs=(os.getpid(),))
+        try:
             futures = [pool.submit(_run_job_indexed, (i, jobs[i])) for i in todo]
-            try:
-                for future in as_completed(futures):
-                    done(*future.result())
-            except BrokenProcessPool:
-                raise RuntimeError(
-                    "a worker process died before finishing its scheme. A script that calls run_compare with "
-                    "jobs > 1 must do so under `if __name__ == \"__main__\":` (every worker imports the script "
-                    "again); otherwise it was killed (out of memory?). jobs=1 runs in this process.") from None
+            for future in as_completed(futures):
+                done(*future.result())
+        except BrokenProcessPool:
+            raise RuntimeError(
+                "a worker process died before finishing its scheme. A script that calls run_compare with "
+                "jobs > 1 must do so under `if __name__ == \"__main__\":` (every worker imports the script "
+                "again); otherwise it was killed (out of memory?). jobs=1 runs in this process.") from None
+        finally:
+            stop_workers(pool)
 
     trained = results[1:] if cfg.baseline else results
     eval_set = context_for(cfg).eval_set
