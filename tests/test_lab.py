@@ -14,6 +14,13 @@ LAB = ROOT / "lab"
 sys.path.insert(0, str(LAB))
 import build  # noqa: E402  (lab/build.py: not a package of the project)
 
+def _kernel_env(monkeypatch, tmp_path) -> None:
+    """Runs under $LAB_OUT, and the kernel's connection files and IPython's history under the test's temp root."""
+    monkeypatch.setenv("LAB_OUT", str(tmp_path / "runs"))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter-runtime"))
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+
+
 SOURCES = sorted((LAB / "src").glob("[0-9][0-9]_*.py"))
 NAMES = [p.stem for p in SOURCES]
 
@@ -75,7 +82,7 @@ def test_solution_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
-    monkeypatch.setenv("LAB_OUT", str(tmp_path / "runs"))
+    _kernel_env(monkeypatch, tmp_path)
     nb = nbformat.read(LAB / "solutions" / f"{name}.ipynb", as_version=4)
     t0 = time.perf_counter()
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(LAB)}}).execute()
@@ -94,7 +101,7 @@ def test_student_notebook_stops_at_its_first_exercise(name, tmp_path, monkeypatc
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
-    monkeypatch.setenv("LAB_OUT", str(tmp_path / "runs"))
+    _kernel_env(monkeypatch, tmp_path)
     nb = nbformat.read(LAB / f"{name}.ipynb", as_version=4)
     first = next(i for i, c in enumerate(nb.cells) if "# YOUR CODE HERE" in c.source)
     with pytest.raises(CellExecutionError, match="NotImplementedError"):
