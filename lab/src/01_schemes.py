@@ -19,8 +19,6 @@
 # the condition and nudges the frozen UNet, so the generated circle lands where the outline is.
 
 # %%
-import json
-
 import matplotlib.pyplot as plt
 import numpy as np
 
