@@ -202,11 +202,6 @@ def stop_workers(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_job_indexed(item) -> tuple[int, dict]:
-    i, args = item
-    return i, run_job(*args)
-
-
 def run_compare(cfg: PublicConfig, out: str | Path, grid=None, node_ids=None, overwrite: bool = False,
                 resume: bool = False) -> dict:
     """Train every scheme of ``cfg``, evaluate, write the run folder; returns the summary.
@@ -272,9 +267,9 @@ def _run_compare(cfg: PublicConfig, out: Path, grid, node_ids) -> dict:
         pool = ProcessPoolExecutor(min(cfg.jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"),
                                    initializer=die_with_parent, initargs=(os.getpid(),))
         try:
-            futures = [pool.submit(_run_job_indexed, (i, jobs[i])) for i in todo]
+            futures = {pool.submit(run_job, *jobs[i]): i for i in todo}
             for future in as_completed(futures):
-                done(*future.result())
+                done(futures[future], future.result())
         except BrokenProcessPool:
             raise RuntimeError(
                 "a worker process died before finishing its scheme. A script that calls run_compare with "
