@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from sim.core.plots import plot_run
 from sim.engine.context import load_experiment
+from sim.engine.ray_sim import run_ray
 from sim.engine.runfolder import config_differences, is_complete
 from sim.engine.runner import run_compare
 
@@ -30,16 +32,20 @@ def out_dir(name: str) -> Path:
     return root / name
 
 
-def run(name: str, preset: str = "lab", overrides: list[str] = ()) -> dict:
+def run(name: str, preset: str = "lab", overrides: list[str] = (), engine: str = "in-process") -> dict:
     """Run (or reuse) ``splitcontrol compare --preset PRESET --set ...`` into ``out_dir(name)``; returns summary.json.
 
     The same as the command line: ``splitcontrol compare --preset lab --set KEY=VALUE --out DIR``
-    (its figures included)."""
+    (its figures included); ``engine="ray"``: ``splitcontrol flower-sim`` (Flower's Ray simulation)."""
     cfg = load_experiment(preset, list(overrides))
     out = out_dir(name)
     if is_complete(out) and not config_differences(cfg, out):
         print(f"reusing the finished run in {out}")
         return json.loads((out / "summary.json").read_text())
+    if engine == "ray":
+        if (out / "config.toml").exists():  # another configuration, or unfinished: run_ray has no overwrite
+            shutil.rmtree(out)
+        return run_ray(cfg, out)  # draws the figures itself
     summary = run_compare(cfg, out, overwrite=True)
     plot_run(out)  # loss, bytes, client cost and sample figures, as the command draws them
     return summary

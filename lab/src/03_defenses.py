@@ -179,13 +179,13 @@ table([{"defense": k, "image SSIM": v["noise-target"]["image"], "hint SSIM": v["
 # noisy z0 estimate as a diffusion sample and let the public base model finish it).
 
 # %%
-run("latent-dp-1024", "lab", LEAKAGE_ONLY + ['defenses=["latent-dp:epsilon=1024,t-start=0", "prompt-local"]'])
+latent_dp = run("latent-dp-1024", "lab", LEAKAGE_ONLY + ['defenses=["latent-dp:epsilon=1024,t-start=0", "prompt-local"]'])
 scores["latent-dp:epsilon=1024"] = attack_scores("latent-dp-1024", ["noise-target"])
 one_shot = run("one-shot-800", "lab", NOGRAD + ["baseline=false", 'defenses=["one-shot:t0=800", "prompt-local"]'])
 scores["one-shot:t0=800"] = attack_scores("one-shot-800", ["noise-target", "diffusion-prior"])
 
 # %%
-ldp_row = nograd_row(json.loads((out_dir("latent-dp-1024") / "summary.json").read_text()))
+ldp_row = nograd_row(latent_dp)
 os_row = nograd_row(one_shot)
 table([{"defense": name, "attack": a, "image SSIM": s.get("image"), "hint SSIM": s.get("hint"),
         "epsilon per record per run": row["epsilon"], "delta": row["delta"], "releases": row["privacy"][0]["releases"]}

@@ -23,7 +23,6 @@
 # %%
 import json
 import os
-import shutil
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -35,8 +34,6 @@ from sim.core.wire import encode, record_nbytes
 from sim.engine.clientside import resolved
 from sim.engine.context import context_for, load_experiment
 from sim.engine.grid import in_process_grid
-from sim.engine.ray_sim import run_ray
-from sim.engine.runfolder import config_differences, is_complete
 from strategies import SCHEMES
 from strategies.base import turn_schedule
 from strategies.fedavg import FitIns
@@ -173,25 +170,14 @@ plt.tight_layout()
 # draws its own client seed on its first message and keeps it in its state: no `clients.toml` is
 # written. Flower 1.42 logs that `run_simulation` is deprecated: its command-line successor is
 # `flwr run .`, which reads the same app from `pyproject.toml` (see the README's "Flower's engines").
-# About 1.5 minutes, Ray's start-up included; a finished run of the same configuration is reused.
+# About 1.5 minutes, Ray's start-up included; a finished run of the same configuration is reused
+# (`labcheck.run(..., engine="ray")` calls `run_ray`).
 
 # %%
 print("cores here:", os.cpu_count())
 
 
-def run_flower(name: str, overrides: list[str]) -> dict:
-    """``run_ray`` into ``out_dir(name)``, or the finished run of the same configuration there."""
-    cfg = load_experiment("lab", overrides)
-    out = out_dir(name)
-    if is_complete(out) and not config_differences(cfg, out):
-        print(f"reusing the finished run in {out}")
-        return json.loads((out / "summary.json").read_text())
-    if (out / "config.toml").exists():  # a run of another configuration, or an unfinished one
-        shutil.rmtree(out)
-    return run_ray(cfg, out)
-
-
-ray_summary = run_flower("lab4_ray", OVERRIDES)
+ray_summary = run("lab4_ray", "lab", OVERRIDES, engine="ray")  # labcheck.run -> run_ray
 ray_rows = {r["scheme"]: r for r in ray_summary["rows"]}
 print("engine:", ray_summary["engine"], " wall seconds:", ray_summary["engine_wall_s"])
 table(ray_summary["rows"], ["scheme", "outline_iou", "outline_iou_se", "final_loss", "client_trainable_params",
