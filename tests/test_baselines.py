@@ -95,3 +95,23 @@ def test_sweep_copies_a_finished_run_of_the_same_configuration_and_runs_missing_
     fresh = run_sweep(preset, tmp_path / "fresh", reuse=False, only=["b"])
     assert [r["final_loss"] for r in fresh] == [r["final_loss"] for r in rows[3:]]  # deterministic
     assert all(r["reused_from"] is None for r in fresh)
+
+
+def test_sweep_table_names_the_strongest_attack_per_target_and_the_accounted_epsilon():
+    from sim.commands.sweep import markdown
+
+    rows = [{"variant": "none", "scheme": "nograd", "outline_iou": 0.7, "attack:noise-target": 1.0,
+             "best_image": 1.0, "best_image_attack": "noise-target", "best_hint": 0.99, "best_hint_attack": "rmle",
+             "prompt:prompt-inference": 0.5, "prompt:prompt-from-image": 0.81, "blind_image": 0.31, "blind_hint": 0.57,
+             "epsilon": None, "delta": None},
+            {"variant": "one-shot", "scheme": "vanilla", "outline_iou": 0.6, "attack:diffusion-prior": 0.72,
+             "best_image": 0.72, "best_image_attack": "diffusion-prior", "blind_image": 0.31, "blind_hint": 0.57,
+             "epsilon": 782.0, "delta": 1e-5}]
+    lines = markdown(rows).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+    assert cells[0]["best image"] == "1.00 (noise-target)" and cells[0]["best hint"] == "0.99 (rmle)"
+    assert cells[0]["best prompt"] == "0.81 (prompt-from-image)" and cells[0]["epsilon"] == "-"
+    assert cells[1]["best hint"] == "N/A" and cells[1]["best prompt"] == "N/A" and cells[1]["epsilon"] == "782"
+    assert cells[1]["blind image / hint"] == "0.31 / 0.57"
+    assert "best image" not in markdown([{"variant": "a", "scheme": "x", "outline_iou": 0.5}])  # no attacks ran

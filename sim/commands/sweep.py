@@ -304,11 +304,31 @@ def _data_key(cfg) -> tuple:
 
 
 def markdown(rows: list[dict]) -> str:
-    attack_cols = sorted({k for r in rows for k in r if k.startswith("attack:")})
+    """The sweep's table: utility, cost and, when attacks ran, the strongest attack on each target
+    (image and hint SSIM, prompt accuracy, each with the attack that reached it), the blind guess and
+    the accounted (epsilon, delta); the per-attack scores are in sweep.json (and matrix.md)."""
+    attacked = any(k.startswith("attack:") for r in rows for k in r)
     paired = any("outline_iou_vs_ref" in r for r in rows)
     cols = ["variant", "scheme", "outline_iou", "outline_iou_se"] + (["IoU vs ref (paired)"] if paired else []) + [
-        "edge_ssim", "colour_acc", "fid_project", "final_loss", "bytes_up_per_step"] + attack_cols
-    return markdown_table([{**r, "IoU vs ref (paired)": _vs_ref_cell(r)} for r in rows], cols)
+        "edge_ssim", "colour_acc", "fid_project", "final_loss", "bytes_up_per_step"]
+    if attacked:
+        cols += ["epsilon", "delta", "best image", "best hint", "best prompt", "blind image / hint"]
+    return markdown_table([{**r, "IoU vs ref (paired)": _vs_ref_cell(r), **(_best_cells(r) if attacked else {})}
+                           for r in rows], cols)
+
+
+def _best_cells(row: dict) -> dict:
+    """A row's strongest attack per target as 'SSIM (attack)' (prompt: accuracy), 'N/A' where no attack
+    reconstructs that target; and the blind guess's 'image / hint' SSIM."""
+    cells = {f"best {t}": (f"{row[f'best_{t}']:.2f} ({row[f'best_{t}_attack']})" if f"best_{t}" in row else "N/A")
+             for t in ("image", "hint")}
+    prompts = {k[len("prompt:"):]: v for k, v in row.items() if k.startswith("prompt:")}
+    best = max(prompts, key=prompts.get) if prompts else None
+    cells["best prompt"] = f"{prompts[best]:.2f} ({best})" if best else "N/A"
+    cells.update({k: "-" for k in ("epsilon", "delta") if row.get(k) is None})  # no accounted defense
+    blind = [row.get(f"blind_{t}") for t in ("image", "hint")]
+    cells["blind image / hint"] = " / ".join("-" if b is None else f"{b:.2f}" for b in blind)
+    return cells
 
 
 def _vs_ref_cell(row: dict) -> str:
