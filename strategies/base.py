@@ -214,6 +214,7 @@ class TrainSettings:
     keep_optimizer: bool = True  # fedavg: a client keeps its AdamW state between rounds (else a fresh one per round)
     min_reply_fraction: float = 1.0  # fedavg: a round goes on with this fraction of its clients' replies
     on_client_failure: str = "stop"  # split schemes: "skip" ends a failed client's turn and goes on
+    average_from: float = 1.0  # released weights: the mean at turn (round) ends from this fraction on (sim.core.averaging)
 
     @classmethod
     def from_config(cls, cfg) -> "TrainSettings":
@@ -221,7 +222,8 @@ class TrainSettings:
         return cls(lr=cfg.lr, steps=cfg.steps, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
                    high_noise_weight=cfg.high_noise_weight, prompt_dropout=cfg.prompt_dropout,
                    defenses=tuple(cfg.defenses), keep_optimizer=cfg.fedavg_keep_optimizer,
-                   min_reply_fraction=cfg.min_reply_fraction, on_client_failure=cfg.on_client_failure)
+                   min_reply_fraction=cfg.min_reply_fraction, on_client_failure=cfg.on_client_failure,
+                   average_from=cfg.average_from)
 
 
 def diffusion_loss(eps_hat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler,

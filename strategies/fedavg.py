@@ -36,6 +36,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp.strategy import FedAvg
 
 from defenses import DefenseStack
+from sim.core.averaging import TailAverage
 from sim.core.cuts import Cut, controlled_eps
 from sim.core.diffusion import high_noise_weights
 from sim.core.wire import ClientFailure, Expect, config, decode, metric, shapes_of, state
@@ -252,15 +253,23 @@ class FedAvgStrategy(Scheme):
         strategy = flower  # fl-server defenses (e.g. server-dp) wrap Flower's strategy
         for d in DefenseStack(self.settings.defenses, type(self)).with_hook("fl-server"):
             strategy = d.wrap_strategy(strategy, n)
+        num_rounds = math.ceil(len(turns) / n)
+        tail = TailAverage(num_rounds, self.settings.average_from)
+
+        def after_round(server_round: int, arrays: ArrayRecord) -> None:  # Flower: the global model per round
+            if server_round > 0:  # (round 0: the initial model)
+                tail.add(server_round, arrays.to_torch_state_dict())
+
         result = strategy.start(grid=channel.grid,
                                 initial_arrays=ArrayRecord(torch_state_dict=self.controlnet.state_dict()),
-                                num_rounds=math.ceil(len(turns) / n), train_config=ConfigRecord())
+                                num_rounds=num_rounds, train_config=ConfigRecord(), evaluate_fn=after_round)
         bar.close()
         final = copy.deepcopy(self.controlnet)
         final.load_state_dict(result.arrays.to_torch_state_dict())
+        tail.apply(final)
         wall = time.perf_counter() - t0
         server_s = wall - sum(s.round_trip_s for s in channel.transcript.stats if s.scheme == self.name)
-        extra = {"rounds": math.ceil(len(turns) / n)}
+        extra = {"rounds": num_rounds}
         if getattr(strategy, "noise_std", None):  # server-dp: the noise std it added per round
             extra["server_dp_noise_std"] = list(strategy.noise_std)
         return SchemeResult(self.name, final.eval(), flower.losses, len(flower.losses), wall, server_s,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from defenses import client_release, split_client_features
+from sim.core.averaging import TailAverage
 from sim.core.cuts import (
     CONTROLNET_REST,
     UNET_REST,
@@ -176,6 +177,7 @@ class NoGradStrategy(SplitServer):
         turns = turn_schedule(self.settings.steps, channel.num_clients, self.settings.local_steps)
         expect = self.reply_expect()
         channel.tolerate_failures(self.settings.on_client_failure == "skip")
+        average = TailAverage(len(turns), self.settings.average_from)
         for turn, (cid, k) in enumerate(turns, start=1):
             with channel.guard():  # on-client-failure=skip: a failed client's turn is skipped (recorded)
                 reply = channel.call(cid, FeaturesRequest(k), Features, steps=(len(losses), k), round=turn,
@@ -188,6 +190,7 @@ class NoGradStrategy(SplitServer):
                     bar.update()
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 server_s += time.perf_counter() - s0
+            average.add(turn, self.controlnet.state_dict())
         bar.close()
-        return SchemeResult(self.name, self.controlnet.eval(), losses, len(losses), time.perf_counter() - t0,
+        return SchemeResult(self.name, average.apply(self.controlnet).eval(), losses, len(losses), time.perf_counter() - t0,
                             server_s, channel.transcript, server_trainable_params=self.server_trainable_params())

@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from sim.core.averaging import TailAverage
 from sim.core.cuts import unet_first_conv
 
 from .base import (
@@ -96,7 +97,9 @@ class SplitFedStrategy(HeadSplitServer):
         turns = turn_schedule(self.settings.steps, channel.num_clients, self.settings.local_steps)
         expect = self.reply_expect()
         channel.tolerate_failures(self.settings.on_client_failure == "skip")
-        for rnd, round_turns in enumerate(rounds_of(turns, channel.num_clients), start=1):
+        all_rounds = rounds_of(turns, channel.num_clients)
+        tail = TailAverage(len(all_rounds), self.settings.average_from)
+        for rnd, round_turns in enumerate(all_rounds, start=1):
             pending = {cid: VanillaRequest(head=self.head_state) for cid, _ in round_turns}
             failed: set[int] = set()  # on-client-failure=skip: out of this round (recorded), head not averaged
             for cid in interleaved(round_turns):
@@ -131,10 +134,11 @@ class SplitFedStrategy(HeadSplitServer):
                 self.head_state = average(heads, weights)
             if losses:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", round=rnd)
+            tail.add(rnd, self.merged(self.head_state).state_dict())
         bar.close()
-        return SchemeResult(self.name, self.merged(self.head_state), losses, len(losses), time.perf_counter() - t0,
-                            server_s, channel.transcript, server_trainable_params=self.server_trainable_params(),
-                            extra={"rounds": len(rounds_of(turns, channel.num_clients))})
+        return SchemeResult(self.name, tail.apply(self.merged(self.head_state)), losses, len(losses),
+                            time.perf_counter() - t0, server_s, channel.transcript,
+                            server_trainable_params=self.server_trainable_params(), extra={"rounds": len(all_rounds)})
 
     @staticmethod
     def bare(envs, controlnet, settings, turns) -> list[float]:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from defenses import Release, client_release, split_client_features
+from sim.core.averaging import TailAverage
 from sim.core.cuts import (
     CONTROLNET_REST,
     UNET_REST,
@@ -290,6 +291,7 @@ class VanillaStrategy(HeadSplitServer):
         turns = turn_schedule(self.settings.steps, channel.num_clients, self.settings.local_steps)
         expect = self.reply_expect()
         channel.tolerate_failures(self.settings.on_client_failure == "skip")
+        average = TailAverage(len(turns), self.settings.average_from)
         for turn, (cid, k) in enumerate(turns, start=1):
             # on-client-failure=skip: a failed client's turn ends there (recorded); the head stays the one it got
             with channel.guard():
@@ -311,9 +313,11 @@ class VanillaStrategy(HeadSplitServer):
                 if reply.head is None:
                     raise RuntimeError(f"vanilla: client {cid} did not return its head at the end of its turn")
                 self.head_state = reply.head
+            average.add(turn, self.merged(self.head_state).state_dict())
         bar.close()
-        return SchemeResult(self.name, self.merged(self.head_state), losses, len(losses), time.perf_counter() - t0,
-                            server_s, channel.transcript, server_trainable_params=self.server_trainable_params())
+        return SchemeResult(self.name, average.apply(self.merged(self.head_state)), losses, len(losses),
+                            time.perf_counter() - t0, server_s, channel.transcript,
+                            server_trainable_params=self.server_trainable_params())
 
     @staticmethod
     def bare(envs, controlnet, settings, turns) -> list[float]:

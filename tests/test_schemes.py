@@ -40,9 +40,9 @@ def _envs(base, controlnet, settings, seed=0):
 
 
 def _run(scheme, base, controlnet, steps=4, local_steps=2, batch=2, lr=1e-3, seed=0, weight=1.0, keep=0,
-         keep_optimizer=True):
+         keep_optimizer=True, average_from=1.0):
     settings = TrainSettings(lr=lr, steps=steps, local_steps=local_steps, batch_size=batch, high_noise_weight=weight,
-                             keep_optimizer=keep_optimizer)
+                             keep_optimizer=keep_optimizer, average_from=average_from)
     envs = _envs(base, controlnet, settings, seed)
     grid = InProcessGrid(client_app_for(envs), len(envs), {})
     ctx = model_context(base, controlnet, settings, seed, envs[0].scheduler)
@@ -252,3 +252,26 @@ def test_fedavg_client_optimizer_state_between_rounds(base, controlnet, keep):
         assert steps and set(steps.values()) == {4.0}  # 2 local steps in each of 2 rounds
     else:
         assert not steps and not any(k.startswith("opt.") for k in state)
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_average_from_releases_the_mean_of_the_turn_ends_and_trains_the_same(scheme, base, controlnet):
+    """average-from=0: the released ControlNet is the mean of the model at the end of every turn
+    (FedAvg and SplitFed: every round); training is unchanged. A run of fewer steps is a prefix of the
+    same trajectory (the batch, t and noise streams do not depend on the budget), so the last weights
+    of the 1-, 2-, ... turn runs are the snapshots the average must hold."""
+    per_unit = 2 if SCHEMES[scheme].concurrency in ("rounds", "parallel-split") else 1  # steps per turn / round
+    averaged, _ = _run(scheme, base, controlnet, steps=4, local_steps=1, average_from=0.0)
+    snapshots = [_run(scheme, base, controlnet, steps=s, local_steps=1)[0] for s in range(per_unit, 5, per_unit)]
+    last = snapshots[-1]
+    assert averaged.losses == last.losses  # the same training
+    states = [r.controlnet.state_dict() for r in snapshots]
+    mean = {k: sum(st[k] for st in states) / len(states) for k in states[0]}
+    got = averaged.controlnet.state_dict()
+    assert all(torch.allclose(got[k], mean[k], atol=1e-6) for k in mean)
+    moved = [k for k in mean if not torch.equal(states[0][k], states[-1][k])]
+    assert moved and any(not torch.allclose(got[k], last.controlnet.state_dict()[k], atol=1e-6) for k in moved)
+    half, _ = _run(scheme, base, controlnet, steps=4, local_steps=1, average_from=0.5)  # the last half of the units
+    tail = states[len(states) // 2:]
+    assert all(torch.allclose(half.controlnet.state_dict()[k], sum(st[k] for st in tail) / len(tail), atol=1e-6)
+               for k in mean)

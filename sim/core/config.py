@@ -66,6 +66,7 @@ class PublicConfig:
     high_noise_weight: float = 100.0         # loss weight clamp(1/SNR_t, 1, this) at high noise; 1 = plain MSE
     local_steps: int = 10                    # fedavg: local steps per round; split: steps per client turn
     fedavg_keep_optimizer: bool = True       # fedavg: each client keeps its AdamW moments between rounds (false: fresh per round)
+    average_from: float = 1.0                # released weights: the mean at every turn's (round's) end from this fraction of training on (1 = the last weights)
     eval_samples: int = 128                  # held-out conditions sampled per model (paired across models)
     ddim_steps: int = 25
     guidance: float = 20.0                   # classifier-free guidance of the prompt at evaluation
@@ -108,6 +109,8 @@ class PublicConfig:
             raise ValueError(f"max-radius must be in (0.15, 0.5], got {self.max_radius}")
         if not 0 <= self.prompt_dropout <= 1:
             raise ValueError(f"prompt-dropout must be in [0, 1], got {self.prompt_dropout}")
+        if not 0 <= self.average_from <= 1:
+            raise ValueError(f"average-from must be a fraction of the run in [0, 1] (1 = the last weights), got {self.average_from}")
         if self.high_noise_weight < 1:
             raise ValueError(f"high-noise-weight must be >= 1 (1 = plain epsilon loss), got {self.high_noise_weight}")
         if self.control_guidance < 0:
