@@ -234,12 +234,12 @@ print(f"t0 = 800: epsilon {one_shot_epsilon(800):.1f}; the run's accounting says
 
 # %% [markdown]
 # Self-check: against the fresh run's accounted epsilon and against every one-shot row of the committed
-# reference frontier (`results/reference/privacy-frontier/sweep.json`, run at t0 = 600, 800, 850, 900).
+# reference frontier (`results/reference/privacy-frontier/sweep.json`, run at t0 = 600 to 950).
 
 # %%
 frontier = json.loads((PROJECT / "results/reference/privacy-frontier/sweep.json").read_text())
-ref_one_shot = {int(r["variant"].rsplit("-", 1)[1]): r["epsilon"] for r in frontier if "one-shot" in r["variant"]
-                and r["scheme"] == "nograd"}
+ref_one_shot = {int(spec.split("t0=")[1].split(",")[0]): r["epsilon"] for r in frontier if r["scheme"] == "nograd"
+                for spec in r["defenses"] if spec.startswith("one-shot:")}
 print("reference:", {t0: round(e, 1) for t0, e in sorted(ref_one_shot.items())})
 check_close("Exercise 3.2", [one_shot_epsilon(t0) / e for t0, e in sorted(ref_one_shot.items())] +
             [one_shot_epsilon(800) / os_row["epsilon"]], [1.0] * (len(ref_one_shot) + 1), 1e-6,
