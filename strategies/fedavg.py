@@ -258,7 +258,7 @@ class FedAvgStrategy(Scheme):
 
         def after_round(server_round: int, arrays: ArrayRecord) -> None:  # Flower: the global model per round
             if server_round > 0:  # (round 0: the initial model)
-                tail.add(server_round, arrays.to_torch_state_dict())
+                tail.add(server_round, arrays.to_torch_state_dict)
 
         result = strategy.start(grid=channel.grid,
                                 initial_arrays=ArrayRecord(torch_state_dict=self.controlnet.state_dict()),

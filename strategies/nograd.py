@@ -190,7 +190,8 @@ class NoGradStrategy(SplitServer):
                     bar.update()
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 server_s += time.perf_counter() - s0
-            average.add(turn, self.controlnet.state_dict())
+            average.add(turn, self.controlnet.state_dict)
         bar.close()
-        return SchemeResult(self.name, average.apply(self.controlnet).eval(), losses, len(losses), time.perf_counter() - t0,
-                            server_s, channel.transcript, server_trainable_params=self.server_trainable_params())
+        return SchemeResult(self.name, average.apply(self.controlnet).eval(), losses, len(losses),
+                            time.perf_counter() - t0, server_s, channel.transcript,
+                            server_trainable_params=self.server_trainable_params())

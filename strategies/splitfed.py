@@ -134,7 +134,7 @@ class SplitFedStrategy(HeadSplitServer):
                 self.head_state = average(heads, weights)
             if losses:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", round=rnd)
-            tail.add(rnd, self.merged(self.head_state).state_dict())
+            tail.add(rnd, lambda: self.merged(self.head_state).state_dict())
         bar.close()
         return SchemeResult(self.name, tail.apply(self.merged(self.head_state)), losses, len(losses),
                             time.perf_counter() - t0, server_s, channel.transcript,

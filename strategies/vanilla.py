@@ -313,7 +313,7 @@ class VanillaStrategy(HeadSplitServer):
                 if reply.head is None:
                     raise RuntimeError(f"vanilla: client {cid} did not return its head at the end of its turn")
                 self.head_state = reply.head
-            average.add(turn, self.merged(self.head_state).state_dict())
+            average.add(turn, lambda: self.merged(self.head_state).state_dict())
         bar.close()
         return SchemeResult(self.name, average.apply(self.merged(self.head_state)), losses, len(losses),
                             time.perf_counter() - t0, server_s, channel.transcript,

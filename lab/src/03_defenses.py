@@ -238,7 +238,7 @@ print(f"t0 = 800: epsilon {one_shot_epsilon(800):.1f}; the run's accounting says
 
 # %%
 frontier = json.loads((PROJECT / "results/reference/privacy-frontier/sweep.json").read_text())
-ref_one_shot = {int(spec.split("t0=")[1].split(",")[0]): r["epsilon"] for r in frontier if r["scheme"] == "nograd"
+ref_one_shot = {make_defense(spec).p["t0"]: r["epsilon"] for r in frontier if r["scheme"] == "nograd"
                 for spec in r["defenses"] if spec.startswith("one-shot:")}
 print("reference:", {t0: round(e, 1) for t0, e in sorted(ref_one_shot.items())})
 check_close("Exercise 3.2", [one_shot_epsilon(t0) / e for t0, e in sorted(ref_one_shot.items())] +

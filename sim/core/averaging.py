@@ -17,6 +17,7 @@ reveals nothing more to it.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -36,26 +37,31 @@ class TailAverage:
     def __init__(self, turns: int, start: float):
         self.first = first(turns, start)
         self.count = 0
-        self.mean: dict[str, torch.Tensor] | None = None
-        self.last: dict[str, torch.Tensor] | None = None
+        self.mean: dict[str, torch.Tensor] = {}  # the floating tensors, in float32
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.other: dict[str, torch.Tensor] = {}  # the others (integer buffers): the last turn's
 
-    def add(self, turn: int, state: dict[str, torch.Tensor]) -> None:
-        """The model's ``state`` at the end of ``turn`` (1-based); earlier turns are ignored."""
+    def add(self, turn: int, state: Callable[[], dict[str, torch.Tensor]]) -> None:
+        """The model's state at the end of ``turn`` (1-based), from ``state()``; it is called only for
+        the turns the average holds (the earlier ones cost nothing)."""
         if turn < self.first:
             return
         self.count += 1
-        self.last = {k: v.detach().clone() for k, v in state.items()}
-        if self.mean is None:
-            self.mean = {k: v.detach().float().clone() for k, v in state.items() if v.is_floating_point()}
-            return
-        for k, m in self.mean.items():
-            m.add_((state[k].detach().float() - m) / self.count)
+        for k, v in state().items():
+            v = v.detach()
+            self.dtypes[k] = v.dtype
+            if not v.is_floating_point():
+                self.other[k] = v.clone()
+            elif k not in self.mean:
+                self.mean[k] = v.float().clone()
+            else:
+                self.mean[k].add_((v.float() - self.mean[k]) / self.count)
 
     def state(self) -> dict[str, torch.Tensor]:
         """The averaged state (floating tensors in their own dtype; others as at the last turn)."""
-        if self.last is None:
+        if not self.count:
             raise RuntimeError("no turn reached the average: add() the state at the end of every turn")
-        return {k: self.mean[k].to(v.dtype) if k in self.mean else v for k, v in self.last.items()}
+        return {k: self.mean[k].to(dtype) if k in self.mean else self.other[k] for k, dtype in self.dtypes.items()}
 
     def apply(self, model: nn.Module) -> nn.Module:
         """``model`` with the averaged weights loaded (in place); returned for chaining."""
