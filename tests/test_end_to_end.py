@@ -138,3 +138,16 @@ def test_no_worker_survives_kill_9_of_its_parent(tmp_path):
     for p in alive:  # do not leave them behind on failure
         os.kill(p, signal.SIGKILL)
     assert not alive, f"workers {alive} outlived their parent by 30 s"
+
+
+def test_compare_with_worker_processes_ends_cleanly(tmp_path):
+    """`compare` with jobs=2 finishes without the resource tracker's "leaked semaphore" warning: the
+    idle workers exit on their own after a normal finish (killing them left their tqdm locks behind)."""
+    import subprocess
+
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "sim.commands.cli", "compare", "--preset", "smoke", "--set", "jobs=2",
+                           "--set", "baseline=false", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "summary.json").exists()
+    assert "leaked semaphore" not in done.stderr

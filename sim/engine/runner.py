@@ -193,12 +193,15 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def stop_workers(pool: ProcessPoolExecutor) -> None:
-    """Shut ``pool`` down now: a scheme that failed ends the run at once, the others' workers killed (as
-    multiprocessing.Pool's terminate did; concurrent.futures, which reports a worker that died, has no
-    public terminate). After a normal finish there is nothing left to kill."""
-    for proc in list((pool._processes or {}).values()):
-        proc.terminate()
+def stop_workers(pool: ProcessPoolExecutor, failed: bool = True) -> None:
+    """Shut ``pool`` down. After a failure, now: a scheme that failed ends the run at once, the others'
+    workers killed (as multiprocessing.Pool's terminate did; concurrent.futures, which reports a worker
+    that died, has no public terminate). After a normal finish the idle workers exit on their own: killing
+    them would leave the semaphores they created (tqdm's locks) to the resource tracker, which warns
+    about them at exit."""
+    if failed:
+        for proc in list((pool._processes or {}).values()):
+            proc.terminate()
     pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -266,17 +269,19 @@ def _run_compare(cfg: PublicConfig, out: Path, grid, node_ids) -> dict:
     elif todo:
         pool = ProcessPoolExecutor(min(cfg.jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"),
                                    initializer=die_with_parent, initargs=(os.getpid(),))
+        failed = True
         try:
             futures = {pool.submit(run_job, *jobs[i]): i for i in todo}
             for future in as_completed(futures):
                 done(futures[future], future.result())
+            failed = False
         except BrokenProcessPool:
             raise RuntimeError(
                 "a worker process died before finishing its scheme. A script that calls run_compare with "
                 "jobs > 1 must do so under `if __name__ == \"__main__\":` (every worker imports the script "
                 "again); otherwise it was killed (out of memory?). jobs=1 runs in this process.") from None
         finally:
-            stop_workers(pool)
+            stop_workers(pool, failed)
 
     trained = results[1:] if cfg.baseline else results
     eval_set = context_for(cfg).eval_set
