@@ -61,6 +61,38 @@ def test_a_late_control_window_samples_the_base_model(tiny_base, controlled):
     assert torch.equal(_gen(tiny_base, cn, hints, control_from=1000), _gen(tiny_base, None, None))
 
 
+def test_control_weight_is_boosted_only_at_the_high_noise_steps():
+    from sim.engine.evaluate import control_weight
+
+    assert control_weight(900, 20.0, 7.5, boost=2.0, boost_above=800) == 15.0
+    assert control_weight(800, 20.0, 7.5, boost=2.0, boost_above=800) == 7.5  # t > above only
+    assert control_weight(900, 20.0, None, boost=2.0, boost_above=800) == 40.0  # riding: the prompt's weight
+    assert control_weight(900, 20.0, 7.5) == 7.5  # boost 1: off
+
+
+def test_control_boost_changes_only_the_steps_above_its_timestep(tiny_base, controlled):
+    cn, hints = controlled
+    plain = _gen(tiny_base, cn, hints, control_guidance=2.0)
+    # 3 DDIM steps: t = 666, 333, 0; none above 700, so nothing changes
+    assert torch.equal(_gen(tiny_base, cn, hints, control_guidance=2.0, control_boost=3.0, control_boost_above=700),
+                       plain)
+    boosted = _gen(tiny_base, cn, hints, control_guidance=2.0, control_boost=3.0, control_boost_above=500)
+    assert not torch.allclose(boosted, plain, atol=1e-4)
+    # riding on the prompt's guidance, a boosted step takes the three-pass formula (the ControlNet twice)
+    n = len(PROMPTS)
+    assert _controlnet_batches(cn, lambda: _gen(tiny_base, cn, hints, control_boost=2.0,
+                                                control_boost_above=500)) == [n] * 4
+
+
+def test_control_boost_is_checked():
+    from sim.core.config import ExperimentConfig
+
+    with pytest.raises(ValueError, match="control-boost must be >= 0"):
+        ExperimentConfig(control_boost=-1.0)
+    with pytest.raises(ValueError, match="uncond-control"):
+        ExperimentConfig(control_boost=2.0, uncond_control=True)
+
+
 def test_control_guidance_scales_the_control_linearly(tiny_base, controlled):
     """One DDIM step is linear in the noise prediction, so a step's change from the base model grows
     linearly with the control's weight."""

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="sample and score a finished run's saved ControlNets again")
     ev.add_argument("run_dir", help="a results folder with config.toml and controlnet_<scheme>/")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE",
-                    help="override an evaluation key: guidance, control-guidance, control-from, uncond-control, "
+                    help="override an evaluation key: guidance, control-guidance, control-from, control-boost, "
+                         "control-boost-above, uncond-control, "
                          "ddim-steps, eval-samples, seed, feature-net")
     ev.add_argument("--json", action="store_true", help="print the rows as JSON")
     ev.add_argument("--update", action="store_true", help="write the new metrics into the run's summary.json")

@@ -73,6 +73,8 @@ class PublicConfig:
     uncond_control: bool = False             # also apply the ControlNet in guidance's unconditional branch
     control_guidance: float = 7.5            # guidance of the control (= guidance: it rides on the prompt's)
     control_from: int = 0                    # sampling applies the control only at timesteps t >= this
+    control_boost: float = 1.0               # the control's guidance x this at the high-noise sampling steps (1 = off)
+    control_boost_above: int = 800           # ... those with t > this, where the layout is decided
     seed: int = 0                            # public: ControlNet init, the clients' batch/t/noise streams, sampling
     threads: int = 1                         # torch threads per job (results are deterministic per value)
     jobs: int = 4                            # worker processes: the schemes and the no-control baseline in parallel
@@ -117,6 +119,13 @@ class PublicConfig:
             raise ValueError(f"control-guidance must be >= 0, got {self.control_guidance}")
         if self.control_from < 0:
             raise ValueError(f"control-from must be >= 0 (a timestep; 0 = every sampling step), got {self.control_from}")
+        if self.control_boost < 0:
+            raise ValueError(f"control-boost must be >= 0 (1 = off), got {self.control_boost}")
+        if self.control_boost_above < 0:
+            raise ValueError(f"control-boost-above must be >= 0 (a timestep), got {self.control_boost_above}")
+        if self.control_boost != 1 and self.uncond_control:
+            raise ValueError("control-boost weighs the control's own guidance, which uncond-control=true does not use; "
+                             "set one of them back (control-boost=1 or uncond-control=false)")
         for key in ("lr", "dirichlet_alpha", "guidance"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{_kebab(key)} must be > 0, got {getattr(self, key)}")

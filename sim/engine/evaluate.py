@@ -24,6 +24,11 @@ compromise"). ``uncond_control=True`` puts the control in both branches
 (``eps = h + guidance * (c - h)``): guidance then amplifies only the prompt. The ControlNet
 runs only in the branches that use it, each branch as its own batch (faster here than one
 doubled batch).
+
+``control_boost`` raises the control's weight at the first, high-noise steps (t >
+``control_boost_above``): there the prompt's guidance draws the base model's own circle wherever the
+initial noise puts it, and a control weaker than that leaves it as a second, half-erased blob beside
+the controlled one (README, "Control without compromise").
 """
 from __future__ import annotations
 
@@ -57,15 +62,18 @@ def generate(base, prompts: list[str], scheme: str | None = None, controlnet=Non
              hints: torch.Tensor | None = None, steps: int = 20, guidance: float = 5.0, seed: int = 0,
              progress: bool = True, desc: str = "sampling", uncond_control: bool = False,
              defenses: tuple[str, ...] = (), secret: int | None = None,
-             control_guidance: float | None = None, control_from: int = 0) -> torch.Tensor:
+             control_guidance: float | None = None, control_from: int = 0, control_boost: float = 1.0,
+             control_boost_above: int = 800) -> torch.Tensor:
     """Images in [-1, 1] from the frozen base model, controlled by ``controlnet`` when given.
 
     ``scheme`` decides how the ControlNet reads the hint (its strategy's ``cut_features``).
     Guidance (module doc): ``guidance`` weighs the prompt, ``control_guidance`` the control
     (None: the same weight, the control riding on the prompt's guidance: two passes per step;
     otherwise three). ``uncond_control`` puts the control in both branches instead
-    (``control_guidance`` unused). The ControlNet runs only in the branches whose output uses
-    it, and acts only at sampling steps t >= ``control_from``; below, the base model samples alone.
+    (``control_guidance`` unused). ``control_boost`` multiplies the control's weight (``control_guidance``,
+    or ``guidance`` where the control rides on it) at the high-noise steps t > ``control_boost_above``,
+    where the layout is decided (:func:`control_weight`). The ControlNet runs only in the branches whose
+    output uses it, and acts only at sampling steps t >= ``control_from``; below, the base model samples alone.
     ``defenses`` (the run's defense specs) apply the split client's pipeline at inference
     as in training (activation, wire quantisation, offsets, noise; the ControlNet gets the
     empty prompt when prompts stay home), from the generating client 0's side (``secret``: its
@@ -106,16 +114,25 @@ def generate(base, prompts: list[str], scheme: str | None = None, controlnet=Non
         if model is plain or uncond_control:
             return cfg_combine(model(x, t, null), model(x, t, ctx), guidance)
         uncond, cond = plain(x, t, null), controlled(x, t, ctx)
-        if control_guidance is None or control_guidance == guidance:  # the control rides on the prompt's guidance
+        weight = control_weight(step, guidance, control_guidance, control_boost, control_boost_above)
+        if weight == guidance:  # the control rides on the prompt's guidance
             return cfg_combine(uncond, cond, guidance)
         hint_only = controlled(x, t, null)  # the control's direction, then the prompt's on top of it
-        return cfg_combine(uncond, hint_only, control_guidance) + guidance * (cond - hint_only)
+        return cfg_combine(uncond, hint_only, weight) + guidance * (cond - hint_only)
 
     g = torch.Generator().manual_seed(seed)
     shape = (n, p.latent_channels, p.latent_size, p.latent_size)
     z = ddim_sample(guided, sched, shape, steps=steps, generator=g, progress=progress, desc=desc,
                     position=bar_position())
     return base.autoencoder.decode(z)
+
+
+def control_weight(step: int, guidance: float, control_guidance: float | None = None, boost: float = 1.0,
+                   boost_above: int = 800) -> float:
+    """The control's guidance weight at sampling timestep ``step``: ``control_guidance`` (None: ``guidance``,
+    the control riding on the prompt's), times ``boost`` where ``step`` > ``boost_above``."""
+    weight = guidance if control_guidance is None else control_guidance
+    return weight * boost if step > boost_above else weight
 
 
 def conditions_uint8(conditions: torch.Tensor) -> np.ndarray:
@@ -175,15 +192,16 @@ def score(images_uint8, conditions_uint8, fgs=None, bgs=None, targets_uint8=None
 def evaluate(base, eval_set: dict, scheme: str | None, controlnet, steps: int, guidance: float, seed: int,
              desc: str, uncond_control: bool = False, defenses: tuple[str, ...] = (),
              inception_weights=None, clip_weights=None, secret: int | None = None,
-             control_guidance: float | None = None, control_from: int = 0,
-             feature_net: str | None = None) -> tuple[dict, np.ndarray]:
+             control_guidance: float | None = None, control_from: int = 0, control_boost: float = 1.0,
+             control_boost_above: int = 800, feature_net: str | None = None) -> tuple[dict, np.ndarray]:
     """Generate one image per eval condition (:func:`generate`) and score it; returns (metrics, uint8 images).
 
     ``inception_weights`` / ``clip_weights``: local weights for ``fid_inception`` and
     ``clip_score`` (see :func:`score`); None or "" leaves them out."""
     images = generate(base, eval_set["prompt"], scheme, controlnet, eval_set["condition"], steps=steps,
                       guidance=guidance, seed=seed, desc=desc, uncond_control=uncond_control, defenses=defenses,
-                      secret=secret, control_guidance=control_guidance, control_from=control_from)
+                      secret=secret, control_guidance=control_guidance, control_from=control_from,
+                      control_boost=control_boost, control_boost_above=control_boost_above)
     imgs = to_uint8(images)
     conds = conditions_uint8(eval_set["condition"])
     return score(imgs, conds, eval_set.get("fg"), eval_set.get("bg"), to_uint8(eval_set["target"]),

@@ -119,7 +119,8 @@ def _external_weights(cfg: PublicConfig) -> dict:
 def _control_sampling(cfg: PublicConfig) -> dict:
     """evaluate()'s keywords for where and how strongly the control acts under guidance."""
     return {"uncond_control": cfg.uncond_control, "control_guidance": cfg.control_guidance,
-            "control_from": cfg.control_from}
+            "control_from": cfg.control_from, "control_boost": cfg.control_boost,
+            "control_boost_above": cfg.control_boost_above}
 
 
 def run_job(cfg: PublicConfig, scheme: str | None, position: int = 0, out: Path | None = None,
@@ -343,8 +344,8 @@ def summary_markdown(summary: dict) -> str:
     return text
 
 
-EVAL_KEYS = ("guidance", "uncond-control", "control-guidance", "control-from", "ddim-steps", "eval-samples", "seed", "inception-weights",
-             "clip-weights", "feature-net")
+EVAL_KEYS = ("guidance", "uncond-control", "control-guidance", "control-from", "control-boost", "control-boost-above",
+             "ddim-steps", "eval-samples", "seed", "inception-weights", "clip-weights", "feature-net")
 
 
 def reevaluate(run_dir: str | Path, overrides: list[str] = (), update: bool = False) -> list[dict]:
