@@ -106,7 +106,9 @@ def test_sweep_table_names_the_strongest_attack_per_target_and_the_accounted_eps
              "epsilon": None, "delta": None},
             {"variant": "one-shot", "scheme": "vanilla", "outline_iou": 0.6, "attack:diffusion-prior": 0.72,
              "best_image": 0.72, "best_image_attack": "diffusion-prior", "blind_image": 0.31, "blind_hint": 0.57,
-             "epsilon": 782.0, "delta": 1e-5}]
+             "epsilon": 782.0, "delta": 1e-5},
+            {"variant": "server-dp", "scheme": "fedavg", "outline_iou": 0.6, "attack:grad-inversion": 0.4,
+             "epsilon": None, "delta": 1e-5}]  # accounted, but no finite epsilon (written as null)
     lines = markdown(rows).splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     cells = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
@@ -114,4 +116,5 @@ def test_sweep_table_names_the_strongest_attack_per_target_and_the_accounted_eps
     assert cells[0]["best prompt"] == "0.81 (prompt-from-image)" and cells[0]["epsilon"] == "-"
     assert cells[1]["best hint"] == "N/A" and cells[1]["best prompt"] == "N/A" and cells[1]["epsilon"] == "782"
     assert cells[1]["blind image / hint"] == "0.31 / 0.57"
+    assert cells[2]["epsilon"] == "inf" and cells[2]["delta"] == "1e-05"
     assert "best image" not in markdown([{"variant": "a", "scheme": "x", "outline_iou": 0.5}])  # no attacks ran

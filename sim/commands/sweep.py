@@ -326,6 +326,8 @@ def _best_cells(row: dict) -> dict:
     best = max(prompts, key=prompts.get) if prompts else None
     cells["best prompt"] = f"{prompts[best]:.2f} ({best})" if best else "N/A"
     cells.update({k: "-" for k in ("epsilon", "delta") if row.get(k) is None})  # no accounted defense
+    if row.get("epsilon") is None and row.get("delta") is not None:  # accounted, with no finite bound (> 1e6)
+        cells["epsilon"] = "inf"
     blind = [row.get(f"blind_{t}") for t in ("image", "hint")]
     cells["blind image / hint"] = " / ".join("-" if b is None else f"{b:.2f}" for b in blind)
     return cells
