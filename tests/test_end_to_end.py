@@ -59,7 +59,11 @@ def test_compare_smoke_writes_a_row_per_scheme(tmp_path, capsys):
     again = {r["scheme"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])}
     for s, r in rows.items():
         assert again[s]["outline_iou"] == r["outline_iou"] and again[s]["colour_acc"] == r["colour_acc"]
-    assert main(["evaluate", str(out), "--json", "--set", "control-boost=3", "--set", "control-boost-above=500"]) == 0
+    assert main(["evaluate", str(out), "--json", "--set", "control-boost=3", "--set", "control-boost-above=500",
+                 "--set", "release-check=4"]) == 0
+    checked = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert all(isinstance(r["released"], bool) and r["release_metric"] == "outline_iou"
+               for r in checked if r["scheme"] != "base (no control)")
     with pytest.raises(SystemExit) as e:  # only evaluation keys may change
         main(["evaluate", str(out), "--set", "steps=3"])
     assert e.value.code == 2

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir", help="a results folder with config.toml and controlnet_<scheme>/")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override an evaluation key: guidance, control-guidance, control-from, control-boost, "
-                         "control-boost-above, uncond-control, "
+                         "control-boost-above, uncond-control, release-check, "
                          "ddim-steps, eval-samples, seed, feature-net")
     ev.add_argument("--json", action="store_true", help="print the rows as JSON")
     ev.add_argument("--update", action="store_true", help="write the new metrics into the run's summary.json")

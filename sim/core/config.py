@@ -75,6 +75,7 @@ class PublicConfig:
     control_from: int = 0                    # sampling applies the control only at timesteps t >= this
     control_boost: float = 1.0               # the control's guidance x this at the high-noise sampling steps (1 = off)
     control_boost_above: int = 800           # ... those with t > this, where the layout is decided
+    release_check: int = 0                   # public aux conditions the server samples to withhold a ControlNet no better than none (0 = off)
     seed: int = 0                            # public: ControlNet init, the clients' batch/t/noise streams, sampling
     threads: int = 1                         # torch threads per job (results are deterministic per value)
     jobs: int = 4                            # worker processes: the schemes and the no-control baseline in parallel
@@ -121,6 +122,8 @@ class PublicConfig:
             raise ValueError(f"control-from must be >= 0 (a timestep; 0 = every sampling step), got {self.control_from}")
         if self.control_boost < 0:
             raise ValueError(f"control-boost must be >= 0 (1 = off), got {self.control_boost}")
+        if self.release_check < 0:
+            raise ValueError(f"release-check must be >= 0 (public conditions sampled; 0 = off), got {self.release_check}")
         if self.control_boost_above < 0:
             raise ValueError(f"control-boost-above must be >= 0 (a timestep), got {self.control_boost_above}")
         if self.control_boost != 1 and self.uncond_control:

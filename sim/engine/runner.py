@@ -30,6 +30,7 @@ from sim.core.config import ExperimentConfig, PublicConfig
 from sim.core.diffusion import BAR_POSITION_ENV, to_uint8
 from sim.core.models import count_params, load_controlnet
 from sim.core.plots import save_rows_grid
+from sim.core.splits import aux_set
 from sim.core.tables import markdown_table, print_table, table_columns
 from sim.engine.clientside import load_run_config, resolved, write_run_config
 from sim.engine.context import context_for
@@ -37,6 +38,7 @@ from sim.engine.evaluate import (comparisons_markdown, conditions_uint8, evaluat
                                  paired_comparisons, per_condition)
 from sim.engine.grid import discover, in_process_grid, quiet_flower_logs
 from sim.engine.privacy import guarantee_columns, run_guarantees
+from sim.engine.release import release_check
 from sim.engine.runfolder import (
     RunLock,
     begin,
@@ -123,6 +125,19 @@ def _control_sampling(cfg: PublicConfig) -> dict:
             "control_boost_above": cfg.control_boost_above}
 
 
+def checked_release(cfg: PublicConfig, ctx, scheme: str, controlnet) -> dict:
+    """The release check's row columns (:mod:`sim.engine.release`; withholds ``controlnet`` in place
+    when it controls no better than none); {} with ``release-check`` = 0."""
+    if not cfg.release_check:
+        return {}
+    aux = aux_set(cfg, ctx.base.preset.image_size, cfg.release_check)
+    check = release_check(ctx.base, aux, scheme, controlnet, circles="fg" in ctx.eval_set, steps=cfg.ddim_steps,
+                          guidance=cfg.guidance, seed=cfg.seed, defenses=cfg.defenses,
+                          secret=inference_secret(cfg), **_control_sampling(cfg))
+    return {"released": check["released"], "release_metric": check["metric"],
+            "release_with_control": check["with_control"], "release_without": check["without"]}
+
+
 def run_job(cfg: PublicConfig, scheme: str | None, position: int = 0, out: Path | None = None,
             grid=None, node_ids=None) -> dict:
     """Train one scheme (or, for ``None``, only sample the base model without control) and score it.
@@ -144,11 +159,12 @@ def run_job(cfg: PublicConfig, scheme: str | None, position: int = 0, out: Path 
         res = train_scheme(scheme, cfg, grid=grid, node_ids=node_ids,
                            transcript=Transcript(keep=cfg.keep_messages, keep_last=cfg.keep_from == "end"))
         check_finite_losses(scheme, res.losses, cfg)
+        release = checked_release(cfg, ctx, scheme, res.controlnet)
         metrics, imgs = evaluate(base, eval_set, scheme, res.controlnet, cfg.ddim_steps, cfg.guidance, cfg.seed,
                                  f"sampling {scheme}", defenses=cfg.defenses, secret=inference_secret(cfg),
                                  **_control_sampling(cfg), **_external_weights(cfg))
         transcript = [dataclasses.asdict(s) for s in res.transcript.stats]
-        row, losses = summary_row(res, metrics), res.losses
+        row, losses = {**summary_row(res, metrics), **release}, res.losses
         row.update(guarantee_columns(run_guarantees(cfg, scheme, transcript)))
         rounds = round_metrics(res)
         if out is not None:  # the trained ControlNet, so the run can be re-evaluated later
@@ -345,7 +361,7 @@ def summary_markdown(summary: dict) -> str:
 
 
 EVAL_KEYS = ("guidance", "uncond-control", "control-guidance", "control-from", "control-boost", "control-boost-above",
-             "ddim-steps", "eval-samples", "seed", "inception-weights", "clip-weights", "feature-net")
+             "release-check", "ddim-steps", "eval-samples", "seed", "inception-weights", "clip-weights", "feature-net")
 
 
 def reevaluate(run_dir: str | Path, overrides: list[str] = (), update: bool = False) -> list[dict]:
@@ -375,10 +391,11 @@ def reevaluate(run_dir: str | Path, overrides: list[str] = (), update: bool = Fa
         rows.append({"scheme": "base (no control)", **metrics})
     saved = {s: load_controlnet(run / f"controlnet_{s}") for s in cfg.schemes}  # all readable before any sampling
     for scheme, controlnet in saved.items():
+        release = checked_release(cfg, ctx, scheme, controlnet)  # withholds the loaded copy only
         metrics, images[scheme] = evaluate(base, eval_set, scheme, controlnet, cfg.ddim_steps, cfg.guidance, cfg.seed,
                               f"sampling {scheme}", defenses=cfg.defenses, secret=inference_secret(cfg),
                               **_control_sampling(cfg), **_external_weights(cfg))
-        rows.append({"scheme": scheme, **metrics})
+        rows.append({"scheme": scheme, **metrics, **release})
     if update and (run / "summary.json").exists():
         summary = jsonio.read(run / "summary.json")
         new = {r["scheme"]: r for r in rows}

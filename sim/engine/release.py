@@ -1,0 +1,67 @@
+"""The release check: the server withholds a ControlNet that controls no better than none.
+
+Before a trained ControlNet is released (evaluated, saved), the server samples ``n`` public
+auxiliary conditions (:func:`sim.core.splits.aux_set`: disjoint from every client's data and
+from the eval set) with it and without it, under the run's own sampling recipe, and scores how
+well the images follow their conditions (outline IoU on circles, edge F1 otherwise). Where the
+ControlNet does not beat the base model on that score it is withheld: its output projections
+(the zero-initialised convolutions) are set to zero, as at initialisation, so every residual is
+exactly 0 and sampling with it is exactly the base model's. A defense may then remove control;
+it cannot leave a model worse than none (up to the check's sampling noise on ``n`` conditions).
+
+What it needs: the released ControlNet and public data, nothing of any client. It is
+post-processing of what the server already holds, so it changes no message, no attack's view and
+no (epsilon, delta) (differential privacy is closed under post-processing). What it assumes:
+public conditions drawn like the private ones (the auxiliary data of this simulation are).
+"""
+from __future__ import annotations
+
+import torch
+
+from sim.core.condition_metrics import condition_fidelity, infer_condition_kind
+from sim.core.diffusion import to_uint8
+from sim.core.metrics import outline_iou_per_image
+from sim.engine.evaluate import conditions_uint8, generate
+
+
+def output_projections(controlnet) -> list[torch.nn.Module]:
+    """The ControlNet's zero-initialised output convolutions: every residual it adds passes one."""
+    return list(controlnet.controlnet_down_blocks) + [controlnet.controlnet_mid_block]
+
+
+def withhold(controlnet) -> None:
+    """Zero the output projections in place: the ControlNet then adds exactly nothing."""
+    with torch.no_grad():
+        for module in output_projections(controlnet):
+            for p in module.parameters():
+                p.zero_()
+
+
+def fidelity(images_uint8, conditions_uint8, circles: bool) -> tuple[str, float]:
+    """(name, mean) of how well images follow their conditions: outline IoU on circles, else edge F1."""
+    if circles:
+        return "outline_iou", float(outline_iou_per_image(images_uint8, conditions_uint8).mean())
+    kind = infer_condition_kind(conditions_uint8)
+    if kind == "none":
+        raise ValueError("release-check scores how well images follow their conditions: it needs circles or edge "
+                         "maps (outline / canny conditions), and these conditions are neither; set release-check=0")
+    return "edge_f1", condition_fidelity(images_uint8, conditions_uint8, kind)["edge_f1"]
+
+
+def release_check(base, aux: dict, scheme: str, controlnet, circles: bool, steps: int, guidance: float,
+                  seed: int, **sampling) -> dict:
+    """Sample ``aux`` (public conditions: ``prompt``, ``condition``) with ``controlnet`` and without it;
+    withhold it (:func:`withhold`, in place) unless it scores higher. ``sampling``: :func:`generate`'s
+    keywords for the control and the defenses at inference, as the run samples. Returns the record:
+    ``metric``, ``with_control``, ``without``, ``conditions`` and ``released`` (bool)."""
+    conds = conditions_uint8(aux["condition"])
+    kw = dict(steps=steps, guidance=guidance, seed=seed, progress=False)
+    controlled = to_uint8(generate(base, aux["prompt"], scheme, controlnet, aux["condition"], **kw, **sampling))
+    plain = to_uint8(generate(base, aux["prompt"], **kw))
+    metric, with_control = fidelity(controlled, conds, circles)
+    _, without = fidelity(plain, conds, circles)
+    released = with_control > without
+    if not released:
+        withhold(controlnet)
+    return {"metric": metric, "with_control": with_control, "without": without, "conditions": len(conds),
+            "released": released}
