@@ -135,7 +135,8 @@ def checked_release(cfg: PublicConfig, ctx, scheme: str, controlnet) -> dict:
                           guidance=cfg.guidance, seed=cfg.seed, defenses=cfg.defenses,
                           secret=inference_secret(cfg), **_control_sampling(cfg))
     return {"released": check["released"], "release_metric": check["metric"],
-            "release_with_control": check["with_control"], "release_without": check["without"]}
+            "release_with_control": check["with_control"], "release_without": check["without"],
+            "release_p": check["p"]}
 
 
 def run_job(cfg: PublicConfig, scheme: str | None, position: int = 0, out: Path | None = None,
