@@ -19,9 +19,8 @@ public conditions drawn like the private ones (the auxiliary data of this simula
 """
 from __future__ import annotations
 
-import torch
-
 import numpy as np
+import torch
 
 from sim.core.condition_metrics import infer_condition_kind
 from sim.core.diffusion import to_uint8
