@@ -196,4 +196,4 @@ check("Exercise 1.3 (resolved)", all(resolved[s] for s in SCHEMES) and all(gain[
 #   sits on the server.
 #
 # Going further: `splitcontrol compare --out results/demo` (the default run: 1,000 batches of 8,
-# 128 conditions, about 13 minutes), `splitcontrol cost --preset sd15` (the same at Stable Diffusion scale).
+# 128 conditions, about 10 minutes), `splitcontrol cost --preset sd15` (the same at Stable Diffusion scale).
