@@ -116,16 +116,11 @@ class PublicConfig:
             raise ValueError(f"average-from must be a fraction of the run in [0, 1] (1 = the last weights), got {self.average_from}")
         if self.high_noise_weight < 1:
             raise ValueError(f"high-noise-weight must be >= 1 (1 = plain epsilon loss), got {self.high_noise_weight}")
-        if self.control_guidance < 0:
-            raise ValueError(f"control-guidance must be >= 0, got {self.control_guidance}")
-        if self.control_from < 0:
-            raise ValueError(f"control-from must be >= 0 (a timestep; 0 = every sampling step), got {self.control_from}")
-        if self.control_boost < 0:
-            raise ValueError(f"control-boost must be >= 0 (1 = off), got {self.control_boost}")
-        if self.release_check < 0:
-            raise ValueError(f"release-check must be >= 0 (public conditions sampled; 0 = off), got {self.release_check}")
-        if self.control_boost_above < 0:
-            raise ValueError(f"control-boost-above must be >= 0 (a timestep), got {self.control_boost_above}")
+        for key, meaning in (("control_guidance", ""), ("control_from", " (a timestep; 0 = every sampling step)"),
+                             ("control_boost", " (1 = off)"), ("control_boost_above", " (a timestep)"),
+                             ("release_check", " (public conditions sampled; 0 = off)")):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{_kebab(key)} must be >= 0{meaning}, got {getattr(self, key)}")
         if self.control_boost != 1 and self.uncond_control:
             raise ValueError("control-boost weighs the control's own guidance, which uncond-control=true does not use; "
                              "set one of them back (control-boost=1 or uncond-control=false)")
