@@ -54,19 +54,27 @@ def fidelity(images_uint8, conditions_uint8, circles: bool) -> tuple[str, np.nda
     return "edge_ssim", edge_ssim_per_image(images_uint8, conditions_uint8)
 
 
+def base_scores(base, aux: dict, circles: bool, steps: int, guidance: float, seed: int) -> np.ndarray:
+    """Per image, how well the base model alone follows ``aux``'s conditions (:func:`fidelity`): what
+    every ControlNet of a run is checked against, so a caller may compute it once."""
+    plain = to_uint8(generate(base, aux["prompt"], steps=steps, guidance=guidance, seed=seed, progress=False))
+    return fidelity(plain, conditions_uint8(aux["condition"]), circles)[1]
+
+
 def release_check(base, aux: dict, scheme: str, controlnet, circles: bool, steps: int, guidance: float,
-                  seed: int, **sampling) -> dict:
+                  seed: int, without: np.ndarray | None = None, **sampling) -> dict:
     """Sample ``aux`` (public conditions: ``prompt``, ``condition``) with ``controlnet`` and without it;
     withhold it (:func:`withhold`, in place) unless it scores higher, resolved by a paired test.
-    ``sampling``: :func:`generate`'s keywords for the control and the defenses at inference, as the run
-    samples. Returns the record: ``metric``, the means ``with_control`` and ``without``, the paired
-    test's ``p``, ``conditions`` and ``released`` (bool)."""
+    ``without``: :func:`base_scores` of the same arguments, if already computed. ``sampling``:
+    :func:`generate`'s keywords for the control and the defenses at inference, as the run samples.
+    Returns the record: ``metric``, the means ``with_control`` and ``without``, the paired test's
+    ``p``, ``conditions`` and ``released`` (bool)."""
     conds = conditions_uint8(aux["condition"])
-    kw = dict(steps=steps, guidance=guidance, seed=seed, progress=False)
-    controlled = to_uint8(generate(base, aux["prompt"], scheme, controlnet, aux["condition"], **kw, **sampling))
-    plain = to_uint8(generate(base, aux["prompt"], **kw))
+    controlled = to_uint8(generate(base, aux["prompt"], scheme, controlnet, aux["condition"], steps=steps,
+                                   guidance=guidance, seed=seed, progress=False, **sampling))
     metric, with_control = fidelity(controlled, conds, circles)
-    _, without = fidelity(plain, conds, circles)
+    if without is None:
+        without = base_scores(base, aux, circles, steps, guidance, seed)
     test = paired_comparison(with_control, without)
     released = bool(test["diff"] > 0 and test["resolved"])
     if not released:

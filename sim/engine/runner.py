@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
 import math
 import multiprocessing
 import os
@@ -38,7 +39,7 @@ from sim.engine.evaluate import (comparisons_markdown, conditions_uint8, evaluat
                                  paired_comparisons, per_condition)
 from sim.engine.grid import discover, in_process_grid, quiet_flower_logs
 from sim.engine.privacy import guarantee_columns, run_guarantees
-from sim.engine.release import release_check
+from sim.engine.release import base_scores, release_check
 from sim.engine.runfolder import (
     RunLock,
     begin,
@@ -125,14 +126,23 @@ def _control_sampling(cfg: PublicConfig) -> dict:
             "control_boost_above": cfg.control_boost_above}
 
 
+@functools.lru_cache(maxsize=2)
+def release_reference(ctx) -> tuple[dict, np.ndarray]:
+    """The release check's public conditions and the base model's scores on them: they depend on the
+    public configuration only, so the schemes of one context (one process) share them."""
+    cfg = ctx.cfg
+    aux = aux_set(cfg, ctx.base.preset.image_size, cfg.release_check)
+    return aux, base_scores(ctx.base, aux, "fg" in ctx.eval_set, cfg.ddim_steps, cfg.guidance, cfg.seed)
+
+
 def checked_release(cfg: PublicConfig, ctx, scheme: str, controlnet) -> dict:
     """The release check's row columns (:mod:`sim.engine.release`; withholds ``controlnet`` in place
     when it controls no better than none); {} with ``release-check`` = 0."""
     if not cfg.release_check:
         return {}
-    aux = aux_set(cfg, ctx.base.preset.image_size, cfg.release_check)
+    aux, without = release_reference(ctx)
     check = release_check(ctx.base, aux, scheme, controlnet, circles="fg" in ctx.eval_set, steps=cfg.ddim_steps,
-                          guidance=cfg.guidance, seed=cfg.seed, defenses=cfg.defenses,
+                          guidance=cfg.guidance, seed=cfg.seed, without=without, defenses=cfg.defenses,
                           secret=inference_secret(cfg), **_control_sampling(cfg))
     return {"released": check["released"], "release_metric": check["metric"],
             "release_with_control": check["with_control"], "release_without": check["without"],
